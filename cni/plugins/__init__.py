@@ -1,0 +1,1 @@
+"""One module per CNI plugin; each defines COMMANDS and main()."""

@@ -1,0 +1,546 @@
+"""bridge: a veth per container, its host side on a Linux bridge, addresses from IPAM.
+
+Behaves as the reference `bridge` plugin (containernetworking/plugins) for the
+same config, with these deliberate differences (docs/decisions.md):
+- a repeated ADD for an existing container interface re-applies the
+  configuration instead of failing (reruns are no-ops);
+- a failed ADD undoes what it made (veth, IPAM allocation, masquerade rules,
+  and the bridge if this call created it and nothing else uses it);
+- DEL removes the masquerade chain even when the container's netns is gone
+  (the chain name depends only on network name and container ID);
+- masquerade rules are applied in one iptables-restore, not ~9 iptables calls.
+"""
+import os
+import time
+
+from cni import errors
+from cni.errors import CNIError
+from cni.invoke import delegate
+from podnet.net import sysctl
+from podnet.net.ip import AF_INET, AF_INET6, IPNet, parse_cidr, parse_ip
+from podnet.net.netlink import Netlink, NetlinkError
+from podnet.net.netns import entered, open_netns
+
+DEFAULT_BRIDGE = "cni0"
+_EEXIST = 17
+
+
+class NetConf:
+    """The bridge plugin's part of the network config, validated."""
+
+    def __init__(self, args):
+        c = args.conf
+        self.name = c["name"]
+        self.bridge = _typed(c, "bridge", str, DEFAULT_BRIDGE)
+        self.is_default_gw = _typed(c, "isDefaultGateway", bool, False)
+        self.is_gw = _typed(c, "isGateway", bool, False) or self.is_default_gw
+        self.force_address = _typed(c, "forceAddress", bool, False)
+        self.ip_masq = _typed(c, "ipMasq", bool, False)
+        self.mtu = _typed(c, "mtu", int, 0)
+        self.hairpin = _typed(c, "hairpinMode", bool, False)
+        self.promisc = _typed(c, "promiscMode", bool, False)
+        self.vlan = _typed(c, "vlan", int, 0)
+        self.preserve_default_vlan = _typed(c, "preserveDefaultVlan", bool, True)
+        self.enable_dad = _typed(c, "enabledad", bool, False)
+        self.ipam = _typed(c, "ipam", dict, {})
+        self.ipam_type = _typed(self.ipam, "type", str, "")
+        self.dns = _typed(c, "dns", dict, {})
+        self.vlans = _vlan_trunk(c.get("vlanTrunk"))
+        if not self.bridge or len(self.bridge) > 15 or any(ch in "/: " for ch in self.bridge):
+            raise CNIError(errors.INVALID_NETCONF, "invalid bridge name %r" % self.bridge)
+        if not 0 <= self.mtu <= 65535:
+            raise CNIError(errors.INVALID_NETCONF, "invalid MTU %d" % self.mtu)
+        if not 0 <= self.vlan <= 4094:
+            raise CNIError(errors.INVALID_NETCONF, "invalid VLAN ID %d (must be between 0 and 4094)" % self.vlan)
+        if self.vlan and self.vlans:
+            raise CNIError(errors.INVALID_NETCONF, "cannot set vlan and vlanTrunk at the same time")
+        if self.hairpin and self.promisc:
+            raise CNIError(errors.INVALID_NETCONF, "cannot set hairpin mode and promiscuous mode at the same time")
+        # MAC for the container side: CNI_ARGS MAC=, then args.cni.mac, then runtimeConfig.mac.
+        self.mac = args.cni_args().get("MAC", "")
+        self.mac = ((c.get("args") or {}).get("cni") or {}).get("mac") or self.mac
+        self.mac = (c.get("runtimeConfig") or {}).get("mac") or self.mac
+        if self.mac:
+            _check_mac(self.mac)
+
+
+def _typed(conf, key, kind, default):
+    value = conf.get(key, default)
+    if value is None:
+        return default
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise CNIError(errors.INVALID_NETCONF, "failed to load netconf: %s must be a %s, not %r"
+                       % (key, {str: "string", bool: "boolean", int: "number", dict: "object"}[kind], value))
+    return value
+
+
+def _vlan_trunk(trunk):
+    if trunk is None:
+        return []
+    if not isinstance(trunk, list):
+        raise CNIError(errors.INVALID_NETCONF, "vlanTrunk must be a list")
+    vids = set()
+    for item in trunk:
+        if not isinstance(item, dict):
+            raise CNIError(errors.INVALID_NETCONF, "vlanTrunk entries must be objects")
+        lo, hi, one = item.get("minID"), item.get("maxID"), item.get("id")
+        if (lo is None) != (hi is None):
+            raise CNIError(errors.INVALID_NETCONF, "minID and maxID should be configured simultaneously")
+        for v in (lo, hi, one):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= 4094):
+                raise CNIError(errors.INVALID_NETCONF, "incorrect trunk VLAN ID %r" % (v,))
+        if lo is not None:
+            if hi < lo:
+                raise CNIError(errors.INVALID_NETCONF, "minID is greater than maxID in trunk parameter")
+            vids.update(range(lo, hi + 1))
+        if one is not None:
+            vids.add(one)
+    return sorted(vids)
+
+
+def _check_mac(mac):
+    parts = mac.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 and all(c in "0123456789abcdefABCDEF" for c in p) for p in parts):
+        raise CNIError(errors.INVALID_NETCONF, "invalid MAC address %r" % mac)
+
+
+def _open_container_netns(path):
+    try:
+        return open_netns(path)
+    except FileNotFoundError:
+        raise CNIError(errors.UNKNOWN_CONTAINER, "failed to open netns %r: no such file" % path) from None
+    except OSError as e:
+        raise CNIError(errors.INVALID_ENV, "failed to open netns %r: %s" % (path, e.strerror)) from None
+
+
+def _container_netlink(ns_fd, path):
+    try:
+        return Netlink(netns=ns_fd)
+    except OSError as e:
+        raise CNIError(errors.INVALID_ENV, "failed to open netns %r: %s" % (path, e.strerror)) from None
+
+
+def _kernel_error(what, e):
+    return CNIError(errors.KERNEL, "%s: %s" % (what, e.strerror or e))
+
+
+# ---- masquerade -------------------------------------------------------------
+
+def chain_name(network, container_id):
+    """CNI-<24 hex of sha512(name+id)>: the reference's name, so either plugin can clean up."""
+    try:
+        from _sha512 import sha512
+    except ImportError:          # Python >= 3.12
+        from _sha2 import sha512
+    return "CNI-" + sha512((network + container_id).encode()).hexdigest()[:24]
+
+
+def _comment(network, container_id):
+    return 'name: "%s" id: "%s"' % (network, container_id)
+
+
+def masq_restore_input(chain, comment, nets):
+    """Rules that masquerade traffic from `nets` (one family) leaving their subnets."""
+    from podnet.net.iptables import quote
+    c = "-m comment --comment " + quote(comment)
+    multicast = "224.0.0.0/4" if nets[0].family == AF_INET else "ff00::/8"
+    host_len = 32 if nets[0].family == AF_INET else 128
+    lines = ["*nat", ":%s - [0:0]" % chain]
+    for net in nets:
+        lines.append("-A POSTROUTING -s %s/%d %s -j %s" % (net.ip, host_len, c, chain))
+    for net in nets:
+        lines.append("-A %s -d %s %s -j ACCEPT" % (chain, net.masked(), c))
+    lines.append("-A %s ! -d %s %s -j MASQUERADE" % (chain, multicast, c))
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def setup_masq(network, container_id, nets):
+    from podnet.net import iptables
+    chain = chain_name(network, container_id)
+    for family in (AF_INET, AF_INET6):
+        fam_nets = [n for n in nets if n.family == family]
+        if fam_nets:
+            iptables.restore(masq_restore_input(chain, _comment(network, container_id), fam_nets),
+                             ipv6=family == AF_INET6)
+
+
+def teardown_masq(network, container_id, families=(AF_INET, AF_INET6)):
+    """Remove the container's chain and every rule jumping to it; no-op if absent."""
+    from podnet.net import iptables
+    chain = chain_name(network, container_id)
+    for family in families:
+        ipv6 = family == AF_INET6
+        saved = iptables.save("nat", ipv6=ipv6)
+        if not iptables.chain_exists(saved, chain):
+            continue
+        lines = ["*nat", ":%s - [0:0]" % chain]
+        lines += ["-D" + rule[2:] for rule in iptables.rules_referencing(saved, chain)
+                  if not rule.startswith("-A %s " % chain)]
+        lines += ["-X %s" % chain, "COMMIT"]
+        iptables.restore("\n".join(lines) + "\n", ipv6=ipv6)
+
+
+# ---- ADD --------------------------------------------------------------------
+
+def _ensure_bridge(host, conf):
+    """The bridge link, created if needed. Returns (link, created_now)."""
+    created = False
+    try:
+        host.add_bridge(conf.bridge, mtu=conf.mtu, vlan_filtering=bool(conf.vlan or conf.vlans))
+        created = True
+    except NetlinkError as e:
+        if e.errno != _EEXIST:
+            raise _kernel_error("could not add %r" % conf.bridge, e) from None
+    br = host.link(conf.bridge)
+    if br is None:
+        raise CNIError(errors.KERNEL, "could not look up %r" % conf.bridge)
+    if br.kind != "bridge":
+        raise CNIError(errors.INVALID_NETCONF, "%r already exists but is not a bridge" % conf.bridge)
+    if conf.promisc and not br.promisc:
+        host.set_link(br.index, promisc=True)
+    # We own the routes on the bridge; router advertisements must not add any.
+    sysctl.try_write("net/ipv6/conf/%s/accept_ra" % conf.bridge, "0")
+    if not br.up:
+        host.set_link(br.index, up=True)
+    return br, created
+
+
+def _create_veth(host, cont, ns_fd, conf, ifname):
+    """Create the pair with the container end directly in the container netns."""
+    for _ in range(4):
+        host_name = "veth" + os.urandom(4).hex()
+        try:
+            host.add_veth(host_name, ifname, peer_netns_fd=ns_fd, mtu=conf.mtu, peer_mac=conf.mac or None)
+            return host_name
+        except NetlinkError as e:
+            if e.errno != _EEXIST:
+                raise _kernel_error("failed to create veth pair", e) from None
+            if cont.link(ifname) is not None:
+                raise CNIError(errors.INVALID_ENV, "container veth name provided (%s) already exists" % ifname)
+            # else: the random host-side name collided; draw another one
+    raise CNIError(errors.KERNEL, "failed to find a free host veth name")
+
+
+def _existing_attachment(host, cont, br, ifname):
+    """The host veth of an earlier ADD of this same attachment, or None."""
+    link = cont.link(ifname)
+    if link is None:
+        return None
+    peer = host.link(index=link.peer_index) if link.kind == "veth" and link.peer_index else None
+    if peer is None or peer.kind != "veth" or peer.master != br.index:
+        raise CNIError(errors.INVALID_ENV, "container veth name provided (%s) already exists" % ifname)
+    return peer.name
+
+
+def _gateways(result, conf):
+    """Fill in gateways and default routes as the reference does; return bridge addresses."""
+    bridge_nets = []
+    default_done = set()
+    for ipc in result["ips"]:
+        net = parse_cidr(ipc["address"])
+        ipc["interface"] = 2
+        if not ipc.get("gateway") and conf.is_gw:
+            ipc["gateway"] = str(net.network + 1)
+        if conf.is_default_gw and net.family not in default_done:
+            zero = "0.0.0.0/0" if net.family == AF_INET else "::/0"
+            if not any(r.get("dst") == zero and r.get("gw") for r in result["routes"]):
+                result["routes"].append({"dst": zero, "gw": ipc.get("gateway")})
+            default_done.add(net.family)
+        if conf.is_gw:
+            bridge_nets.append(IPNet(parse_ip(ipc["gateway"]), net.prefixlen))
+    return bridge_nets
+
+
+def _configure_container(cont, ns_fd, ifname, result, conf):
+    """Addresses, link up and routes inside the container, as the reference's ConfigureIface."""
+    link = cont.link(ifname)
+    with entered(ns_fd):   # sysctls under /proc/sys/net are per netns at open time
+        if conf.enable_dad:
+            sysctl.try_write("net/ipv6/conf/%s/enhanced_dad" % ifname, "1")
+            sysctl.try_write("net/ipv6/conf/%s/accept_dad" % ifname, "1")
+        else:
+            sysctl.try_write("net/ipv6/conf/%s/accept_dad" % ifname, "0")
+        sysctl.try_write("net/ipv4/conf/%s/arp_notify" % ifname, "1")
+        if any(":" in ipc["address"] for ipc in result["ips"]):
+            for dev in ("lo", ifname):
+                sysctl.try_write("net/ipv6/conf/%s/disable_ipv6" % dev, "0")
+    gw = {}
+    for ipc in result["ips"]:
+        net = parse_cidr(ipc["address"])
+        try:
+            cont.add_addr(link.index, net, nodad=not conf.enable_dad)
+        except NetlinkError as e:
+            if e.errno != _EEXIST:
+                raise _kernel_error("failed to add IP addr %s to %r" % (net, ifname), e) from None
+        if ipc.get("gateway"):
+            gw.setdefault(net.family, parse_ip(ipc["gateway"]))
+    cont.set_link(link.index, up=True)
+    for route in result["routes"]:
+        dst = parse_cidr(route["dst"])
+        via = parse_ip(route["gw"]) if route.get("gw") else gw.get(dst.family)
+        try:
+            cont.add_route(dst, gateway=via, oif=link.index, mtu=route.get("mtu") or 0,
+                           advmss=route.get("advmss") or 0, priority=route.get("priority") or 0)
+        except NetlinkError as e:
+            if e.errno != _EEXIST:
+                raise _kernel_error("failed to add route %s via %s" % (dst, via), e) from None
+    return link
+
+
+def _ensure_addr(host, link, net, force):
+    """Put a gateway address on the bridge (or its VLAN interface), like the reference."""
+    for a in host.addrs(link.index, net.family):
+        if a.net == net:
+            return
+        if net.family == AF_INET or a.net.contains(net.ip) or net.contains(a.net.ip):
+            if a.net.ip.family == AF_INET6 and a.scope == 253:
+                continue   # link-local addresses never conflict
+            if not force:
+                raise CNIError(errors.INVALID_NETCONF,
+                               "%r already has an IP address different from %s" % (link.name, net))
+            host.del_addr(link.index, a.net)
+    try:
+        host.add_addr(link.index, net, nodad=True)
+    except NetlinkError as e:
+        if e.errno != _EEXIST:
+            raise _kernel_error("could not add IP address to %r" % link.name, e) from None
+    # Pin the bridge MAC: otherwise it follows the lowest port MAC as ports come and go.
+    host.set_link(link.index, mac=link.mac)
+
+
+def _vlan_gateway(host, br, conf):
+    """The `<bridge>.<vid>` interface that carries the gateway address on a VLAN."""
+    name = "%s.%d" % (conf.bridge, conf.vlan)
+    link = host.link(name)
+    if link is None:
+        port = "veth" + os.urandom(4).hex()
+        host.add_veth(port, name, mtu=conf.mtu)
+        port_link = host.link(port)
+        host.set_link(port_link.index, master=br.index, up=True)
+        _tag_port(host, port_link.index, conf)
+        link = host.link(name)
+        host.set_link(link.index, up=True)
+    return link
+
+
+def _tag_port(host, index, conf):
+    if (conf.vlan or conf.vlans) and not conf.preserve_default_vlan:
+        try:
+            host.bridge_vlan_del(index, 1)
+        except NetlinkError:
+            pass   # the port had no default VLAN
+    if conf.vlan:
+        host.bridge_vlan_add(index, conf.vlan, pvid=True, untagged=True)
+    for vid in conf.vlans:
+        host.bridge_vlan_add(index, vid)
+
+
+def cmd_add(args):
+    conf = NetConf(args)
+    ns_fd = _open_container_netns(args.netns)
+    undo = []
+    try:
+        cont = _container_netlink(ns_fd, args.netns)
+        host = Netlink()
+        br, br_created = _ensure_bridge(host, conf)
+        if br_created:
+            undo.append(lambda: _delete_bridge_if_unused(host, conf.bridge))
+        host_name = _existing_attachment(host, cont, br, args.ifname)
+        fresh = host_name is None
+        if fresh:
+            host_name = _create_veth(host, cont, ns_fd, conf, args.ifname)
+            undo.append(lambda: _delete_link(cont, args.ifname))
+        hveth = host.link(host_name)
+        if fresh:
+            host.set_link(hveth.index, master=br.index, up=True)
+            if conf.hairpin:
+                host.set_bridge_port(hveth.index, hairpin=True)
+            _tag_port(host, hveth.index, conf)
+        cont_link = cont.link(args.ifname)
+
+        result = {"interfaces": [{"name": br.name, "mac": br.mac},
+                                 {"name": host_name, "mac": hveth.mac},
+                                 {"name": args.ifname, "mac": cont_link.mac, "sandbox": args.netns}],
+                  "ips": [], "routes": [], "dns": {}}
+        if conf.ipam_type:
+            ipam = delegate(conf.ipam_type, "ADD", args)
+            undo.append(lambda: delegate(conf.ipam_type, "DEL", args))
+            if not ipam["ips"]:
+                raise CNIError(errors.INTERNAL, "IPAM plugin returned missing IP config")
+            result["ips"], result["routes"], result["dns"] = ipam["ips"], ipam["routes"], ipam["dns"]
+            bridge_nets = _gateways(result, conf)
+            _configure_container(cont, ns_fd, args.ifname, result, conf)
+            if conf.is_gw:
+                gw_link = br
+                if conf.vlan:
+                    gw_link = _vlan_gateway(host, br, conf)
+                    result["interfaces"].append({"name": gw_link.name, "mac": gw_link.mac})
+                for net in bridge_nets:
+                    _ensure_addr(host, gw_link, net, conf.force_address)
+                for family in {n.family for n in bridge_nets}:
+                    sysctl.write("net/ipv4/ip_forward" if family == AF_INET
+                                 else "net/ipv6/conf/all/forwarding", "1")
+            if conf.ip_masq:
+                nets = [parse_cidr(ipc["address"]) for ipc in result["ips"]]
+                undo.append(lambda: teardown_masq(conf.name, args.container_id, {n.family for n in nets}))
+                if fresh:
+                    setup_masq(conf.name, args.container_id, nets)
+                else:   # a rerun: replace rather than append a second set of rules
+                    teardown_masq(conf.name, args.container_id, {n.family for n in nets})
+                    setup_masq(conf.name, args.container_id, nets)
+        else:
+            cont.set_link(cont_link.index, up=True)
+
+        hveth = _wait_port_up(host, host_name)
+        result["interfaces"][1]["mac"] = hveth.mac
+        result["interfaces"][0]["mac"] = host.link(conf.bridge).mac
+        if conf.dns:
+            result["dns"] = conf.dns
+        undo.clear()
+        return result
+    except NetlinkError as e:
+        raise _kernel_error("bridge ADD failed", e) from None
+    finally:
+        for action in reversed(undo):
+            try:
+                action()
+            except Exception:   # best effort: report the original error, not the cleanup's
+                pass
+        os.close(ns_fd)
+
+
+def _wait_port_up(host, name):
+    for delay in (0, 0.005, 0.05, 0.5, 1.0):
+        time.sleep(delay)
+        link = host.link(name)
+        if link is None:
+            raise CNIError(errors.KERNEL, "host veth %s disappeared" % name)
+        if link.operstate == "up":
+            return link
+    raise CNIError(errors.KERNEL, "bridge port in error state: %s" % link.operstate)
+
+
+def _delete_link(nl, name):
+    link = nl.link(name)
+    if link is not None:
+        nl.del_link(link.index)
+
+
+def _delete_bridge_if_unused(host, name):
+    br = host.link(name)
+    if br is not None and not any(l.master == br.index for l in host.links()):
+        host.del_link(br.index)
+
+
+# ---- DEL --------------------------------------------------------------------
+
+def cmd_del(args):
+    conf = NetConf(args)
+    families = (AF_INET, AF_INET6)
+    if args.netns:
+        try:
+            ns_fd = open_netns(args.netns)
+        except FileNotFoundError:
+            ns_fd = None     # the sandbox is gone, and with it the veth pair
+        except OSError as e:
+            raise CNIError(errors.INVALID_ENV, "failed to open netns %r: %s" % (args.netns, e.strerror)) from None
+        if ns_fd is not None:
+            try:
+                cont = _container_netlink(ns_fd, args.netns)
+                link = cont.link(args.ifname)
+                if link is not None:
+                    found = {a.net.family for a in cont.addrs(link.index) if a.scope != 253}
+                    families = tuple(f for f in (AF_INET, AF_INET6) if f in found) or families
+                    cont.del_link(link.index)
+                cont.close()
+            except NetlinkError as e:
+                if e.errno != 19:
+                    raise _kernel_error("failed to delete %r" % args.ifname, e) from None
+            finally:
+                os.close(ns_fd)
+    if conf.ipam_type:
+        delegate(conf.ipam_type, "DEL", args)
+        if conf.ip_masq:
+            teardown_masq(conf.name, args.container_id, families)
+    return None
+
+
+# ---- CHECK ------------------------------------------------------------------
+
+def cmd_check(args):
+    from cni.types import from_version
+    conf = NetConf(args)
+    ns_fd = _open_container_netns(args.netns)
+    try:
+        if conf.ipam_type:
+            delegate(conf.ipam_type, "CHECK", args)
+        prev = args.conf.get("prevResult")
+        if not prev:
+            raise CNIError(errors.INVALID_NETCONF, "Required prevResult missing")
+        result = from_version(prev, args.version)
+        host = Netlink()
+        cont = _container_netlink(ns_fd, args.netns)
+        by_name = {i.get("name"): i for i in result["interfaces"]}
+        br_if = by_name.get(conf.bridge)
+        if br_if is None or br_if.get("sandbox"):
+            raise CNIError(errors.INVALID_NETCONF, "CNI created bridge %s in host namespace was not found" % conf.bridge)
+        br = host.link(conf.bridge)
+        if br is None or br.kind != "bridge":
+            raise CNIError(errors.INVALID_NETCONF, "Interface %s does not have link type of bridge" % conf.bridge)
+        if br_if.get("mac") and br_if["mac"] != br.mac:
+            raise CNIError(errors.INVALID_NETCONF, "Bridge interface %s Mac doesn't match: %s" % (br.name, br_if["mac"]))
+        if br.promisc != conf.promisc:
+            raise CNIError(errors.INVALID_NETCONF, "Bridge interface %s configured Promisc Mode %s doesn't match current state"
+                           % (br.name, conf.promisc))
+        c_if = by_name.get(args.ifname)
+        if c_if is None or c_if.get("sandbox") != args.netns:
+            raise CNIError(errors.INVALID_NETCONF, "Sandbox in prevResult %s doesn't match configured netns: %s"
+                           % ((c_if or {}).get("sandbox"), args.netns))
+        c_link = cont.link(args.ifname)
+        if c_link is None or c_link.kind != "veth":
+            raise CNIError(errors.INVALID_NETCONF, "CNI created interface in container %s not found" % args.ifname)
+        if c_if.get("mac") and c_if["mac"] != c_link.mac:
+            raise CNIError(errors.INVALID_NETCONF, "Interface %s Mac %s doesn't match container Mac: %s"
+                           % (args.ifname, c_if["mac"], c_link.mac))
+        peer = host.link(index=c_link.peer_index)
+        if peer is None or peer.master != br.index or peer.peer_index != c_link.index:
+            raise CNIError(errors.INVALID_NETCONF, "CNI veth created for bridge %s was not found" % conf.bridge)
+        _check_ips_and_routes(cont, c_link, result)
+    finally:
+        os.close(ns_fd)
+    return None
+
+
+def _check_ips_and_routes(cont, link, result):
+    have = {(a.net.ip, a.net.prefixlen) for a in cont.addrs(link.index)}
+    for ipc in result["ips"]:
+        net = parse_cidr(ipc["address"])
+        if (net.ip, net.prefixlen) not in have:
+            raise CNIError(errors.INVALID_NETCONF, "Failed to match addr %s on interface %s" % (net, link.name))
+    routes = cont.routes(AF_INET) + cont.routes(AF_INET6)
+    for r in result["routes"]:
+        dst = parse_cidr(r["dst"]).masked()
+        gw = parse_ip(r["gw"]) if r.get("gw") else None
+        if not any(k.dst == dst and (gw is None or k.gateway == gw) for k in routes):
+            raise CNIError(errors.INVALID_NETCONF, "Failed to find a route for %s" % dst)
+
+
+def cmd_gc(args):
+    conf = NetConf(args)
+    if conf.ipam_type:
+        delegate(conf.ipam_type, "GC", args)
+
+
+def cmd_status(args):
+    conf = NetConf(args)
+    if conf.ipam_type:
+        delegate(conf.ipam_type, "STATUS", args)
+
+
+COMMANDS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "GC": cmd_gc, "STATUS": cmd_status}
+
+
+def main():
+    from cni.skel import plugin_main
+    plugin_main(COMMANDS, about="podnet bridge plugin")

@@ -1,0 +1,68 @@
+"""loopback: bring `lo` up in the container (and down again on DEL)."""
+import os
+
+from cni import errors
+from cni.errors import CNIError
+from podnet.net.ip import AF_INET6
+from podnet.net.netlink import Netlink, NetlinkError
+from podnet.net.netns import open_netns
+
+
+def _open(args):
+    try:
+        fd = open_netns(args.netns)
+    except FileNotFoundError:
+        raise CNIError(errors.UNKNOWN_CONTAINER, "failed to open netns %r: no such file" % args.netns) from None
+    except OSError as e:
+        raise CNIError(errors.INVALID_ENV, "failed to open netns %r: %s" % (args.netns, e.strerror)) from None
+    try:
+        return Netlink(netns=fd)
+    except OSError as e:
+        raise CNIError(errors.INVALID_ENV, "failed to open netns %r: %s" % (args.netns, e.strerror)) from None
+    finally:
+        os.close(fd)
+
+
+def cmd_add(args):
+    with _open(args) as nl:
+        lo = nl.link("lo")
+        try:
+            nl.set_link(lo.index, up=True)
+        except NetlinkError as e:
+            raise CNIError(errors.KERNEL, "failed to set lo up: %s" % e.strerror) from None
+        ips = [{"interface": 0, "address": str(a.net)}
+               for a in sorted(nl.addrs(lo.index), key=lambda a: a.net.family == AF_INET6)]
+    return {"interfaces": [{"name": "lo", "mac": "00:00:00:00:00:00", "sandbox": args.netns}],
+            "ips": ips, "routes": [], "dns": {}}
+
+
+def cmd_del(args):
+    if not args.netns:
+        return None
+    try:
+        nl = _open(args)
+    except CNIError as e:
+        if e.code == errors.UNKNOWN_CONTAINER:
+            return None   # the sandbox is gone: nothing to undo
+        raise
+    with nl:
+        lo = nl.link("lo")
+        if lo is not None:
+            nl.set_link(lo.index, up=False)
+    return None
+
+
+def cmd_check(args):
+    with _open(args) as nl:
+        lo = nl.link("lo")
+        if lo is None or not lo.up:
+            raise CNIError(errors.INVALID_NETCONF, "loopback interface is down")
+    return None
+
+
+COMMANDS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check}
+
+
+def main():
+    from cni.skel import plugin_main
+    plugin_main(COMMANDS, about="podnet loopback plugin")

@@ -1,0 +1,179 @@
+"""Plugin dispatch: environment and stdin in, result or error JSON out.
+
+A plugin module defines COMMANDS = {"ADD": f, "DEL": f, "CHECK": f, ...} where
+each f takes CmdArgs and returns an internal result (ADD) or None; its
+executable calls `plugin_main(COMMANDS)`. `call` runs the same steps without a
+process, for in-process delegation (cni.invoke).
+"""
+import os
+import sys
+
+from cni import errors
+from cni.errors import CNIError
+from cni.fastjson import JSONError, dumps, loads
+from cni.types import LATEST, SUPPORTED_VERSIONS, check_supported, to_version, version_tuple
+
+# Which environment variables each command needs (as the reference skel).
+_REQUIRED = {
+    "ADD": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"),
+    "CHECK": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"),
+    "DEL": ("CNI_CONTAINERID", "CNI_IFNAME", "CNI_PATH"),
+    "GC": ("CNI_PATH",),
+    "STATUS": ("CNI_PATH",),
+}
+# The first spec version that has each command.
+_SINCE = {"CHECK": (0, 4, 0), "GC": (1, 1, 0), "STATUS": (1, 1, 0)}
+
+
+class CmdArgs:
+    """What one invocation was given: environment, raw stdin and parsed config."""
+
+    __slots__ = ("command", "container_id", "netns", "ifname", "args", "path",
+                 "stdin", "conf", "version")
+
+    def __init__(self, command, container_id, netns, ifname, args, path, stdin, conf, version):
+        self.command = command
+        self.container_id = container_id
+        self.netns = netns
+        self.ifname = ifname
+        self.args = args          # CNI_ARGS, raw "K=V;K2=V2"
+        self.path = path          # CNI_PATH as a list of directories
+        self.stdin = stdin        # config bytes, exactly as received (passed on to IPAM)
+        self.conf = conf          # config as a dict
+        self.version = version    # the config's cniVersion
+
+    def cni_args(self):
+        """CNI_ARGS as a dict (K=V pairs separated by ';')."""
+        out = {}
+        for pair in self.args.split(";") if self.args else ():
+            key, sep, value = pair.partition("=")
+            if not sep or not key:
+                raise CNIError(errors.INVALID_ENV, "invalid CNI_ARGS pair %r" % pair)
+            out[key] = value
+        return out
+
+
+def args_from_env(env, stdin):
+    """Build CmdArgs from an environment mapping and stdin bytes, validating both."""
+    command = env.get("CNI_COMMAND", "")
+    if not command:
+        raise CNIError(errors.INVALID_ENV, "required env variables [CNI_COMMAND] missing")
+    if command != "VERSION" and command not in _REQUIRED:
+        raise CNIError(errors.INVALID_ENV, "unknown CNI_COMMAND: %s" % command)
+    missing = [v for v in _REQUIRED.get(command, ()) if not env.get(v)]
+    if missing:
+        raise CNIError(errors.INVALID_ENV, "required env variables [%s] missing" % ",".join(missing))
+    conf = parse_config(stdin, command)
+    version = conf.get("cniVersion") or "0.1.0"
+    args = CmdArgs(command, env.get("CNI_CONTAINERID", ""), env.get("CNI_NETNS", ""),
+                   env.get("CNI_IFNAME", ""), env.get("CNI_ARGS", ""),
+                   [p for p in env.get("CNI_PATH", "").split(":") if p], stdin, conf, version)
+    if command == "VERSION":
+        return args
+    check_supported(version)
+    since = _SINCE.get(command)
+    if since and version_tuple(version) < since:
+        raise CNIError(errors.INCOMPATIBLE_VERSION,
+                       "config version %s does not allow %s" % (version, command))
+    validate_network_name(conf.get("name"))
+    if command in ("ADD", "CHECK", "DEL"):
+        validate_container_id(args.container_id)
+        validate_ifname(args.ifname)
+    return args
+
+
+def parse_config(stdin, command=""):
+    if not stdin.strip() and command == "VERSION":
+        return {}
+    try:
+        conf = loads(stdin)
+    except JSONError as e:
+        raise CNIError(errors.DECODING_FAILURE, "error decoding network config: %s" % e) from None
+    if not isinstance(conf, dict):
+        raise CNIError(errors.DECODING_FAILURE, "network config is not a JSON object")
+    version = conf.get("cniVersion", "")
+    if not isinstance(version, str):
+        raise CNIError(errors.DECODING_FAILURE, "cniVersion must be a string")
+    return conf
+
+
+def _only(text, allowed_extra):
+    return all(c.isascii() and (c.isalnum() or c in allowed_extra) for c in text)
+
+
+def validate_network_name(name):
+    if not name:
+        raise CNIError(errors.INVALID_NETCONF, "missing network name")
+    if not isinstance(name, str) or not name[0].isascii() or not name[0].isalnum() \
+            or not _only(name, "_.-"):
+        raise CNIError(errors.INVALID_NETCONF, "invalid characters found in network name", str(name))
+
+
+def validate_container_id(cid):
+    if not cid:
+        raise CNIError(errors.UNKNOWN_CONTAINER, "missing containerID")
+    if not (cid[0].isascii() and cid[0].isalnum() and _only(cid, "_.-")):
+        raise CNIError(errors.INVALID_ENV, "invalid characters in containerID", cid)
+
+
+def validate_ifname(name):
+    if not name:
+        raise CNIError(errors.INVALID_ENV, "interface name is empty")
+    if len(name) > 15:
+        raise CNIError(errors.INVALID_ENV, "interface name is too long", "interface name should be less than 16 characters")
+    if name in (".", ".."):
+        raise CNIError(errors.INVALID_ENV, "interface name is . or ..")
+    if any(c in "/:" or c.isspace() for c in name):
+        raise CNIError(errors.INVALID_ENV, "interface name contains / or : or whitespace characters")
+
+
+def version_info(conf):
+    version = conf.get("cniVersion") if isinstance(conf, dict) else None
+    if version not in SUPPORTED_VERSIONS:
+        version = LATEST
+    return {"cniVersion": version, "supportedVersions": list(SUPPORTED_VERSIONS)}
+
+
+def call(commands, args):
+    """Run one command of a plugin on prepared CmdArgs; return its internal result."""
+    func = commands.get(args.command)
+    if func is None:
+        if args.command in ("GC", "STATUS"):
+            return None   # nothing to collect / always ready
+        raise CNIError(errors.INVALID_ENV, "plugin does not implement %s" % args.command)
+    return func(args)
+
+
+def plugin_main(commands, about="", env=None, stdin=None):
+    """The body of a plugin executable. Never returns."""
+    env = os.environ if env is None else env
+    version = LATEST
+    try:
+        if stdin is None:
+            stdin = sys.stdin.buffer.read()
+        if env.get("CNI_COMMAND") == "VERSION":
+            conf = parse_config(stdin, "VERSION")
+            sys.stdout.write(dumps(version_info(conf)))   # compact, as the reference
+            sys.exit(0)
+        if not env.get("CNI_COMMAND") and about:
+            sys.stderr.write(about + "\n")
+        args = args_from_env(env, stdin)
+        version = args.version
+        result = call(commands, args)
+        if args.command == "ADD":
+            _print(to_version(result, args.version))
+        sys.exit(0)
+    except CNIError as e:
+        _print(e.to_dict(version if version in SUPPORTED_VERSIONS else LATEST))
+        sys.exit(1)
+    except Exception as e:  # an unexpected failure still answers in the spec's format
+        import traceback
+        traceback.print_exc()
+        _print(CNIError(errors.INTERNAL, "%s: %s" % (type(e).__name__, e)).to_dict(
+            version if version in SUPPORTED_VERSIONS else LATEST))
+        sys.exit(1)
+
+
+def _print(obj):
+    sys.stdout.write(dumps(obj, indent=4))
+    sys.stdout.flush()

@@ -1,0 +1,144 @@
+"""Result types and conversion between CNI spec versions.
+
+Internally a result is always held in the newest shape (1.1.0): a dict with
+`interfaces`, `ips` (each with an `interface` index into `interfaces`),
+`routes` and `dns`. `to_version` renders it for the version the caller's
+config asked for; `from_version` reads a result (for example a prevResult)
+of any supported version into the internal shape.
+"""
+from cni.errors import CNIError, DECODING_FAILURE, INCOMPATIBLE_VERSION
+
+SUPPORTED_VERSIONS = ("0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+LATEST = "1.1.0"
+
+# Fields added to results by spec 1.1.0, dropped when rendering older versions.
+_IFACE_11 = ("mtu", "socketPath", "pciID")
+_ROUTE_11 = ("mtu", "advmss", "priority", "table", "scope")
+
+
+def version_tuple(version):
+    try:
+        parts = tuple(int(p) for p in version.split("."))
+    except (AttributeError, ValueError):
+        raise CNIError(INCOMPATIBLE_VERSION, "invalid version %r" % (version,)) from None
+    if len(parts) != 3:
+        raise CNIError(INCOMPATIBLE_VERSION, "invalid version %r" % (version,))
+    return parts
+
+
+def check_supported(version):
+    if version not in SUPPORTED_VERSIONS:
+        raise CNIError(
+            INCOMPATIBLE_VERSION,
+            'incompatible CNI versions; config is "%s", plugin supports [%s]'
+            % (version, " ".join('"%s"' % v for v in SUPPORTED_VERSIONS)),
+        )
+
+
+def empty_result():
+    return {"interfaces": [], "ips": [], "routes": [], "dns": {}}
+
+
+def from_version(raw, version):
+    """Read a result dict of spec `version` into the internal (1.1.0) shape."""
+    if not isinstance(raw, dict):
+        raise CNIError(DECODING_FAILURE, "result is not a JSON object")
+    out = empty_result()
+    if version_tuple(version) < (0, 3, 0):
+        for key in ("ip4", "ip6"):
+            block = raw.get(key)
+            if not block:
+                continue
+            if not isinstance(block, dict) or "ip" not in block:
+                raise CNIError(DECODING_FAILURE, "result %s has no ip" % key)
+            ip = {"address": block["ip"]}
+            if block.get("gateway"):
+                ip["gateway"] = block["gateway"]
+            out["ips"].append(ip)
+            out["routes"].extend(_list(block.get("routes"), "routes"))
+    else:
+        out["interfaces"] = [dict(i) for i in _list(raw.get("interfaces"), "interfaces")]
+        for ip in _list(raw.get("ips"), "ips"):
+            if not isinstance(ip, dict) or "address" not in ip:
+                raise CNIError(DECODING_FAILURE, "result ips entry has no address")
+            ip = dict(ip)
+            ip.pop("version", None)
+            out["ips"].append(ip)
+        out["routes"] = [dict(r) for r in _list(raw.get("routes"), "routes")]
+    dns = raw.get("dns") or {}
+    if not isinstance(dns, dict):
+        raise CNIError(DECODING_FAILURE, "result dns is not an object")
+    out["dns"] = dict(dns)
+    return out
+
+
+def _list(value, what):
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise CNIError(DECODING_FAILURE, "result %s is not a list" % what)
+    return value
+
+
+def to_version(result, version):
+    """Render an internal result for spec `version` (what gets printed)."""
+    vt = version_tuple(version)
+    if vt < (0, 3, 0):
+        return _to_020(result, version)
+    out = {"cniVersion": version}
+    old = vt < (1, 1, 0)
+    ifaces = []
+    for iface in result.get("interfaces") or []:
+        iface = {k: v for k, v in iface.items() if v not in (None, "", 0)}
+        if old:
+            for k in _IFACE_11:
+                iface.pop(k, None)
+        ifaces.append(iface)
+    if ifaces:
+        out["interfaces"] = ifaces
+    ips = []
+    for ip in result.get("ips") or []:
+        entry = {}
+        if vt < (1, 0, 0):
+            entry["version"] = "6" if ":" in ip["address"] else "4"
+        if ip.get("interface") is not None:
+            entry["interface"] = ip["interface"]
+        entry["address"] = ip["address"]
+        if ip.get("gateway"):
+            entry["gateway"] = ip["gateway"]
+        ips.append(entry)
+    if ips:
+        out["ips"] = ips
+    routes = []
+    for route in result.get("routes") or []:
+        route = {k: v for k, v in route.items() if v not in (None, "")}
+        if old:
+            for k in _ROUTE_11:
+                route.pop(k, None)
+        routes.append(route)
+    if routes:
+        out["routes"] = routes
+    out["dns"] = dict(result.get("dns") or {})
+    return out
+
+
+def _to_020(result, version):
+    out = {"cniVersion": version}
+    for ip in result.get("ips") or []:
+        key = "ip6" if ":" in ip["address"] else "ip4"
+        if key in out:
+            raise CNIError(INCOMPATIBLE_VERSION,
+                           "cannot convert: spec %s allows one address per family" % version)
+        block = {"ip": ip["address"]}
+        if ip.get("gateway"):
+            block["gateway"] = ip["gateway"]
+        out[key] = block
+    for route in result.get("routes") or []:
+        key = "ip6" if ":" in route.get("dst", "") else "ip4"
+        if key in out:
+            r = {"dst": route["dst"]}
+            if route.get("gw"):
+                r["gw"] = route["gw"]
+            out[key].setdefault("routes", []).append(r)
+    out["dns"] = dict(result.get("dns") or {})
+    return out

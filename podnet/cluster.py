@@ -1,0 +1,452 @@
+"""A cluster made of network namespaces, for end-to-end tests and the demo.
+
+A `Lab` creates and owns everything: a "switch" namespace holding a Linux
+bridge plays the underlay network, each node is a namespace attached to it
+with a veth pair, and pods get empty namespaces as a container runtime would
+make them. Nothing is ever created in the root namespace: links are added with
+`ip -n <ours> ...` and their peers are moved straight into another of our
+namespaces, so deleting the namespaces removes every trace.
+
+All names share one prefix, "pn<pid>x<4 hex>", e.g. "pn4711xa3f9-node1". The
+pid is the owning process: `Lab.teardown_stale` removes only namespaces whose
+owner is dead, so parallel runs never tear down each other's labs.
+
+Standard library only; unlike the CNI hot path, start-up time does not matter
+here, so subprocess and ipaddress are fine.
+"""
+import atexit
+import ipaddress
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections import namedtuple
+
+NETNS_DIR = "/var/run/netns"
+PREFIX = "pn"
+IFNAMSIZ = 15           # longest interface name the kernel accepts
+DEFAULT_TIMEOUT = 60    # seconds any one command may take
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+_ROLE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,%d}$" % IFNAMSIZ)
+
+
+class CommandFailed(subprocess.CalledProcessError):
+    """A command exited non-zero; unlike the base class, says what it printed."""
+
+    def __str__(self):
+        text = (self.stderr or self.stdout or "").strip()
+        return "%s\n%s" % (super().__str__(), text) if text else super().__str__()
+
+
+# --- names ------------------------------------------------------------------
+
+def lab_prefix(prefix=PREFIX, pid=None, tag=None):
+    """The name prefix of one lab: <prefix><owner pid>x<4 hex digits>."""
+    pid = os.getpid() if pid is None else pid
+    tag = os.urandom(2).hex() if tag is None else tag
+    return "%s%dx%s" % (prefix, pid, tag)
+
+
+def stale_pattern(prefix=PREFIX):
+    """Matches netns names made by lab_prefix(prefix); group 1 is the owner pid."""
+    return re.compile(r"^%s(\d+)x[0-9a-f]{4}-" % re.escape(prefix))
+
+
+def check_role(role):
+    if not isinstance(role, str) or not _ROLE_RE.match(role) or len(role) > 64:
+        raise ValueError("bad namespace role %r: use letters, digits, '_', '.', '-'" % (role,))
+    return role
+
+
+def port_name(node_role, index):
+    """The switch-side veth name for a node: "ve-<node>" if that fits, else "ve-<index>".
+
+    It lives in the switch namespace only, so it need not carry the lab prefix.
+    """
+    name = "ve-" + node_role
+    if len(name) <= IFNAMSIZ and _IFNAME_RE.match(name):
+        return name
+    return "ve-%d" % index
+
+
+def parse_netns_list(text):
+    """Names from `ip netns list` output (lines like "name (id: 3)" or "name")."""
+    return [line.split()[0] for line in text.splitlines() if line.strip()]
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:     # exists, owned by someone else
+        return True
+    return True
+
+
+# --- addresses --------------------------------------------------------------
+
+class AddressPool:
+    """Host addresses of a subnet, handed out lowest first; explicit picks are honoured."""
+
+    def __init__(self, subnet):
+        self.subnet = ipaddress.ip_network(subnet, strict=True)
+        self.taken = set()
+
+    def is_host(self, address):
+        net = self.subnet
+        if address not in net:
+            return False
+        # /31 and /32 (RFC 3021) have no network or broadcast address to avoid.
+        return net.num_addresses <= 2 or address not in (net.network_address,
+                                                         net.broadcast_address)
+
+    def take(self, address=None):
+        """Reserve `address` (must be a free host address here) or the lowest free one."""
+        if address is None:
+            for host in self.subnet.hosts():
+                if host not in self.taken:
+                    self.taken.add(host)
+                    return host
+            raise ValueError("no free address left in %s" % self.subnet)
+        address = ipaddress.ip_address(address)
+        if not self.is_host(address):
+            raise ValueError("%s is not a host address of %s" % (address, self.subnet))
+        if address in self.taken:
+            raise ValueError("%s is already in use" % address)
+        self.taken.add(address)
+        return address
+
+
+# --- running things inside a namespace ---------------------------------------
+
+def exec_argv(netns, cmd):
+    """argv running `cmd` (argv list, or a shell string) inside netns `netns`."""
+    if isinstance(cmd, str):
+        cmd = ["sh", "-c", cmd]
+    return ["ip", "netns", "exec", netns] + [str(a) for a in cmd]
+
+
+def _run(argv, input=None, check=True, timeout=DEFAULT_TIMEOUT, env=None):
+    proc = subprocess.run(argv, input=input, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise CommandFailed(proc.returncode, argv, proc.stdout, proc.stderr)
+    return proc
+
+
+CniOutcome = namedtuple("CniOutcome", "returncode stdout result stderr")
+CniOutcome.__doc__ = "One plugin run: exit code, stdout text, stdout parsed as JSON (or None), stderr."
+
+
+def cni_env(command, container_id, netns_path, ifname, cni_path, extra_env=None):
+    """The environment a runtime gives a CNI plugin: a plain PATH plus CNI_*."""
+    env = {
+        "PATH": SYSTEM_PATH,
+        "CNI_COMMAND": command,
+        "CNI_CONTAINERID": container_id,
+        "CNI_NETNS": netns_path or "",
+        "CNI_IFNAME": ifname,
+        "CNI_PATH": cni_path,
+    }
+    env.update(extra_env or {})
+    return env
+
+
+def run_cni(namespace, plugin_path, command, container_id, netns_path, ifname, conf,
+            cni_path, extra_env=None, timeout=DEFAULT_TIMEOUT):
+    """Run a CNI plugin executable inside `namespace` (a node), config on stdin.
+
+    Running it in the node namespace is what puts the bridge, the host side
+    of the veth and any iptables rules there rather than in the root namespace.
+    `conf` is a dict (sent as JSON) or str/bytes sent verbatim, e.g. to test
+    malformed input. Never raises for a failing plugin: look at the outcome.
+    """
+    if isinstance(conf, dict):
+        conf = json.dumps(conf)
+    elif isinstance(conf, bytes):
+        conf = conf.decode()
+    env = cni_env(command, container_id, netns_path, ifname, cni_path, extra_env)
+    proc = _run(exec_argv(namespace.name, [plugin_path]), input=conf, check=False,
+                timeout=timeout, env=env)
+    try:
+        result = json.loads(proc.stdout) if proc.stdout.strip() else None
+    except ValueError:
+        result = None
+    return CniOutcome(proc.returncode, proc.stdout, result, proc.stderr)
+
+
+class Namespace:
+    """One named network namespace made by a Lab."""
+
+    def __init__(self, lab, name, role):
+        self.lab = lab
+        self.name = name            # the netns name, as `ip netns` knows it
+        self.role = role            # the short name it was asked for, e.g. "node1"
+        self.path = os.path.join(NETNS_DIR, name)
+        self.processes = []         # Popen objects started with popen(), killed at cleanup
+
+    def __repr__(self):
+        return "<%s %s>" % (type(self).__name__, self.name)
+
+    def run(self, cmd, input=None, check=True, timeout=DEFAULT_TIMEOUT, env=None):
+        """Run argv (or a shell string) inside; CompletedProcess with text output."""
+        return _run(exec_argv(self.name, cmd), input=input, check=check, timeout=timeout,
+                    env=env)
+
+    def ip(self, *args, check=True):
+        """`ip -n <this namespace> args...`"""
+        return _run(["ip", "-n", self.name] + [str(a) for a in args], check=check)
+
+    def ip_json(self, *args):
+        """`ip -j -n <ns> args...` parsed, e.g. ns.ip_json("addr", "show", "eth0")."""
+        out = self.ip("-j", *args).stdout
+        return json.loads(out) if out.strip() else []
+
+    def link_names(self):
+        return {link["ifname"] for link in self.ip_json("link", "show")}
+
+    def sysctl(self, key, value):
+        self.run(["sysctl", "-q", "-w", "%s=%s" % (key, value)])
+
+    def popen(self, argv, **kw):
+        """Start a background process inside; it is killed at cleanup.
+
+        It gets its own session (process group = its pid), so cleanup also
+        reaches children it forked, and a Ctrl-C in the terminal does not.
+        """
+        kw["start_new_session"] = True
+        proc = subprocess.Popen(exec_argv(self.name, argv), **kw)
+        self.processes.append(proc)
+        return proc
+
+    def run_cni(self, plugin_path, command, container_id, netns_path, ifname, conf,
+                cni_path, extra_env=None, timeout=DEFAULT_TIMEOUT):
+        return run_cni(self, plugin_path, command, container_id, netns_path, ifname, conf,
+                       cni_path, extra_env, timeout)
+
+
+class Node(Namespace):
+    """A node: a namespace with an `eth0` on an underlay.
+
+    `role` is the node name you gave (e.g. "node1"); `name` is the netns name.
+    Later code (etcd, flanneld, kubelet-ish pod set-up) extends this class.
+    """
+
+    def __init__(self, lab, name, role):
+        super().__init__(lab, name, role)
+        self.underlay = None
+        self.underlay_ip = None     # str, e.g. "192.168.50.1"
+        self.underlay_if = "eth0"
+
+    @property
+    def underlay_cidr(self):
+        return "%s/%d" % (self.underlay_ip, self.underlay.subnet.prefixlen)
+
+
+class Underlay:
+    """The network between nodes: a bridge `br0` in its own switch namespace."""
+
+    BRIDGE = "br0"
+
+    def __init__(self, switch, subnet):
+        self.switch = switch
+        self.pool = AddressPool(subnet)
+        self.subnet = self.pool.subnet
+        self.ports = []             # switch-side veth names, one per attached namespace
+
+    def attach(self, ns, ip=None, ifname="eth0"):
+        """Connect `ns` to the switch by a veth pair and address its end; returns the address.
+
+        Both ends are created inside the switch namespace and the peer is moved
+        straight into `ns`: neither end ever exists in the root namespace.
+        """
+        address = self.pool.take(ip)
+        port, n = port_name(ns.role, len(self.ports)), len(self.ports)
+        while port in self.ports:           # e.g. two long node names
+            n += 1
+            port = "ve-%d" % n
+        self.switch.ip("link", "add", port, "type", "veth",
+                       "peer", "name", ifname, "netns", ns.name)
+        self.ports.append(port)
+        self.switch.ip("link", "set", port, "master", self.BRIDGE, "up")
+        ns.ip("addr", "add", "%s/%d" % (address, self.subnet.prefixlen), "dev", ifname)
+        ns.ip("link", "set", ifname, "up")
+        return str(address)
+
+
+class Lab:
+    """Owns a set of namespaces and processes; `cleanup()` removes all of them.
+
+    Use as a context manager. An atexit hook cleans up labs still open when the
+    interpreter exits; `teardown_stale` covers runs that were SIGKILLed.
+    """
+
+    _open = set()               # labs not yet cleaned up, for the atexit hook
+
+    def __init__(self, prefix=PREFIX, kill_timeout=3.0):
+        self.prefix = lab_prefix(prefix)
+        self.kill_timeout = kill_timeout
+        self.namespaces = []        # in creation order
+        self._workdir = None
+        self._closed = False
+        Lab._open.add(self)
+
+    def __repr__(self):
+        return "<Lab %s: %d namespaces>" % (self.prefix, len(self.namespaces))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.cleanup()
+
+    @property
+    def workdir(self):
+        """A private temporary directory (IPAM dataDir, logs...), removed at cleanup."""
+        if self._workdir is None:
+            self._workdir = tempfile.mkdtemp(prefix=self.prefix + "-")
+        return self._workdir
+
+    # -- building --
+
+    def namespace(self, role, cls=Namespace, loopback=True, ip_forward=None):
+        """Create namespace <prefix>-<role>, lo up unless loopback=False."""
+        if self._closed:
+            raise RuntimeError("%r is cleaned up" % self)
+        name = "%s-%s" % (self.prefix, check_role(role))
+        if any(ns.name == name for ns in self.namespaces):
+            raise ValueError("namespace %r already exists in this lab" % role)
+        _run(["ip", "netns", "add", name])
+        ns = cls(self, name, role)
+        self.namespaces.append(ns)      # registered at once: cleaned up even if set-up fails
+        if loopback:
+            ns.ip("link", "set", "lo", "up")
+        if ip_forward is not None:
+            ns.sysctl("net.ipv4.ip_forward", int(bool(ip_forward)))
+        return ns
+
+    def underlay(self, subnet="192.168.50.0/24", name="underlay"):
+        """A switch namespace <prefix>-<name> with bridge br0 (no address of its own)."""
+        switch = self.namespace(name)
+        switch.ip("link", "add", Underlay.BRIDGE, "type", "bridge")
+        switch.ip("link", "set", Underlay.BRIDGE, "up")
+        return Underlay(switch, subnet)
+
+    def node(self, name, underlay, ip=None, ip_forward=None, cls=Node):
+        """A node namespace with eth0 on `underlay`, at `ip` or the next free address."""
+        node = self.namespace(name, cls=cls, ip_forward=ip_forward)
+        node.underlay = underlay
+        node.underlay_ip = underlay.attach(node, ip, node.underlay_if)
+        return node
+
+    def pod_netns(self, name):
+        """An empty namespace as a runtime makes for a pod: even lo is left to CNI."""
+        return self.namespace("pod-" + name, loopback=False)
+
+    # -- tearing down --
+
+    def cleanup(self):
+        """Kill our processes, delete our namespaces and workdir. Safe to call twice."""
+        errors = []
+        _stop_all([proc for ns in self.namespaces for proc in ns.processes], self.kill_timeout)
+        for ns in reversed(self.namespaces):
+            try:
+                _delete_netns(ns.name)
+            except Exception as e:      # keep going: delete everything we can
+                errors.append("%s: %s" % (ns.name, e))
+        self.namespaces = [ns for ns in self.namespaces if os.path.exists(ns.path)]
+        if self._workdir:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+        self._closed = True
+        Lab._open.discard(self)
+        if errors:
+            raise RuntimeError("lab cleanup incomplete:\n" + "\n".join(errors))
+
+    @staticmethod
+    def teardown_stale(prefix=PREFIX, include_live=False):
+        """Delete namespaces left by crashed runs: ours by name, owner pid dead.
+
+        Returns the names removed. Namespaces of a live owner (a parallel run)
+        are kept unless include_live.
+        """
+        pattern = stale_pattern(prefix)
+        removed = []
+        for name in parse_netns_list(_run(["ip", "netns", "list"]).stdout):
+            match = pattern.match(name)
+            if not match:
+                continue
+            owner = int(match.group(1))
+            if owner == os.getpid() or (pid_alive(owner) and not include_live):
+                continue
+            _delete_netns(name)
+            removed.append(name)
+        return removed
+
+
+def _stop_all(procs, timeout):
+    """SIGTERM the process groups we started; SIGKILL what is left after `timeout`.
+
+    One shared deadline, so many stubborn processes cost `timeout` once.
+    """
+    for proc in procs:
+        if proc.poll() is None:
+            _signal_group(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for proc in procs:
+        # Children of the leader may outlive it; the group id is still our pid.
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _signal_group(pgid, sig):
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _delete_netns(name):
+    """Kill what still runs in our namespace `name`, then delete it.
+
+    Anything in a namespace a lab made was started by that lab (directly or by
+    a plugin it ran). Left alive it would keep the namespace, and its
+    interfaces, existing unnamed after `ip netns delete`.
+    """
+    if not os.path.exists(os.path.join(NETNS_DIR, name)):
+        return
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        # Exited processes (zombies included) are no longer listed.
+        pids = [int(p) for p in _run(["ip", "netns", "pids", name], check=False).stdout.split()]
+        pids = [p for p in pids if p != os.getpid()]
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.02)
+    _run(["ip", "netns", "delete", name])
+
+
+@atexit.register
+def _cleanup_open_labs():
+    for lab in list(Lab._open):
+        try:
+            lab.cleanup()
+        except Exception:
+            pass

@@ -1,0 +1,4 @@
+"""The one layer that talks to the kernel: netlink, netns, iptables/nft, sysctl.
+
+Each module imports only what it uses; nothing is imported here.
+"""

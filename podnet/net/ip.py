@@ -1,0 +1,158 @@
+"""IP addresses and prefixes as integers.
+
+The standard `ipaddress` module costs ~4 ms to import (it pulls in `re` and
+`functools`); CNI plugins need only parsing, formatting and a little arithmetic,
+so this module does that on plain ints with the C-level inet_pton/inet_ntop.
+"""
+from _socket import AF_INET, AF_INET6, inet_ntop, inet_pton
+
+__all__ = ["AF_INET", "AF_INET6", "IP", "IPNet", "parse_ip", "parse_cidr", "parse_net"]
+
+_BITS = {AF_INET: 32, AF_INET6: 128}
+
+
+class IP:
+    """One address: family and integer value. Immutable, hashable, ordered."""
+
+    __slots__ = ("family", "value")
+
+    def __init__(self, family, value):
+        object.__setattr__(self, "family", family)
+        object.__setattr__(self, "value", value)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("IP is immutable")
+
+    @property
+    def bits(self):
+        return _BITS[self.family]
+
+    @property
+    def version(self):
+        return 4 if self.family == AF_INET else 6
+
+    def packed(self):
+        return self.value.to_bytes(self.bits // 8, "big")
+
+    def __add__(self, n):
+        value = self.value + n
+        if not 0 <= value < (1 << self.bits):
+            raise ValueError("address out of range")
+        return IP(self.family, value)
+
+    def __sub__(self, n):
+        return self.__add__(-n)
+
+    def __str__(self):
+        return inet_ntop(self.family, self.packed())
+
+    def __repr__(self):
+        return "IP(%s)" % self
+
+    def __eq__(self, other):
+        return isinstance(other, IP) and self.family == other.family and self.value == other.value
+
+    def __lt__(self, other):
+        return (self.family, self.value) < (other.family, other.value)
+
+    def __le__(self, other):
+        return (self.family, self.value) <= (other.family, other.value)
+
+    def __hash__(self):
+        return hash((self.family, self.value))
+
+
+class IPNet:
+    """An address with a prefix length, e.g. 10.1.2.3/24 (host bits are kept)."""
+
+    __slots__ = ("ip", "prefixlen")
+
+    def __init__(self, ip, prefixlen):
+        if not 0 <= prefixlen <= ip.bits:
+            raise ValueError("prefix length %d out of range" % prefixlen)
+        object.__setattr__(self, "ip", ip)
+        object.__setattr__(self, "prefixlen", prefixlen)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("IPNet is immutable")
+
+    @property
+    def family(self):
+        return self.ip.family
+
+    @property
+    def version(self):
+        return self.ip.version
+
+    @property
+    def hostmask(self):
+        return (1 << (self.ip.bits - self.prefixlen)) - 1
+
+    @property
+    def network(self):
+        """The first address of the prefix."""
+        return IP(self.ip.family, self.ip.value & ~self.hostmask)
+
+    @property
+    def broadcast(self):
+        """The last address of the prefix."""
+        return IP(self.ip.family, self.ip.value | self.hostmask)
+
+    @property
+    def netmask(self):
+        return IP(self.ip.family, ((1 << self.ip.bits) - 1) ^ self.hostmask)
+
+    def masked(self):
+        """The prefix itself, host bits cleared (10.1.2.3/24 -> 10.1.2.0/24)."""
+        return IPNet(self.network, self.prefixlen)
+
+    def contains(self, ip):
+        return ip.family == self.ip.family and (ip.value & ~self.hostmask) == self.network.value
+
+    def overlaps(self, other):
+        return self.contains(other.network) or other.contains(self.network)
+
+    def size(self):
+        return self.hostmask + 1
+
+    def __str__(self):
+        return "%s/%d" % (self.ip, self.prefixlen)
+
+    def __repr__(self):
+        return "IPNet(%s)" % self
+
+    def __eq__(self, other):
+        return isinstance(other, IPNet) and self.ip == other.ip and self.prefixlen == other.prefixlen
+
+    def __hash__(self):
+        return hash((self.ip, self.prefixlen))
+
+
+def parse_ip(text):
+    """'10.0.0.1' or 'fd00::1' -> IP; ValueError on anything else."""
+    if not isinstance(text, str) or not text:
+        raise ValueError("invalid IP address %r" % (text,))
+    family = AF_INET6 if ":" in text else AF_INET
+    try:
+        packed = inet_pton(family, text)
+    except OSError:
+        raise ValueError("invalid IP address %r" % text) from None
+    if family == AF_INET and text.count(".") != 3:
+        raise ValueError("invalid IP address %r" % text)
+    return IP(family, int.from_bytes(packed, "big"))
+
+
+def parse_cidr(text):
+    """'10.1.2.3/24' -> IPNet keeping the host bits (Go's net.ParseCIDR keeps both)."""
+    if not isinstance(text, str) or "/" not in text:
+        raise ValueError("invalid CIDR address %r" % (text,))
+    addr, _, plen = text.partition("/")
+    ip = parse_ip(addr)
+    if not plen.isdigit() or len(plen) > 3 or int(plen) > ip.bits:
+        raise ValueError("invalid CIDR address %r" % text)
+    return IPNet(ip, int(plen))
+
+
+def parse_net(text):
+    """Parse a CIDR and clear its host bits (what a subnet field means)."""
+    return parse_cidr(text).masked()

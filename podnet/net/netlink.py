@@ -1,0 +1,571 @@
+"""rtnetlink on the standard library: links, addresses, routes, neighbours, FDB.
+
+Why not pyroute2: importing it costs ~200 ms (its __init__ loads conntrack,
+ndb, asyncio, multiprocessing), ten times a whole reference CNI ADD. The
+messages a network agent needs are few and fixed, so they are encoded here
+with `struct` over an AF_NETLINK socket from the C-level `_socket` module.
+
+Every request asks for an ACK, so errors surface as NetlinkError carrying the
+errno and, where the kernel gives one, its extended-ack message.
+"""
+import os
+import struct
+import _socket
+
+from podnet.net.ip import AF_INET, AF_INET6, IP, IPNet
+
+AF_UNSPEC = 0
+AF_BRIDGE = 7
+AF_NETLINK = 16
+NETLINK_ROUTE = 0
+SOL_NETLINK = 270
+NETLINK_EXT_ACK = 11
+
+# message types
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_SETLINK = 16, 17, 18, 19
+RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
+RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
+RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
+
+# flags
+F_REQUEST, F_MULTI, F_ACK = 0x1, 0x2, 0x4
+F_DUMP = 0x300
+F_REPLACE, F_EXCL, F_CREATE, F_APPEND = 0x100, 0x200, 0x400, 0x800
+
+IFF_UP = 0x1
+IFF_PROMISC = 0x100
+
+# link attributes
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK = 1, 3, 4, 5
+IFLA_MASTER = 10
+IFLA_TXQLEN = 13
+IFLA_OPERSTATE = 16
+IFLA_LINKINFO = 18
+IFLA_AF_SPEC = 26
+IFLA_NET_NS_FD = 28
+IFLA_PROMISCUITY = 30
+IFLA_LINK_NETNSID = 37
+IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
+IFLA_INFO_SLAVE_KIND, IFLA_INFO_SLAVE_DATA = 4, 5
+VETH_INFO_PEER = 1
+IFLA_BR_VLAN_FILTERING = 7
+IFLA_BRPORT_MODE = 4          # hairpin
+IFLA_BRIDGE_VLAN_INFO = 2
+BRIDGE_VLAN_INFO_PVID, BRIDGE_VLAN_INFO_UNTAGGED = 0x2, 0x4
+IFLA_VXLAN_ID, IFLA_VXLAN_LOCAL, IFLA_VXLAN_LINK = 1, 4, 3
+IFLA_VXLAN_LEARNING, IFLA_VXLAN_PORT = 7, 15
+
+OPERSTATES = ("unknown", "notpresent", "down", "lowerlayerdown", "testing", "dormant", "up")
+
+# address attributes
+IFA_ADDRESS, IFA_LOCAL, IFA_LABEL, IFA_BROADCAST, IFA_FLAGS = 1, 2, 3, 4, 8
+IFA_F_NODAD = 0x02
+IFA_F_TENTATIVE = 0x40
+IFA_F_PERMANENT = 0x80
+IFA_F_DADFAILED = 0x08
+
+# route attributes and values
+RTA_DST, RTA_SRC, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_PREFSRC = 1, 2, 4, 5, 6, 7
+RTA_METRICS, RTA_TABLE = 8, 15
+RTAX_MTU, RTAX_ADVMSS = 2, 8
+RT_TABLE_MAIN = 254
+RTPROT_KERNEL, RTPROT_BOOT, RTPROT_STATIC = 2, 3, 4
+RT_SCOPE_UNIVERSE, RT_SCOPE_LINK, RT_SCOPE_HOST = 0, 253, 254
+RTN_UNICAST, RTN_LOCAL = 1, 2
+RTNH_F_ONLINK = 4
+
+# neighbour attributes and values
+NDA_DST, NDA_LLADDR = 1, 2
+NUD_PERMANENT = 0x80
+NTF_SELF = 0x02
+NTF_MASTER = 0x04
+
+_HDR = struct.Struct("=IHHII")
+_IFINFO = struct.Struct("=BxHiII")
+_IFADDR = struct.Struct("=BBBBI")
+_RTMSG = struct.Struct("=BBBBBBBBI")
+_NDMSG = struct.Struct("=BxxxiHBB")
+_RTA = struct.Struct("=HH")
+
+
+class NetlinkError(OSError):
+    pass
+
+
+# ---- attribute encoding -------------------------------------------------
+
+def attr(kind, data):
+    """One rtattr: header, payload, padding to 4 bytes."""
+    if isinstance(data, str):
+        data = data.encode() + b"\0"
+    length = 4 + len(data)
+    return _RTA.pack(length, kind) + data + b"\0" * (-length & 3)
+
+
+def nested(kind, *attrs):
+    return attr(kind, b"".join(attrs))
+
+
+def u8(kind, v):
+    return attr(kind, struct.pack("=B", v))
+
+
+def u16(kind, v):
+    return attr(kind, struct.pack("=H", v))
+
+
+def u32(kind, v):
+    return attr(kind, struct.pack("=I", v))
+
+
+def parse_attrs(data, offset=0):
+    """rtattrs -> {type: payload}; nested payloads are parsed on demand."""
+    out = {}
+    end = len(data)
+    while offset + 4 <= end:
+        length, kind = _RTA.unpack_from(data, offset)
+        if length < 4:
+            break
+        out[kind & 0x3FFF] = data[offset + 4: offset + length]
+        offset += (length + 3) & ~3
+    return out
+
+
+def mac_bytes(mac):
+    parts = mac.split(":")
+    if len(parts) != 6:
+        raise ValueError("invalid MAC address %r" % mac)
+    try:
+        return bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise ValueError("invalid MAC address %r" % mac) from None
+
+
+def mac_str(raw):
+    return ":".join("%02x" % b for b in raw)
+
+
+def _cstr(raw):
+    return raw.split(b"\0", 1)[0].decode()
+
+
+# ---- objects read back from the kernel ---------------------------------------
+
+class Link:
+    __slots__ = ("index", "name", "kind", "slave_kind", "mtu", "mac", "flags", "master",
+                 "operstate", "peer_index", "link_netnsid", "promiscuity", "info_data")
+
+    def __init__(self, index, attrs, flags):
+        self.index = index
+        self.flags = flags
+        self.name = _cstr(attrs[IFLA_IFNAME]) if IFLA_IFNAME in attrs else ""
+        self.mtu = struct.unpack("=I", attrs[IFLA_MTU])[0] if IFLA_MTU in attrs else 0
+        self.mac = mac_str(attrs[IFLA_ADDRESS]) if IFLA_ADDRESS in attrs else ""
+        self.master = struct.unpack("=I", attrs[IFLA_MASTER])[0] if IFLA_MASTER in attrs else 0
+        self.peer_index = struct.unpack("=I", attrs[IFLA_LINK])[0] if IFLA_LINK in attrs else 0
+        self.link_netnsid = (struct.unpack("=i", attrs[IFLA_LINK_NETNSID])[0]
+                             if IFLA_LINK_NETNSID in attrs else None)
+        self.promiscuity = (struct.unpack("=I", attrs[IFLA_PROMISCUITY])[0]
+                            if IFLA_PROMISCUITY in attrs else 0)
+        state = attrs.get(IFLA_OPERSTATE, b"\0")[0]
+        self.operstate = OPERSTATES[state] if state < len(OPERSTATES) else "unknown"
+        self.kind = self.slave_kind = ""
+        self.info_data = {}
+        if IFLA_LINKINFO in attrs:
+            info = parse_attrs(attrs[IFLA_LINKINFO])
+            if IFLA_INFO_KIND in info:
+                self.kind = _cstr(info[IFLA_INFO_KIND])
+            if IFLA_INFO_SLAVE_KIND in info:
+                self.slave_kind = _cstr(info[IFLA_INFO_SLAVE_KIND])
+            if IFLA_INFO_DATA in info:
+                self.info_data = parse_attrs(info[IFLA_INFO_DATA])
+
+    @property
+    def up(self):
+        return bool(self.flags & IFF_UP)
+
+    @property
+    def promisc(self):
+        return bool(self.flags & IFF_PROMISC)
+
+    def __repr__(self):
+        return "Link(%d, %r, kind=%r)" % (self.index, self.name, self.kind)
+
+
+class Addr:
+    __slots__ = ("index", "net", "flags", "scope", "label")
+
+    def __init__(self, index, net, flags, scope, label):
+        self.index = index
+        self.net = net          # IPNet: address with its prefix length
+        self.flags = flags
+        self.scope = scope
+        self.label = label
+
+    def __repr__(self):
+        return "Addr(%d, %s)" % (self.index, self.net)
+
+
+class Route:
+    __slots__ = ("family", "dst", "gateway", "oif", "table", "protocol", "scope", "type",
+                 "priority", "flags", "prefsrc", "mtu", "advmss")
+
+    def __init__(self, **kw):
+        for name in self.__slots__:
+            setattr(self, name, kw.get(name))
+
+    def __repr__(self):
+        return "Route(%s via %s dev %s table %s)" % (self.dst, self.gateway, self.oif, self.table)
+
+
+class Neigh:
+    __slots__ = ("family", "index", "dst", "lladdr", "state", "flags", "master")
+
+    def __init__(self, **kw):
+        for name in self.__slots__:
+            setattr(self, name, kw.get(name))
+
+    def __repr__(self):
+        return "Neigh(%s %s dev %s)" % (self.dst, self.lladdr, self.index)
+
+
+def _ip_from(family, raw):
+    return IP(family, int.from_bytes(raw, "big"))
+
+
+# ---- the socket ---------------------------------------------------------
+
+class Netlink:
+    """One rtnetlink socket, bound to the network namespace it was opened in.
+
+    `Netlink(netns=path)` opens it inside another namespace (entering and
+    leaving it at once); the socket then keeps talking to that namespace.
+    """
+
+    def __init__(self, netns=None):
+        if netns is not None:
+            from podnet.net.netns import entered
+            with entered(netns):
+                self.sock = self._open()
+        else:
+            self.sock = self._open()
+        self.seq = int.from_bytes(os.urandom(2), "little")
+        # Kernel dump batches stay well under this (NLMSG_GOODSIZE, at most 32 KiB).
+        self._buf = bytearray(1 << 18)
+
+    @staticmethod
+    def _open():
+        sock = _socket.socket(AF_NETLINK, _socket.SOCK_RAW | _socket.SOCK_CLOEXEC, NETLINK_ROUTE)
+        try:
+            sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
+        except OSError:
+            pass
+        sock.bind((0, 0))
+        return sock
+
+    def close(self):
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # One request, all its answers. Dumps return [(type, payload)], others [].
+    def request(self, msgtype, flags, body):
+        self.seq = (self.seq + 1) & 0xFFFFFFFF
+        seq = self.seq
+        flags |= F_REQUEST | F_ACK
+        self.sock.send(_HDR.pack(_HDR.size + len(body), msgtype, flags, seq, 0) + body)
+        out = []
+        dump = flags & F_DUMP == F_DUMP
+        while True:
+            n = self.sock.recv_into(self._buf)
+            data = bytes(self._buf[:n])
+            offset = 0
+            while offset + 16 <= len(data):
+                length, mtype, mflags, mseq, _ = _HDR.unpack_from(data, offset)
+                if length < 16:
+                    break
+                payload = data[offset + 16: offset + length]
+                offset += (length + 3) & ~3
+                if mseq != seq:
+                    continue
+                if mtype == NLMSG_ERROR:
+                    err = -struct.unpack_from("=i", payload)[0]
+                    if err:
+                        raise NetlinkError(err, os.strerror(err) + _extack(payload, mflags))
+                    if not dump:
+                        return out
+                    continue
+                if mtype == NLMSG_DONE:
+                    return out
+                out.append((mtype, payload))
+
+    # ---- links ----
+    def links(self):
+        return [self._link(p) for _, p in self.request(RTM_GETLINK, F_DUMP, _IFINFO.pack(AF_UNSPEC, 0, 0, 0, 0))]
+
+    def link(self, name=None, index=0):
+        """The link with that name or index, or None."""
+        if name is not None and not 0 < len(name.encode()) < 16:
+            return None   # no such link can exist (IFNAMSIZ)
+        body = _IFINFO.pack(AF_UNSPEC, 0, index, 0, 0)
+        if name is not None:
+            body += attr(IFLA_IFNAME, name)
+        try:
+            answers = self._get(RTM_GETLINK, body)
+        except NetlinkError as e:
+            if e.errno in (19, 22):   # ENODEV; EINVAL for a name too long
+                return None
+            raise
+        return self._link(answers[0][1]) if answers else None
+
+    def _get(self, msgtype, body):
+        # A non-dump GET answers with the object then (because we ask) an ACK.
+        return self.request(msgtype, 0, body)
+
+    @staticmethod
+    def _link(payload):
+        _, _, index, flags, _ = _IFINFO.unpack_from(payload)
+        return Link(index, parse_attrs(payload, _IFINFO.size), flags)
+
+    def _newlink(self, flags, index=0, ifflags=0, change=0, attrs=b"", family=AF_UNSPEC):
+        self.request(RTM_NEWLINK, flags, _IFINFO.pack(family, 0, index, ifflags, change) + attrs)
+
+    def add_bridge(self, name, mtu=0, vlan_filtering=False):
+        """Create a bridge; raises NetlinkError(EEXIST) if the name is taken."""
+        data = u8(IFLA_BR_VLAN_FILTERING, 1) if vlan_filtering else b""
+        info = attr(IFLA_INFO_KIND, b"bridge") + (nested(IFLA_INFO_DATA, data) if data else b"")
+        attrs = attr(IFLA_IFNAME, name) + nested(IFLA_LINKINFO, info)
+        if mtu:
+            attrs += u32(IFLA_MTU, mtu)
+        self._newlink(F_CREATE | F_EXCL, attrs=attrs)
+
+    def add_veth(self, name, peer_name, peer_netns_fd=None, mtu=0, peer_mac=None):
+        """Create a veth pair here; the peer goes straight into peer_netns_fd if given."""
+        peer = attr(IFLA_IFNAME, peer_name)
+        if peer_netns_fd is not None:
+            peer += u32(IFLA_NET_NS_FD, peer_netns_fd)
+        if mtu:
+            peer += u32(IFLA_MTU, mtu)
+        if peer_mac:
+            peer += attr(IFLA_ADDRESS, mac_bytes(peer_mac))
+        peer_info = nested(VETH_INFO_PEER, _IFINFO.pack(AF_UNSPEC, 0, 0, 0, 0) + peer)
+        info = attr(IFLA_INFO_KIND, b"veth") + nested(IFLA_INFO_DATA, peer_info)
+        attrs = attr(IFLA_IFNAME, name) + nested(IFLA_LINKINFO, info)
+        if mtu:
+            attrs += u32(IFLA_MTU, mtu)
+        self._newlink(F_CREATE | F_EXCL, attrs=attrs)
+
+    def add_vxlan(self, name, vni, local=None, port=8472, dev_index=0, learning=False, mtu=0, mac=None):
+        data = u32(IFLA_VXLAN_ID, vni) + attr(IFLA_VXLAN_PORT, struct.pack("!H", port)) \
+            + u8(IFLA_VXLAN_LEARNING, 1 if learning else 0)
+        if local is not None:
+            data += attr(IFLA_VXLAN_LOCAL, local.packed())
+        if dev_index:
+            data += u32(IFLA_VXLAN_LINK, dev_index)
+        info = attr(IFLA_INFO_KIND, b"vxlan") + nested(IFLA_INFO_DATA, data)
+        attrs = attr(IFLA_IFNAME, name) + nested(IFLA_LINKINFO, info)
+        if mtu:
+            attrs += u32(IFLA_MTU, mtu)
+        if mac:
+            attrs += attr(IFLA_ADDRESS, mac_bytes(mac))
+        self._newlink(F_CREATE | F_EXCL, attrs=attrs)
+
+    def set_link(self, index, up=None, master=None, mtu=None, mac=None, netns_fd=None,
+                 name=None, promisc=None):
+        ifflags = change = 0
+        if up is not None:
+            change |= IFF_UP
+            ifflags |= IFF_UP if up else 0
+        if promisc is not None:
+            change |= IFF_PROMISC
+            ifflags |= IFF_PROMISC if promisc else 0
+        attrs = b""
+        if master is not None:
+            attrs += u32(IFLA_MASTER, master)
+        if mtu:
+            attrs += u32(IFLA_MTU, mtu)
+        if mac:
+            attrs += attr(IFLA_ADDRESS, mac_bytes(mac))
+        if netns_fd is not None:
+            attrs += u32(IFLA_NET_NS_FD, netns_fd)
+        if name:
+            attrs += attr(IFLA_IFNAME, name)
+        self._newlink(0, index=index, ifflags=ifflags, change=change, attrs=attrs)
+
+    def set_bridge_port(self, index, hairpin):
+        data = u8(IFLA_BRPORT_MODE, 1 if hairpin else 0)
+        info = attr(IFLA_INFO_SLAVE_KIND, b"bridge") + nested(IFLA_INFO_SLAVE_DATA, data)
+        self._newlink(0, index=index, attrs=nested(IFLA_LINKINFO, info))
+
+    def bridge_vlan_add(self, index, vid, pvid=False, untagged=False):
+        flags = (BRIDGE_VLAN_INFO_PVID if pvid else 0) | (BRIDGE_VLAN_INFO_UNTAGGED if untagged else 0)
+        spec = nested(IFLA_AF_SPEC, attr(IFLA_BRIDGE_VLAN_INFO, struct.pack("=HH", flags, vid)))
+        self.request(RTM_SETLINK, 0, _IFINFO.pack(AF_BRIDGE, 0, index, 0, 0) + spec)
+
+    def bridge_vlan_del(self, index, vid):
+        spec = nested(IFLA_AF_SPEC, attr(IFLA_BRIDGE_VLAN_INFO, struct.pack("=HH", 0, vid)))
+        self.request(RTM_DELLINK, 0, _IFINFO.pack(AF_BRIDGE, 0, index, 0, 0) + spec)
+
+    def del_link(self, index):
+        self.request(RTM_DELLINK, 0, _IFINFO.pack(AF_UNSPEC, 0, index, 0, 0))
+
+    # ---- addresses ----
+    def addrs(self, index=None, family=AF_UNSPEC):
+        out = []
+        for _, p in self.request(RTM_GETADDR, F_DUMP, _IFADDR.pack(family, 0, 0, 0, 0)):
+            fam, plen, flags, scope, idx = _IFADDR.unpack_from(p)
+            if index is not None and idx != index:
+                continue
+            a = parse_attrs(p, _IFADDR.size)
+            raw = a.get(IFA_LOCAL) or a.get(IFA_ADDRESS)
+            if raw is None:
+                continue
+            if IFA_FLAGS in a:
+                flags = struct.unpack("=I", a[IFA_FLAGS])[0]
+            label = _cstr(a[IFA_LABEL]) if IFA_LABEL in a else ""
+            out.append(Addr(idx, IPNet(_ip_from(fam, raw), plen), flags, scope, label))
+        return out
+
+    def add_addr(self, index, net, nodad=False, replace=False, noprefixroute=False):
+        """Add net (an IPNet, e.g. 10.1.0.2/24) to a link; IPv4 gets its broadcast."""
+        flags = (IFA_F_NODAD if nodad else 0) | (0x200 if noprefixroute else 0)
+        body = _IFADDR.pack(net.family, net.prefixlen, flags & 0xFF, 0, index)
+        raw = net.ip.packed()
+        body += attr(IFA_LOCAL, raw) + attr(IFA_ADDRESS, raw)
+        if net.family == AF_INET and net.prefixlen < 31:
+            body += attr(IFA_BROADCAST, net.broadcast.packed())
+        if flags > 0xFF:
+            body += u32(IFA_FLAGS, flags)
+        self.request(RTM_NEWADDR, F_CREATE | (F_REPLACE if replace else F_EXCL), body)
+
+    def del_addr(self, index, net):
+        body = _IFADDR.pack(net.family, net.prefixlen, 0, 0, index) + attr(IFA_LOCAL, net.ip.packed())
+        self.request(RTM_DELADDR, 0, body)
+
+    # ---- routes ----
+    def routes(self, family=AF_INET, table=RT_TABLE_MAIN):
+        out = []
+        for _, p in self.request(RTM_GETROUTE, F_DUMP, _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)):
+            fam, dst_len, _, _, tbl, proto, scope, rtype, flags = _RTMSG.unpack_from(p)
+            a = parse_attrs(p, _RTMSG.size)
+            if RTA_TABLE in a:
+                tbl = struct.unpack("=I", a[RTA_TABLE])[0]
+            if table is not None and tbl != table:
+                continue
+            dst = IPNet(_ip_from(fam, a[RTA_DST]) if RTA_DST in a else IP(fam, 0), dst_len)
+            metrics = parse_attrs(a[RTA_METRICS]) if RTA_METRICS in a else {}
+            out.append(Route(
+                family=fam, dst=dst, table=tbl, protocol=proto, scope=scope, type=rtype, flags=flags,
+                gateway=_ip_from(fam, a[RTA_GATEWAY]) if RTA_GATEWAY in a else None,
+                oif=struct.unpack("=I", a[RTA_OIF])[0] if RTA_OIF in a else 0,
+                priority=struct.unpack("=I", a[RTA_PRIORITY])[0] if RTA_PRIORITY in a else 0,
+                prefsrc=_ip_from(fam, a[RTA_PREFSRC]) if RTA_PREFSRC in a else None,
+                mtu=struct.unpack("=I", metrics[RTAX_MTU])[0] if RTAX_MTU in metrics else 0,
+                advmss=struct.unpack("=I", metrics[RTAX_ADVMSS])[0] if RTAX_ADVMSS in metrics else 0,
+            ))
+        return out
+
+    def _route_msg(self, dst, gateway, oif, table, protocol, scope, onlink, priority, mtu,
+                   advmss, prefsrc, rtype=RTN_UNICAST):
+        dst = dst.masked()
+        if scope is None:
+            scope = RT_SCOPE_UNIVERSE if gateway is not None else RT_SCOPE_LINK
+        body = _RTMSG.pack(dst.family, dst.prefixlen, 0, 0, table if table < 256 else 252,
+                           protocol, scope, rtype, RTNH_F_ONLINK if onlink else 0)
+        if dst.prefixlen:
+            body += attr(RTA_DST, dst.ip.packed())
+        if table >= 256:
+            body += u32(RTA_TABLE, table)
+        if gateway is not None:
+            body += attr(RTA_GATEWAY, gateway.packed())
+        if oif:
+            body += u32(RTA_OIF, oif)
+        if priority:
+            body += u32(RTA_PRIORITY, priority)
+        if prefsrc is not None:
+            body += attr(RTA_PREFSRC, prefsrc.packed())
+        metrics = (u32(RTAX_MTU, mtu) if mtu else b"") + (u32(RTAX_ADVMSS, advmss) if advmss else b"")
+        if metrics:
+            body += attr(RTA_METRICS, metrics)
+        return body
+
+    def add_route(self, dst, gateway=None, oif=0, table=RT_TABLE_MAIN, protocol=RTPROT_BOOT,
+                  scope=None, onlink=False, priority=0, mtu=0, advmss=0, prefsrc=None,
+                  replace=False, append=False):
+        """Add (or with replace=True, add-or-update) a unicast route; dst is an IPNet."""
+        body = self._route_msg(dst, gateway, oif, table, protocol, scope, onlink, priority,
+                               mtu, advmss, prefsrc)
+        flags = F_CREATE | (F_REPLACE if replace else (F_APPEND if append else F_EXCL))
+        self.request(RTM_NEWROUTE, flags, body)
+
+    def del_route(self, dst, gateway=None, oif=0, table=RT_TABLE_MAIN, priority=0):
+        body = _RTMSG.pack(dst.family, dst.prefixlen, 0, 0, table if table < 256 else 252,
+                           0, 0, 0, 0)
+        if dst.prefixlen:
+            body += attr(RTA_DST, dst.masked().ip.packed())
+        if table >= 256:
+            body += u32(RTA_TABLE, table)
+        if gateway is not None:
+            body += attr(RTA_GATEWAY, gateway.packed())
+        if oif:
+            body += u32(RTA_OIF, oif)
+        if priority:
+            body += u32(RTA_PRIORITY, priority)
+        self.request(RTM_DELROUTE, 0, body)
+
+    # ---- neighbours and FDB ----
+    def neighbours(self, family=AF_INET, index=None):
+        out = []
+        for _, p in self.request(RTM_GETNEIGH, F_DUMP, _NDMSG.pack(family, 0, 0, 0, 0)):
+            fam, idx, state, flags, _ = _NDMSG.unpack_from(p)
+            if index is not None and idx != index:
+                continue
+            a = parse_attrs(p, _NDMSG.size)
+            dst = None
+            if NDA_DST in a:
+                raw = a[NDA_DST]
+                dst = _ip_from(AF_INET if len(raw) == 4 else AF_INET6, raw)
+            out.append(Neigh(family=fam, index=idx, state=state, flags=flags, dst=dst,
+                             lladdr=mac_str(a[NDA_LLADDR]) if NDA_LLADDR in a else None))
+        return out
+
+    def set_neighbour(self, index, dst, lladdr, state=NUD_PERMANENT):
+        """Add or replace a neighbour (ARP/NDP) entry: dst IP -> lladdr on link index."""
+        body = _NDMSG.pack(dst.family, index, state, 0, 0)
+        body += attr(NDA_DST, dst.packed()) + attr(NDA_LLADDR, mac_bytes(lladdr))
+        self.request(RTM_NEWNEIGH, F_CREATE | F_REPLACE, body)
+
+    def del_neighbour(self, index, dst):
+        body = _NDMSG.pack(dst.family, index, 0, 0, 0) + attr(NDA_DST, dst.packed())
+        self.request(RTM_DELNEIGH, 0, body)
+
+    def set_fdb(self, index, lladdr, dst):
+        """Add or replace a VXLAN FDB entry: MAC -> remote VTEP IP (bridge fdb ... self)."""
+        body = _NDMSG.pack(AF_BRIDGE, index, NUD_PERMANENT, NTF_SELF, 0)
+        body += attr(NDA_LLADDR, mac_bytes(lladdr)) + attr(NDA_DST, dst.packed())
+        self.request(RTM_NEWNEIGH, F_CREATE | F_REPLACE, body)
+
+    def del_fdb(self, index, lladdr, dst=None):
+        body = _NDMSG.pack(AF_BRIDGE, index, 0, NTF_SELF, 0) + attr(NDA_LLADDR, mac_bytes(lladdr))
+        if dst is not None:
+            body += attr(NDA_DST, dst.packed())
+        self.request(RTM_DELNEIGH, 0, body)
+
+
+def _extack(payload, flags):
+    # NLM_F_CAPPED (0x100): the original request is not echoed; TLVs follow the header.
+    NLM_F_CAPPED, NLM_F_ACK_TLVS = 0x100, 0x200
+    if not flags & NLM_F_ACK_TLVS:
+        return ""
+    offset = 4 + 16
+    if not flags & NLM_F_CAPPED and len(payload) >= 20:
+        offset = 4 + struct.unpack_from("=I", payload, 4)[0]
+    attrs = parse_attrs(payload, (offset + 3) & ~3)
+    msg = attrs.get(1)
+    return (": " + _cstr(msg)) if msg else ""
