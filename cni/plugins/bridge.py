@@ -117,6 +117,8 @@ def _container_netlink(ns_fd, path):
     try:
         return Netlink(netns=ns_fd)
     except OSError as e:
+        if e.errno == 22:   # EINVAL from setns: e.g. a regular file
+            raise CNIError(errors.INVALID_ENV, "%r is not a network namespace" % path) from None
         raise CNIError(errors.INVALID_ENV, "failed to open netns %r: %s" % (path, e.strerror)) from None
 
 
@@ -165,12 +167,30 @@ def setup_masq(network, container_id, nets):
                              ipv6=family == AF_INET6)
 
 
-def teardown_masq(network, container_id, families=(AF_INET, AF_INET6)):
-    """Remove the container's chain and every rule jumping to it; no-op if absent."""
+def teardown_masq(network, container_id, families=(AF_INET, AF_INET6), nets=None):
+    """Remove the container's chain and every rule jumping to it; no-op if absent.
+
+    With `nets` (the container's addresses, known while its link exists) the
+    exact rules are known, so one blind restore does it; only if that fails
+    (rules already gone, or changed by hand) is the table read and diffed.
+    """
     from podnet.net import iptables
     chain = chain_name(network, container_id)
+    comment = iptables.quote(_comment(network, container_id))
     for family in families:
         ipv6 = family == AF_INET6
+        host_len = 128 if ipv6 else 32
+        fam_nets = [n for n in nets or () if n.family == family]
+        if fam_nets:
+            lines = ["*nat", ":%s - [0:0]" % chain]
+            lines += ["-D POSTROUTING -s %s/%d -m comment --comment %s -j %s" % (n.ip, host_len, comment, chain)
+                      for n in fam_nets]
+            lines += ["-X %s" % chain, "COMMIT"]
+            try:
+                iptables.restore("\n".join(lines) + "\n", ipv6=ipv6)
+                continue
+            except iptables.IptablesError:
+                pass
         saved = iptables.save("nat", ipv6=ipv6)
         if not iptables.chain_exists(saved, chain):
             continue
@@ -276,6 +296,8 @@ def _configure_container(cont, ns_fd, ifname, result, conf):
         if ipc.get("gateway"):
             gw.setdefault(net.family, parse_ip(ipc["gateway"]))
     cont.set_link(link.index, up=True)
+    if AF_INET6 in gw:
+        _settle_addresses(cont, link.index)
     for route in result["routes"]:
         dst = parse_cidr(route["dst"])
         via = parse_ip(route["gw"]) if route.get("gw") else gw.get(dst.family)
@@ -286,6 +308,23 @@ def _configure_container(cont, ns_fd, ifname, result, conf):
             if e.errno != _EEXIST:
                 raise _kernel_error("failed to add route %s via %s" % (dst, via), e) from None
     return link
+
+
+def _settle_addresses(cont, index, timeout=10.0):
+    """Wait until no address of the link is tentative (DAD running) or DAD-failed.
+
+    As the reference's ConfigureIface does when there is an IPv6 gateway:
+    with enabledad the addresses (link-local too) go through DAD, ~1 s, and
+    the pod must not get its interface while its IPv6 address is unusable.
+    Without enabledad nothing is tentative and this is one address dump.
+    Like the reference, gives up silently after `timeout` seconds.
+    """
+    from podnet.net.netlink import IFA_F_DADFAILED, IFA_F_TENTATIVE
+    deadline = time.monotonic() + timeout
+    while any(a.flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED) for a in cont.addrs(index)):
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
 
 
 def _ensure_addr(host, link, net, force):
@@ -383,11 +422,11 @@ def cmd_add(args):
                                  else "net/ipv6/conf/all/forwarding", "1")
             if conf.ip_masq:
                 nets = [parse_cidr(ipc["address"]) for ipc in result["ips"]]
-                undo.append(lambda: teardown_masq(conf.name, args.container_id, {n.family for n in nets}))
+                undo.append(lambda: teardown_masq(conf.name, args.container_id, {n.family for n in nets}, nets))
                 if fresh:
                     setup_masq(conf.name, args.container_id, nets)
                 else:   # a rerun: replace rather than append a second set of rules
-                    teardown_masq(conf.name, args.container_id, {n.family for n in nets})
+                    teardown_masq(conf.name, args.container_id, {n.family for n in nets}, nets)
                     setup_masq(conf.name, args.container_id, nets)
         else:
             cont.set_link(cont_link.index, up=True)
@@ -438,6 +477,7 @@ def _delete_bridge_if_unused(host, name):
 def cmd_del(args):
     conf = NetConf(args)
     families = (AF_INET, AF_INET6)
+    nets = []
     if args.netns:
         try:
             ns_fd = open_netns(args.netns)
@@ -450,8 +490,8 @@ def cmd_del(args):
                 cont = _container_netlink(ns_fd, args.netns)
                 link = cont.link(args.ifname)
                 if link is not None:
-                    found = {a.net.family for a in cont.addrs(link.index) if a.scope != 253}
-                    families = tuple(f for f in (AF_INET, AF_INET6) if f in found) or families
+                    nets = [a.net for a in cont.addrs(link.index) if a.scope != 253]
+                    families = tuple(f for f in (AF_INET, AF_INET6) if any(n.family == f for n in nets)) or families
                     cont.del_link(link.index)
                 cont.close()
             except NetlinkError as e:
@@ -462,7 +502,7 @@ def cmd_del(args):
     if conf.ipam_type:
         delegate(conf.ipam_type, "DEL", args)
         if conf.ip_masq:
-            teardown_masq(conf.name, args.container_id, families)
+            teardown_masq(conf.name, args.container_id, families, nets)
     return None
 
 
@@ -542,5 +582,5 @@ COMMANDS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "GC": cmd_gc, "S
 
 
 def main():
-    from cni.skel import plugin_main
-    plugin_main(COMMANDS, about="podnet bridge plugin")
+    from cni.skel import run_plugin
+    run_plugin(COMMANDS, about="podnet bridge plugin")

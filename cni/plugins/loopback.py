@@ -18,6 +18,8 @@ def _open(args):
     try:
         return Netlink(netns=fd)
     except OSError as e:
+        if e.errno == 22:   # EINVAL from setns: e.g. a regular file
+            raise CNIError(errors.INVALID_ENV, "%r is not a network namespace" % args.netns) from None
         raise CNIError(errors.INVALID_ENV, "failed to open netns %r: %s" % (args.netns, e.strerror)) from None
     finally:
         os.close(fd)
@@ -64,5 +66,5 @@ COMMANDS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check}
 
 
 def main():
-    from cni.skel import plugin_main
-    plugin_main(COMMANDS, about="podnet loopback plugin")
+    from cni.skel import run_plugin
+    run_plugin(COMMANDS, about="podnet loopback plugin")

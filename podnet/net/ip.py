@@ -44,6 +44,10 @@ class IP:
         return self.__add__(-n)
 
     def __str__(self):
+        if self.family == AF_INET6 and 0xFFFF < self.value <= 0xFFFFFFFF:
+            # glibc prints ::/96 in the deprecated IPv4-compatible form
+            # (::1.2.3.4); RFC 5952, Go and `ipaddress` write hex (::102:304).
+            return "::%x:%x" % (self.value >> 16, self.value & 0xFFFF)
         return inet_ntop(self.family, self.packed())
 
     def __repr__(self):
@@ -148,9 +152,12 @@ def parse_cidr(text):
         raise ValueError("invalid CIDR address %r" % (text,))
     addr, _, plen = text.partition("/")
     ip = parse_ip(addr)
-    if not plen.isdigit() or len(plen) > 3 or int(plen) > ip.bits:
+    # ASCII digits only (str.isdigit also takes '٢٤' and '²'); leading zeros
+    # are fine, as for Go's net.ParseCIDR ("/024", "/0024").
+    digits = plen.lstrip("0") or "0"
+    if not (plen.isascii() and plen.isdigit()) or len(digits) > 3 or int(digits) > ip.bits:
         raise ValueError("invalid CIDR address %r" % text)
-    return IPNet(ip, int(plen))
+    return IPNet(ip, int(digits))
 
 
 def parse_net(text):

@@ -13,7 +13,8 @@ class IptablesError(RuntimeError):
 
 
 def _tool(name, ipv6):
-    return ("ip6" + name) if ipv6 else name
+    """iptables-save -> ip6tables-save (not "ip6iptables-save") for IPv6."""
+    return ("ip6" + name[2:]) if ipv6 else name
 
 
 def save(table, ipv6=False):

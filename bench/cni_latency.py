@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""CNI latency: podnet's plugins beside the reference Go plugins, in one run.
+
+    sudo .venv/bin/python bench/cni_latency.py [--runs 40] [--no-masq]
+
+Two node namespaces (one per implementation) in a podnet Lab; for each run a
+fresh pod namespace per implementation gets ADD, then DEL, interleaved ours /
+reference so that machine noise hits both alike. Plugins are started straight
+inside the node namespace (setns between fork and exec), so neither side pays
+`ip netns exec`. The config is the ANCHORS.md one: bridge + host-local, ipMasq
+on, spec 1.0.0. Prints a Markdown table for docs/performance.md.
+"""
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cni.executable import install  # noqa: E402
+from cni.fastjson import dumps  # noqa: E402
+from podnet.cluster import Lab  # noqa: E402
+from podnet.net.netns import open_netns, setns  # noqa: E402
+
+REF_DIR = "/usr/lib/cni"
+
+
+def config(data_dir, masq):
+    return {"cniVersion": "1.0.0", "name": "bench", "type": "bridge", "bridge": "cni0",
+            "isGateway": True, "ipMasq": masq,
+            "ipam": {"type": "host-local", "subnet": "10.88.0.0/16", "dataDir": data_dir,
+                     "routes": [{"dst": "0.0.0.0/0"}]}}
+
+
+def timed(node_path, plugin, command, container_id, netns_path, stdin, cni_path):
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CNI_COMMAND": command,
+           "CNI_CONTAINERID": container_id, "CNI_NETNS": netns_path, "CNI_IFNAME": "eth0",
+           "CNI_PATH": cni_path}
+    fd = open_netns(node_path)
+    try:
+        start = time.perf_counter()
+        proc = subprocess.run([plugin], input=stdin, env=env, capture_output=True,
+                              preexec_fn=lambda: setns(fd), pass_fds=(fd,))
+        elapsed = (time.perf_counter() - start) * 1000
+    finally:
+        os.close(fd)
+    if proc.returncode != 0:
+        raise SystemExit("%s %s failed: %s %s" % (plugin, command, proc.stdout, proc.stderr))
+    return elapsed
+
+
+def summary(samples):
+    s = sorted(samples)
+    return statistics.median(s), s[min(len(s) - 1, int(round(0.9 * (len(s) - 1))))]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=40)
+    parser.add_argument("--no-masq", action="store_true", help="ipMasq off")
+    opts = parser.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("needs root (creates network namespaces)")
+    if not os.path.exists(os.path.join(REF_DIR, "bridge")):
+        raise SystemExit("reference plugins missing: apt-get install containernetworking-plugins")
+
+    results = {}
+    with Lab(prefix="pnb") as lab:
+        ours_bin = os.path.join(lab.workdir, "bin")
+        install(ours_bin, "/usr/bin/python3")
+        impls = {
+            "podnet": (ours_bin, lab.namespace("ours")),
+            "reference": (REF_DIR, lab.namespace("ref")),
+        }
+        for name, (bin_dir, node) in impls.items():
+            conf = dumps(config(os.path.join(lab.workdir, name), not opts.no_masq)).encode()
+            impls[name] = (bin_dir, node, conf)
+            results[name] = {"ADD": [], "DEL": [], "VERSION": []}
+        for i in range(opts.runs):
+            pods = {}
+            for name, (bin_dir, node, conf) in impls.items():
+                pod = lab.pod_netns("%s%d" % (name[:3], i))
+                pods[name] = pod
+                results[name]["ADD"].append(timed(node.path, os.path.join(bin_dir, "bridge"), "ADD",
+                                                  "c%d" % i, pod.path, conf, bin_dir))
+            for name, (bin_dir, node, conf) in impls.items():
+                results[name]["DEL"].append(timed(node.path, os.path.join(bin_dir, "bridge"), "DEL",
+                                                  "c%d" % i, pods[name].path, conf, bin_dir))
+                results[name]["VERSION"].append(timed(node.path, os.path.join(bin_dir, "bridge"),
+                                                      "VERSION", "c%d" % i, pods[name].path, b"{}", bin_dir))
+
+    print("bridge + host-local, ipMasq %s, spec 1.0.0, %d runs each, interleaved"
+          % ("off" if opts.no_masq else "on", opts.runs))
+    print()
+    print("| operation | podnet median | podnet p90 | reference median | reference p90 | ratio (medians) |")
+    print("|---|---|---|---|---|---|")
+    for op in ("ADD", "DEL", "VERSION"):
+        om, op90 = summary(results["podnet"][op])
+        rm, rp90 = summary(results["reference"][op])
+        print("| %s | %.1f ms | %.1f ms | %.1f ms | %.1f ms | %.2fx |" % (op, om, op90, rm, rp90, om / rm))
+
+
+if __name__ == "__main__":
+    main()

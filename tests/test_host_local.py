@@ -1,0 +1,543 @@
+"""host-local: the on-disk store, the plugin commands, the executable, and the
+reference plugin side by side. No root needed; every store lives in tmp_path."""
+import fcntl
+import json
+import os
+import subprocess
+
+import pytest
+
+from cni import errors, executable, skel
+from cni.errors import CNIError
+from cni.types import to_version
+from ipam import host_local
+from ipam.store import Store
+from podnet.net.ip import parse_ip
+
+PYTHON = "/usr/bin/python3"
+REFERENCE = "/usr/lib/cni/host-local"
+NET = "testnet"
+
+
+def netconf(data_dir, version="1.0.0", name=NET, **ipam):
+    ipam.setdefault("type", "host-local")
+    ipam["dataDir"] = str(data_dir)
+    return {"cniVersion": version, "name": name, "type": "bridge", "ipam": ipam}
+
+
+def v4(data_dir, subnet="10.1.0.0/24", **kw):
+    return netconf(data_dir, subnet=subnet, **kw)
+
+
+def env_for(command, cid="c1", ifname="eth0", cni_args="", path="/nonexistent"):
+    env = {"CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_NETNS": "/dev/null",
+           "CNI_IFNAME": ifname, "CNI_PATH": path}
+    if cni_args:
+        env["CNI_ARGS"] = cni_args
+    return env
+
+
+def call(command, conf, **kw):
+    """Run one command in-process, as cni.invoke does for the bridge plugin."""
+    args = skel.args_from_env(env_for(command, **kw), json.dumps(conf).encode())
+    return host_local.COMMANDS[command](args)
+
+
+def add(conf, cid="c1", **kw):
+    return call("ADD", conf, cid=cid, **kw)
+
+
+def addresses(result):
+    return [ip["address"] for ip in result["ips"]]
+
+
+def store_files(data_dir, name=NET):
+    d = os.path.join(str(data_dir), name)
+    out = {}
+    for f in sorted(os.listdir(d)):
+        if f != "lock":
+            with open(os.path.join(d, f), "rb") as fh:
+                out[f] = fh.read()
+    return out
+
+
+# == store ===================================================================
+
+def test_store_file_format_is_byte_for_byte_the_reference(tmp_path):
+    store = Store(NET, str(tmp_path))
+    with store:
+        assert store.reserve(parse_ip("10.1.0.2"), "cid", "eth0")
+        assert not store.reserve(parse_ip("10.1.0.2"), "other", "eth0")
+        assert store.reserve(parse_ip("fd00::2"), "cid", "eth0")
+        store.set_last_reserved(0, parse_ip("10.1.0.2"))
+        store.set_last_reserved(1, parse_ip("fd00::2"))
+    d = tmp_path / NET
+    assert (d / "10.1.0.2").read_bytes() == b"cid\r\neth0"
+    assert (d / "fd00::2").read_bytes() == b"cid\r\neth0"
+    assert (d / "last_reserved_ip.0").read_bytes() == b"10.1.0.2"
+    assert (d / "last_reserved_ip.1").read_bytes() == b"fd00::2"
+    assert (d / "lock").exists()
+    assert oct((d / "10.1.0.2").stat().st_mode & 0o777) == "0o644"
+    assert store.last_reserved(1) == parse_ip("fd00::2")
+    assert store.last_reserved(7) is None
+
+
+def test_store_lock_is_an_exclusive_flock(tmp_path):
+    store = Store(NET, str(tmp_path))
+    store.lock()
+    fd = os.open(str(tmp_path / NET / "lock"), os.O_RDONLY)
+    try:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        store.unlock()
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # free now
+    finally:
+        os.close(fd)
+
+
+def test_store_lock_blocks_another_process(tmp_path):
+    store = Store(NET, str(tmp_path))
+    probe = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+             "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)")
+    lock = str(tmp_path / NET / "lock")
+    with store:
+        assert subprocess.run([PYTHON, "-c", probe, lock], capture_output=True).returncode != 0
+    assert subprocess.run([PYTHON, "-c", probe, lock], capture_output=True).returncode == 0
+
+
+def test_store_release_by_id_and_legacy_files(tmp_path):
+    store = Store(NET, str(tmp_path))
+    d = tmp_path / NET
+    with store:
+        store.reserve(parse_ip("10.1.0.2"), "a", "eth0")
+        store.reserve(parse_ip("10.1.0.3"), "a", "eth1")
+        store.reserve(parse_ip("fd00::2"), "a", "eth0")
+        store.set_last_reserved(0, parse_ip("10.1.0.3"))
+        (d / "10.1.0.9").write_bytes(b"a\n")          # legacy: container ID only
+        (d / "10.1.0.10").write_bytes(b"legacy")
+        (d / "not-an-ip").write_bytes(b"a\r\neth0")
+        os.mkdir(str(d / "10.1.0.11"))
+        assert sorted(store.release_by_id("a", "eth0")) == ["10.1.0.2", "fd00::2"]
+        # Exact matches exist for eth1, so the legacy file stays.
+        assert store.release_by_id("a", "eth1") == ["10.1.0.3"]
+        # Nothing left naming an interface: legacy files of the container go.
+        assert store.release_by_id("a", "eth0") == ["10.1.0.9"]
+        assert store.release_by_id("legacy", "eth5") == ["10.1.0.10"]
+        assert store.release_by_id("nobody", "eth0") == []
+    assert sorted(os.listdir(str(d))) == ["10.1.0.11", "last_reserved_ip.0", "lock", "not-an-ip"]
+
+
+def test_store_allocations_reads_owners(tmp_path):
+    store = Store(NET, str(tmp_path))
+    with store:
+        store.reserve(parse_ip("10.1.0.2"), "a", "eth0")
+        (tmp_path / NET / "10.1.0.3").write_bytes(b"  b \r\n")
+        got = sorted((a.name, a.container_id, a.ifname) for a in store.allocations())
+    assert got == [("10.1.0.2", "a", "eth0"), ("10.1.0.3", "b", None)]
+
+
+def test_store_gc(tmp_path):
+    store = Store(NET, str(tmp_path))
+    d = tmp_path / NET
+    with store:
+        store.reserve(parse_ip("10.0.0.1"), "keep", "eth0")
+        store.reserve(parse_ip("10.0.0.2"), "keep", "eth1")     # same container, other interface
+        store.reserve(parse_ip("10.0.0.3"), "gone", "eth0")
+        store.set_last_reserved(0, parse_ip("10.0.0.3"))
+        (d / "10.0.0.9").write_bytes(b"keep")                  # legacy, container still valid
+        (d / "10.0.0.10").write_bytes(b"stale")                # legacy, container gone
+        released = store.gc({("keep", "eth0")})
+    assert sorted(released) == ["10.0.0.10", "10.0.0.2", "10.0.0.3"]
+    assert sorted(os.listdir(str(d))) == ["10.0.0.1", "10.0.0.9", "last_reserved_ip.0", "lock"]
+    with store:
+        assert sorted(store.gc(set())) == ["10.0.0.1", "10.0.0.9"]
+        assert store.reserve(parse_ip("10.0.0.1"), "new", "eth0")
+
+
+def test_store_garbage_last_reserved_is_ignored(tmp_path):
+    store = Store(NET, str(tmp_path))
+    with store:
+        pass
+    (tmp_path / NET / "last_reserved_ip.0").write_bytes(b"10.1.0")
+    assert store.last_reserved(0) is None
+
+
+# == plugin commands, in-process ============================================
+
+def test_add_result_shape(tmp_path):
+    conf = v4(tmp_path, routes=[{"dst": "0.0.0.0/0"}, {"dst": "10.9.0.0/16", "gw": "10.1.0.254"}])
+    result = add(conf)
+    assert result == {
+        "interfaces": [],
+        "ips": [{"address": "10.1.0.2/24", "gateway": "10.1.0.1"}],
+        "routes": [{"dst": "0.0.0.0/0"}, {"dst": "10.9.0.0/16", "gw": "10.1.0.254"}],
+        "dns": {},
+    }
+    assert to_version(result, "1.0.0") == {
+        "cniVersion": "1.0.0", "ips": [{"address": "10.1.0.2/24", "gateway": "10.1.0.1"}],
+        "routes": [{"dst": "0.0.0.0/0"}, {"dst": "10.9.0.0/16", "gw": "10.1.0.254"}], "dns": {}}
+    assert store_files(tmp_path) == {"10.1.0.2": b"c1\r\neth0", "last_reserved_ip.0": b"10.1.0.2"}
+
+
+def test_add_round_robin_across_calls(tmp_path):
+    conf = v4(tmp_path, subnet="10.1.0.0/29")
+    assert [addresses(add(conf, cid="c%d" % i))[0] for i in range(3)] == \
+        ["10.1.0.2/29", "10.1.0.3/29", "10.1.0.4/29"]
+    call("DEL", conf, cid="c0")
+    # .2 is free again, but round-robin goes on from .4 and wraps later.
+    assert addresses(add(conf, cid="c3")) == ["10.1.0.5/29"]
+    assert addresses(add(conf, cid="c4")) == ["10.1.0.6/29"]
+    assert addresses(add(conf, cid="c5")) == ["10.1.0.2/29"]
+    with pytest.raises(CNIError) as e:
+        add(conf, cid="c6")
+    assert e.value.code == errors.NO_ADDRESSES
+    assert e.value.msg == ("failed to allocate for range 0: "
+                           "no IP addresses available in range set: 10.1.0.1-10.1.0.6")
+
+
+def test_add_is_idempotent(tmp_path):
+    conf = netconf(tmp_path, ranges=[[{"subnet": "10.1.0.0/24"}], [{"subnet": "fd00::/64"}]])
+    first = add(conf)
+    assert add(conf) == first
+    assert addresses(add(conf, ifname="eth1")) == ["10.1.0.3/24", "fd00::3/64"]   # another attachment
+    assert sorted(store_files(tmp_path)) == ["10.1.0.2", "10.1.0.3", "fd00::2", "fd00::3",
+                                             "last_reserved_ip.0", "last_reserved_ip.1"]
+
+
+def test_add_idempotent_completes_a_half_allocation(tmp_path):
+    # c1 holds only a v4 address (e.g. the v6 range set was added to the config later).
+    add(v4(tmp_path))
+    conf = netconf(tmp_path, ranges=[[{"subnet": "10.1.0.0/24"}], [{"subnet": "fd00::/64"}]])
+    assert addresses(add(conf)) == ["10.1.0.2/24", "fd00::2/64"]
+
+
+def test_add_rolls_back_earlier_range_sets_on_failure(tmp_path):
+    conf = netconf(tmp_path, ranges=[[{"subnet": "10.1.0.0/24"}], [{"subnet": "10.2.0.0/30"}]])
+    add(conf, cid="a")                      # takes the only address of the second set
+    with pytest.raises(CNIError) as e:
+        add(conf, cid="b")
+    assert e.value.code == errors.NO_ADDRESSES
+    assert "failed to allocate for range 1" in e.value.msg
+    assert sorted(store_files(tmp_path)) == ["10.1.0.2", "10.2.0.2",
+                                             "last_reserved_ip.0", "last_reserved_ip.1"]
+
+
+def test_requested_ip_from_cni_args(tmp_path):
+    conf = v4(tmp_path)
+    assert addresses(add(conf, cni_args="IgnoreUnknown=1;K8S_POD_NAME=x;IP=10.1.0.9")) == ["10.1.0.9/24"]
+    with pytest.raises(CNIError) as e:
+        add(conf, cid="c2", cni_args="IP=10.1.0.9")
+    assert e.value.code == errors.NO_ADDRESSES
+    assert e.value.msg == ("failed to allocate for range 0: requested IP address 10.1.0.9 is not "
+                           "available in range set 10.1.0.1-10.1.0.254")
+    with pytest.raises(CNIError) as e:
+        add(conf, cid="c3", cni_args="IP=bogus")
+    assert e.value.code == errors.INVALID_ENV
+    # Round-robin continues after a requested address, as in the reference.
+    assert addresses(add(conf, cid="c4")) == ["10.1.0.10/24"]
+
+
+def test_requested_ips_from_args_and_runtime_config(tmp_path):
+    conf = netconf(tmp_path, ranges=[[{"subnet": "10.1.0.0/24"}], [{"subnet": "fd00::/64"}]])
+    conf["args"] = {"cni": {"ips": ["fd00::50"]}}
+    conf["runtimeConfig"] = {"ips": ["10.1.0.50/24"]}
+    assert addresses(add(conf)) == ["10.1.0.50/24", "fd00::50/64"]
+
+
+def test_requested_ip_errors(tmp_path):
+    conf = v4(tmp_path)
+    cases = [
+        ("IP=10.1.0.1", errors.INVALID_NETCONF, "requested ip 10.1.0.1 is subnet's gateway"),
+        ("IP=10.2.0.1", errors.INVALID_NETCONF, "failed to allocate all requested IPs: 10.2.0.1"),
+        ("IP=10.1.0.255", errors.INVALID_NETCONF, "failed to allocate all requested IPs: 10.1.0.255"),
+    ]
+    for cni_args, code, msg in cases:
+        with pytest.raises(CNIError) as e:
+            add(conf, cni_args=cni_args)
+        assert (e.value.code, msg in e.value.msg) == (code, True), e.value
+    explicit = v4(tmp_path, name="n2", rangeStart="10.1.0.0", rangeEnd="10.1.0.255")
+    with pytest.raises(CNIError) as e:
+        add(explicit, cni_args="IP=10.1.0.255")
+    assert "requested ip 10.1.0.255 is the broadcast address of 10.1.0.0/24" in e.value.msg
+    two = dict(conf, runtimeConfig={"ips": ["10.1.0.7", "10.1.0.8"]})
+    with pytest.raises(CNIError) as e:
+        add(two)
+    assert e.value.msg == "failed to allocate all requested IPs: 10.1.0.8"
+    assert list(store_files(tmp_path)) == ["last_reserved_ip.0"]   # no address half-made
+    bad = dict(conf, runtimeConfig={"ips": ["nope"]})
+    with pytest.raises(CNIError) as e:
+        add(bad)
+    assert (e.value.code, e.value.msg) == (errors.INVALID_NETCONF,
+                                           "cannot understand ip: invalid IP address: nope")
+
+
+def test_requested_ip_conflicting_with_held_address(tmp_path):
+    conf = v4(tmp_path)
+    add(conf)
+    assert addresses(add(conf, cni_args="IP=10.1.0.2")) == ["10.1.0.2/24"]
+    with pytest.raises(CNIError) as e:
+        add(conf, cni_args="IP=10.1.0.3")
+    assert "conflicts with 10.1.0.2" in e.value.msg
+
+
+def test_resolv_conf(tmp_path):
+    rc = tmp_path / "resolv.conf"
+    rc.write_text("# comment\n; other\nnameserver 1.1.1.1\nnameserver fd00::53\n"
+                  "domain example.com\nsearch a.example b.example\noptions ndots:5 edns0\nbogus\n")
+    result = add(v4(tmp_path, resolvConf=str(rc)))
+    assert result["dns"] == {"nameservers": ["1.1.1.1", "fd00::53"], "domain": "example.com",
+                             "search": ["a.example", "b.example"], "options": ["ndots:5", "edns0"]}
+    with pytest.raises(CNIError) as e:
+        add(v4(tmp_path, resolvConf=str(tmp_path / "missing")), cid="c2")
+    assert e.value.code == errors.IO_FAILURE
+
+
+@pytest.mark.parametrize("conf,message", [
+    ({"cniVersion": "1.0.0", "name": NET}, "IPAM config missing 'ipam' key"),
+    ({"cniVersion": "1.0.0", "name": NET, "ipam": []}, "ipam must be an object"),
+    ({"cniVersion": "1.0.0", "name": NET, "ipam": {"subnet": "10.1.0.0/24", "routes": [{"dst": "x"}]}},
+     "invalid CIDR address: x"),
+    ({"cniVersion": "1.0.0", "name": NET,
+      "ipam": {"subnet": "10.1.0.0/24", "routes": [{"dst": "10.0.0.0/8", "gw": "y"}]}},
+     "invalid IP address: y"),
+    ({"cniVersion": "1.0.0", "name": NET, "ipam": {"subnet": "10.1.0.0/24", "dataDir": 5}},
+     "ipam.dataDir must be a string"),
+])
+def test_invalid_config(conf, message):
+    with pytest.raises(CNIError) as e:
+        call("ADD", conf)
+    assert e.value.code == errors.INVALID_NETCONF
+    assert message in e.value.msg
+
+
+def test_del_is_idempotent_and_does_not_create_the_store(tmp_path):
+    conf = v4(tmp_path / "data")
+    assert call("DEL", conf) is None
+    assert not (tmp_path / "data").exists()
+    add(conf)
+    add(conf, cid="c2")
+    call("DEL", conf)
+    call("DEL", conf)
+    assert sorted(store_files(tmp_path / "data")) == ["10.1.0.3", "last_reserved_ip.0"]
+
+
+def test_check(tmp_path):
+    conf = v4(tmp_path)
+    with pytest.raises(CNIError) as e:
+        call("CHECK", conf)
+    assert e.value.msg == "host-local: Failed to find address added by container c1"
+    add(conf)
+    assert call("CHECK", conf) is None
+    with pytest.raises(CNIError):
+        call("CHECK", conf, ifname="eth1")
+
+
+def test_gc(tmp_path):
+    conf = netconf(tmp_path, version="1.1.0", ranges=[[{"subnet": "10.1.0.0/24"}], [{"subnet": "fd00::/64"}]])
+    for cid in ("a", "b", "c"):
+        add(conf, cid=cid)
+    gc = dict(conf)
+    gc["cni.dev/valid-attachments"] = [{"containerID": "b", "ifname": "eth0"},
+                                       {"containerID": "a", "ifname": "eth9"}]
+    call("GC", gc)
+    assert sorted(store_files(tmp_path)) == ["10.1.0.3", "fd00::3",
+                                             "last_reserved_ip.0", "last_reserved_ip.1"]
+    gc["cni.dev/valid-attachments"] = "nope"
+    with pytest.raises(CNIError) as e:
+        call("GC", gc)
+    assert e.value.code == errors.INVALID_NETCONF
+    gc["cni.dev/valid-attachments"] = []
+    call("GC", gc)
+    assert sorted(store_files(tmp_path)) == ["last_reserved_ip.0", "last_reserved_ip.1"]
+
+
+def test_gc_and_status_need_spec_1_1(tmp_path):
+    with pytest.raises(CNIError) as e:
+        call("GC", v4(tmp_path))
+    assert e.value.code == errors.INCOMPATIBLE_VERSION
+
+
+def test_status(tmp_path):
+    assert call("STATUS", v4(tmp_path / "fresh", version="1.1.0")) is None
+    assert (tmp_path / "fresh" / NET / "lock").exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(CNIError) as e:
+        call("STATUS", v4(blocker, version="1.1.0"))
+    assert e.value.code == errors.LIMITED_CONNECTIVITY
+
+
+# == the executable ==========================================================
+
+@pytest.fixture
+def plugin(tmp_path):
+    return executable.install(str(tmp_path / "bin"), PYTHON, ["host-local"])[0]
+
+
+def run(binary, command, conf, cid="c1", ifname="eth0", cni_args=""):
+    env = dict(os.environ)
+    env.update(env_for(command, cid, ifname, cni_args, path=os.path.dirname(binary)))
+    proc = subprocess.run([binary], input=json.dumps(conf).encode(), env=env, capture_output=True)
+    out = json.loads(proc.stdout) if proc.stdout.strip() else None
+    return proc.returncode, out
+
+
+def test_executable_add_del_check(plugin, tmp_path):
+    conf = netconf(tmp_path / "d", ranges=[[{"subnet": "10.22.0.0/16"}]], routes=[{"dst": "0.0.0.0/0"}])
+    assert run(plugin, "ADD", conf) == (0, {
+        "cniVersion": "1.0.0", "ips": [{"address": "10.22.0.2/16", "gateway": "10.22.0.1"}],
+        "routes": [{"dst": "0.0.0.0/0"}], "dns": {}})
+    assert run(plugin, "CHECK", conf) == (0, None)
+    assert run(plugin, "DEL", conf) == (0, None)
+    assert run(plugin, "CHECK", conf) == (1, {
+        "cniVersion": "1.0.0", "code": 999,
+        "msg": "host-local: Failed to find address added by container c1"})
+
+
+def test_executable_errors(plugin, tmp_path):
+    rc, out = run(plugin, "ADD", v4(tmp_path, subnet="10.1.0.0/31"))
+    assert rc == 1
+    assert out == {"cniVersion": "1.0.0", "code": errors.INVALID_NETCONF,
+                   "msg": "invalid range set 0: Network 10.1.0.0/31 too small to allocate from"}
+    conf = v4(tmp_path, subnet="10.1.0.0/30", version="0.4.0")
+    assert run(plugin, "ADD", conf)[0] == 0
+    rc, out = run(plugin, "ADD", conf, cid="c2")
+    assert (rc, out["cniVersion"], out["code"]) == (1, "0.4.0", errors.NO_ADDRESSES)
+
+
+def test_executable_old_versions(plugin, tmp_path):
+    conf = netconf(tmp_path, version="0.2.0", ranges=[[{"subnet": "10.1.0.0/24"}], [{"subnet": "fd00::/64"}]])
+    assert run(plugin, "ADD", conf) == (0, {
+        "cniVersion": "0.2.0", "ip4": {"ip": "10.1.0.2/24", "gateway": "10.1.0.1"},
+        "ip6": {"ip": "fd00::2/64", "gateway": "fd00::1"}, "dns": {}})
+
+
+def race(binaries, conf, count):
+    """Start `count` ADDs at once (cycling through `binaries`); (address or None, output) each."""
+    stdin = json.dumps(conf).encode()
+    procs = []
+    for i in range(count):
+        binary = binaries[i % len(binaries)]
+        env = dict(os.environ)
+        env.update(env_for("ADD", cid="race%d" % i, path=os.path.dirname(binary)))
+        procs.append(subprocess.Popen([binary], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, env=env))
+    out = []
+    for p in procs:
+        stdout, _ = p.communicate(stdin)
+        result = json.loads(stdout)
+        out.append((result["ips"][0]["address"] if p.returncode == 0 else None, result))
+    return out
+
+
+def test_concurrent_adds_get_distinct_addresses(plugin, tmp_path):
+    # 55 containers race for 50 addresses (10.1.0.2 - 10.1.0.51).
+    results = race([plugin], v4(tmp_path, rangeEnd="10.1.0.51"), 55)
+    got = [addr for addr, _ in results if addr]
+    failed = [out for addr, out in results if not addr]
+    assert len(got) == 50 and len(set(got)) == 50
+    assert {f["code"] for f in failed} == {errors.NO_ADDRESSES} and len(failed) == 5
+    files = store_files(tmp_path)
+    assert len({files[a.split("/")[0]] for a in got}) == 50      # 50 different owners
+
+
+@pytest.mark.skipif(not os.access(REFERENCE, os.X_OK), reason="reference host-local not installed")
+def test_concurrent_adds_mixed_with_the_reference(plugin, tmp_path):
+    # Both plugins flock the same lock file, so they exclude each other too.
+    results = race([plugin, REFERENCE], v4(tmp_path), 50)
+    got = [addr for addr, _ in results]
+    assert None not in got and len(set(got)) == 50
+    assert len(store_files(tmp_path)) == 51                      # + last_reserved_ip.0
+
+
+# == side by side with the reference plugin ==================================
+
+needs_reference = pytest.mark.skipif(not os.access(REFERENCE, os.X_OK),
+                                     reason="reference host-local not installed")
+
+SIDE_BY_SIDE = {
+    "v4": dict(subnet="10.22.0.0/16", routes=[{"dst": "0.0.0.0/0"}]),
+    "v6": dict(subnet="fd00:10::/64", routes=[{"dst": "::/0"}]),
+    "dual": dict(ranges=[[{"subnet": "10.1.0.0/24"}], [{"subnet": "fd00::/120", "rangeEnd": "fd00::10"}]],
+                 routes=[{"dst": "0.0.0.0/0"}, {"dst": "::/0", "gw": "fd00::1"}]),
+    "start-end": dict(ranges=[[{"subnet": "10.1.0.0/24", "rangeStart": "10.1.0.100",
+                                "rangeEnd": "10.1.0.102", "gateway": "10.1.0.101"}]]),
+    "multi-range": dict(ranges=[[{"subnet": "10.1.0.0/30"}, {"subnet": "10.2.0.0/29", "rangeStart": "10.2.0.5"}]]),
+    "legacy+ranges": dict(subnet="10.3.0.0/24", rangeStart="10.3.0.7",
+                          ranges=[[{"subnet": "10.4.0.0/24"}]]),
+}
+
+
+@needs_reference
+@pytest.mark.parametrize("version", ["0.3.1", "0.4.0", "1.0.0"])
+@pytest.mark.parametrize("name", sorted(SIDE_BY_SIDE))
+def test_same_results_as_reference(plugin, tmp_path, name, version):
+    """Same sequence of ADD/DEL on empty stores: same output, same files."""
+    steps = [("ADD", "c1"), ("ADD", "c2"), ("ADD", "c3"), ("DEL", "c1"), ("ADD", "c4"),
+             ("ADD", "c5"), ("ADD", "c6"), ("ADD", "c7")]
+    stores = {}
+    outputs = {}
+    for who, binary in (("ref", REFERENCE), ("ours", plugin)):
+        conf = netconf(tmp_path / who, version=version, **SIDE_BY_SIDE[name])
+        outputs[who] = [run(binary, cmd, conf, cid=cid) for cmd, cid in steps]
+        stores[who] = store_files(tmp_path / who)
+    for (cmd, cid), ref, ours in zip(steps, outputs["ref"], outputs["ours"]):
+        if ref[0] != 0:     # both fail when exhausted; codes differ (999 vs 100), texts match
+            assert ours[0] == 1 and ours[1]["msg"] == ref[1]["msg"], (cmd, cid)
+        else:
+            assert ours == ref, (cmd, cid)
+    assert stores["ours"] == stores["ref"]
+
+
+@needs_reference
+@pytest.mark.parametrize("conf_ipam,message", [
+    (dict(subnet="10.1.0.0/31"), "invalid range set 0: Network 10.1.0.0/31 too small to allocate from"),
+    (dict(subnet="10.1.0.5/24"), "invalid range set 0: Network has host bits set"),
+    (dict(ranges=[[{"subnet": "10.1.0.0/24"}], [{"subnet": "10.1.0.0/25"}]]), "range set 0 overlaps with 1"),
+    (dict(ranges=[[{"subnet": "10.1.0.0/24"}, {"subnet": "fd00::/64"}]]), "invalid range set 0: mixed address families"),
+    (dict(ranges=[]), "no IP ranges specified"),
+])
+def test_same_errors_as_reference(plugin, tmp_path, conf_ipam, message):
+    conf = netconf(tmp_path, **conf_ipam)
+    ref_rc, ref = run(REFERENCE, "ADD", conf)
+    rc, ours = run(plugin, "ADD", conf)
+    assert (ref_rc, rc) == (1, 1)
+    assert message in ref["msg"] and message in ours["msg"]
+    assert ours["code"] == errors.INVALID_NETCONF
+
+
+@needs_reference
+def test_reads_a_store_written_by_the_reference(plugin, tmp_path):
+    conf = netconf(tmp_path, ranges=[[{"subnet": "10.1.0.0/24"}], [{"subnet": "fd00::/64"}]])
+    ref_rc, ref = run(REFERENCE, "ADD", conf, cid="r1")
+    run(REFERENCE, "ADD", conf, cid="r2")
+    assert ref_rc == 0
+    # Our ADD for the same attachment hands back the reference's addresses...
+    assert run(plugin, "ADD", conf, cid="r1") == (0, ref)
+    assert run(plugin, "CHECK", conf, cid="r2") == (0, None)
+    # ...a new one continues the reference's round-robin...
+    assert run(plugin, "ADD", conf, cid="o1")[1]["ips"] == [
+        {"address": "10.1.0.4/24", "gateway": "10.1.0.1"}, {"address": "fd00::4/64", "gateway": "fd00::1"}]
+    # ...our DEL releases what the reference allocated, and the reference sees it.
+    assert run(plugin, "DEL", conf, cid="r1") == (0, None)
+    assert "10.1.0.2" not in store_files(tmp_path)
+    assert run(REFERENCE, "CHECK", conf, cid="r1")[0] == 1
+    # And the other way round: the reference reads and releases ours.
+    assert run(REFERENCE, "CHECK", conf, cid="o1") == (0, None)
+    assert run(REFERENCE, "ADD", conf, cid="r3")[1]["ips"][0]["address"] == "10.1.0.5/24"
+    assert run(REFERENCE, "DEL", conf, cid="o1") == (0, None)
+    assert sorted(store_files(tmp_path)) == ["10.1.0.3", "10.1.0.5", "fd00::3", "fd00::5",
+                                             "last_reserved_ip.0", "last_reserved_ip.1"]
+
+
+@needs_reference
+def test_legacy_file_released_like_the_reference(plugin, tmp_path):
+    for who, binary in (("ref", REFERENCE), ("ours", plugin)):
+        c = v4(tmp_path / who)
+        d = tmp_path / who / NET
+        d.mkdir(parents=True)
+        (d / "10.1.0.7").write_bytes(b"old\n")
+        assert run(binary, "CHECK", c, cid="old") == (0, None)
+        assert run(binary, "DEL", c, cid="old") == (0, None)
+        assert not (d / "10.1.0.7").exists()
+
