@@ -13,6 +13,7 @@ PLUGINS = {
     "bridge": "cni.plugins.bridge",
     "loopback": "cni.plugins.loopback",
     "host-local": "ipam.host_local",
+    "flannel": "cni.plugins.flannel",
 }
 
 MARKER = "# podnet-cni-plugin "

@@ -36,36 +36,49 @@ def delegate(plugin_type, command, args, netconf=None):
         stdin = bytes(netconf)
     else:
         stdin = dumps(netconf).encode()
-    path = find(plugin_type, args.path)
-    from cni.executable import ROOT, read_marker
-    marker = read_marker(path)
-    if marker and marker[1] == ROOT:
-        return _in_process(marker[0], command, args, stdin)
-    return _execute(path, command, args, stdin)
+    env = cni_env(command, args.container_id, args.netns, args.ifname, args.args, args.path)
+    return execute(find(plugin_type, args.path), command, stdin, env)
 
 
-def _env_for(command, args):
+def cni_env(command, container_id, netns, ifname, cni_args, path_dirs):
+    """The process environment a plugin is run with: ours plus the CNI_* variables."""
     env = dict(os.environ)
-    env.update({"CNI_COMMAND": command, "CNI_CONTAINERID": args.container_id,
-                "CNI_NETNS": args.netns, "CNI_IFNAME": args.ifname, "CNI_ARGS": args.args,
-                "CNI_PATH": ":".join(args.path)})
+    env.update({"CNI_COMMAND": command, "CNI_CONTAINERID": container_id, "CNI_NETNS": netns,
+                "CNI_IFNAME": ifname, "CNI_ARGS": cni_args, "CNI_PATH": ":".join(path_dirs)})
     return env
 
 
-def _in_process(module, command, args, stdin):
+def execute(path, command, stdin, env, in_process=True):
+    """Run the plugin at `path`; in-process if it is one of ours and allowed."""
+    if in_process:
+        from cni.executable import ROOT, read_marker
+        marker = read_marker(path)
+        if marker and marker[1] == ROOT:
+            return _in_process(marker[0], command, env, stdin)
+    return _execute(path, command, env, stdin)
+
+
+def _in_process(module, command, env, stdin):
     from cni import skel
     mod = __import__(module, fromlist=["COMMANDS"])
-    sub = skel.args_from_env(_env_for(command, args), stdin)
-    result = skel.call(mod.COMMANDS, sub)
+    sub = skel.args_from_env(env, stdin)
+    try:
+        result = skel.call(mod.COMMANDS, sub)
+    except CNIError:
+        raise
+    except Exception as e:
+        # What the same plugin run as a process reports (skel.plugin_main), so
+        # callers handle a failing delegate the same way on both paths.
+        raise CNIError(errors.INTERNAL, "%s: %s" % (type(e).__name__, e)) from e
     if command != "ADD":
         return None
     # Round-trip through the callee's version as a separate process would.
     return from_version(to_version(result, sub.version), sub.version)
 
 
-def _execute(path, command, args, stdin):
+def _execute(path, command, env, stdin):
     from podnet.proc import run
-    proc = run([path], stdin, env=_env_for(command, args))
+    proc = run([path], stdin, env=env)
     if proc.returncode != 0:
         raise _error_from(path, proc)
     if command != "ADD":

@@ -16,6 +16,49 @@ def cmd_install_cni(opts):
     return 0
 
 
+def cmd_cni(opts):
+    """Run a conflist against a network namespace, as a container runtime would."""
+    from cni import conflist
+    from cni.errors import CNIError
+    from cni.fastjson import dumps
+    from cni.types import LATEST, to_version
+    version = LATEST
+    try:
+        conf = conflist.load(opts.conflist)
+        version = conf.version
+        cid = opts.container_id or "podnet-" + _short_hash(opts.netns)
+        cap_args = {}
+        if opts.cap_args:
+            from cni.fastjson import loads
+            cap_args = loads(opts.cap_args)
+        args = [tuple(kv.split("=", 1)) for kv in opts.args.split(";") if kv] if opts.args else []
+        rt = conflist.RuntimeConf(cid, opts.netns, opts.ifname, args, cap_args, opts.cache_dir)
+        path = [d for d in opts.cni_path.split(":") if d]
+        if opts.action == "add":
+            print(dumps(to_version(conflist.add(conf, rt, path), conf.version), indent=4))
+        elif opts.action == "del":
+            conflist.delete(conf, rt, path)
+        elif opts.action == "check":
+            conflist.check(conf, rt, path)
+        elif opts.action == "gc":
+            valid = [tuple(a.split("/", 1)) for a in opts.valid or []]
+            conflist.gc(conf, valid, path)
+        elif opts.action == "status":
+            conflist.status(conf, path)
+        return 0
+    except CNIError as e:
+        print(dumps(e.to_dict(version), indent=4))
+        return 1
+    except ValueError as e:
+        print("podnet cni: %s" % e, file=sys.stderr)
+        return 2
+
+
+def _short_hash(text):
+    import hashlib
+    return hashlib.sha512(text.encode()).hexdigest()[:16]
+
+
 def cmd_demo(opts):
     from podnet.demo import run_demo
     return run_demo(pods=opts.pods, keep=opts.keep)
@@ -32,6 +75,19 @@ def main(argv=None):
                         "never a pyenv shim: it costs ~70 ms per call")
     p.add_argument("plugins", nargs="*", help="plugin names (default: all)")
     p.set_defaults(func=cmd_install_cni)
+
+    p = sub.add_parser("cni", help="run a CNI network config list against a netns (like cnitool)")
+    p.add_argument("action", choices=["add", "del", "check", "gc", "status"])
+    p.add_argument("netns", nargs="?", default="", help="network namespace path (not for gc/status)")
+    p.add_argument("--conflist", required=True, help="a .conflist (or single .conf) file")
+    p.add_argument("--ifname", default="eth0")
+    p.add_argument("--container-id", default="", help="default: derived from the netns path")
+    p.add_argument("--cni-path", default=os.environ.get("CNI_PATH", "/opt/cni/bin"))
+    p.add_argument("--cache-dir", default="/var/lib/cni", help="libcni-compatible result cache")
+    p.add_argument("--cap-args", default="", help='capability args as JSON, e.g. \'{"portMappings": [...]}\'')
+    p.add_argument("--args", default="", help="CNI_ARGS, K=V;K2=V2")
+    p.add_argument("--valid", action="append", help="gc: a valid attachment CONTAINERID/IFNAME (repeatable)")
+    p.set_defaults(func=cmd_cni)
 
     p = sub.add_parser("demo", help="build a node in network namespaces, attach pods, check connectivity")
     p.add_argument("--pods", type=int, default=3)

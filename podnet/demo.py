@@ -48,13 +48,13 @@ def run_demo(pods=3, keep=False):
                     return 1
             address = out.result["ips"][0]["address"].split("/")[0]
             gateway = out.result["ips"][0]["gateway"]
-            members.append((pod, cid, address))
+            members.append(("pod%d" % i, pod, cid, address))
             _step("pod%d: eth0 %s via bridge+host-local (ADD %.0f ms)" % (i, address, elapsed))
 
         print("connectivity (ping, 1 packet each):")
         failures = 0
-        targets = [("gateway", gateway)] + [(p.role, a) for p, _, a in members]
-        for pod, _, address in members:
+        targets = [("gateway", gateway)] + [(name, a) for name, _, _, a in members]
+        for pod_name, pod, _, address in members:
             row = []
             for name, target in targets:
                 if target == address:
@@ -62,11 +62,11 @@ def run_demo(pods=3, keep=False):
                 ok = pod.run(["ping", "-c1", "-W2", "-q", target], check=False).returncode == 0
                 failures += not ok
                 row.append("%s %s" % (name, "ok" if ok else "FAIL"))
-            _step("%s (%s) -> %s" % (pod.role, address, ", ".join(row)))
+            _step("%s (%s) -> %s" % (pod_name, address, ", ".join(row)))
 
         if keep:
             input("lab is up; press Enter to tear it down ")
-        for pod, cid, _ in members:
+        for _, pod, cid, _ in members:
             node.run_cni(os.path.join(bin_dir, "bridge"), "DEL", cid, pod.path, "eth0", conf, bin_dir)
         leftover = [l for l in node.link_names() if l.startswith("veth")]
         _step("after DEL: %d veths left in the node" % len(leftover))

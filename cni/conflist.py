@@ -1,0 +1,205 @@
+"""Running a network configuration list, as a container runtime does with libcni.
+
+A conflist is {"cniVersion", "name", "plugins": [...]}; ADD runs the plugins in
+order, each getting the list's name and version injected and the previous
+plugin's result as `prevResult`; DEL runs them in reverse with the cached ADD
+result as prevResult (spec >= 0.4.0); CHECK runs them in order with it.
+Plugins that declare `capabilities` get the matching runtime values
+(portMappings, ips, mac, bandwidth, ...) as `runtimeConfig`.
+
+The cache has libcni's layout and format, <cacheDir>/results/<net>-<id>-<ifname>
+holding {"kind": "cniCacheV1", ...}, so a runtime using libcni and this module
+can share it.
+
+This is the runtime side: plugins always run as separate processes here, the
+way kubelet/containerd would run them.
+"""
+import base64
+import os
+
+from cni import errors
+from cni.errors import CNIError
+from cni.fastjson import JSONError, dumps, loads
+from cni.invoke import cni_env, execute, find
+from cni.types import check_supported, from_version, to_version, version_tuple
+
+DEFAULT_CACHE_DIR = "/var/lib/cni"
+
+
+class RuntimeConf:
+    """What the runtime knows about one attachment."""
+
+    def __init__(self, container_id, netns, ifname="eth0", args=(), capability_args=None,
+                 cache_dir=DEFAULT_CACHE_DIR):
+        self.container_id = container_id
+        self.netns = netns
+        self.ifname = ifname
+        self.args = list(args)                      # [(key, value)] -> CNI_ARGS
+        self.capability_args = dict(capability_args or {})
+        self.cache_dir = cache_dir
+
+    def cni_args(self):
+        return ";".join("%s=%s" % kv for kv in self.args)
+
+
+class ConfList:
+    def __init__(self, raw, data):
+        self.raw = raw           # the list as a dict
+        self.bytes = data        # the file as given (cached verbatim, as libcni does)
+        self.name = raw["name"]
+        self.version = raw["cniVersion"]
+        self.plugins = raw["plugins"]
+        self.disable_check = bool(raw.get("disableCheck"))
+        self.disable_gc = bool(raw.get("disableGC"))
+
+
+def load(source):
+    """A ConfList from a path, bytes or dict. A single plugin config is wrapped
+    into a one-plugin list, as libcni's ConfListFromConf does."""
+    if isinstance(source, dict):
+        data = dumps(source).encode()
+    elif isinstance(source, (bytes, bytearray)):
+        data = bytes(source)
+    else:
+        try:
+            with open(source, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise CNIError(errors.IO_FAILURE, "cannot read %s: %s" % (source, e.strerror)) from None
+    try:
+        raw = loads(data)
+    except JSONError as e:
+        raise CNIError(errors.DECODING_FAILURE, "error parsing configuration list: %s" % e) from None
+    if not isinstance(raw, dict):
+        raise CNIError(errors.DECODING_FAILURE, "configuration list is not a JSON object")
+    if "plugins" not in raw and "type" in raw:
+        single = dict(raw)
+        raw = {"cniVersion": raw.get("cniVersion", ""), "name": raw.get("name", ""), "plugins": [single]}
+    if not isinstance(raw.get("name"), str) or not raw["name"]:
+        raise CNIError(errors.INVALID_NETCONF, "error parsing configuration list: no name")
+    if not isinstance(raw.get("cniVersion"), str) or not raw["cniVersion"]:
+        raise CNIError(errors.INVALID_NETCONF, "error parsing configuration list: no cniVersion")
+    check_supported(raw["cniVersion"])
+    plugins = raw.get("plugins")
+    if not isinstance(plugins, list) or not plugins:
+        raise CNIError(errors.INVALID_NETCONF, "error parsing configuration list: no plugins in list")
+    for i, p in enumerate(plugins):
+        if not isinstance(p, dict) or not isinstance(p.get("type"), str) or not p["type"]:
+            raise CNIError(errors.INVALID_NETCONF, "plugin %d in list %r has no type" % (i, raw["name"]))
+    return ConfList(raw, data)
+
+
+def plugin_config(conflist, plugin, rt, prev_result=None, extra=None):
+    """One plugin's stdin: its config plus name, cniVersion, prevResult, runtimeConfig."""
+    conf = dict(plugin)
+    conf["name"] = conflist.name
+    conf["cniVersion"] = conflist.version
+    if prev_result is not None:
+        conf["prevResult"] = to_version(prev_result, conflist.version)
+    caps = plugin.get("capabilities") or {}
+    runtime = {k: v for k, v in rt.capability_args.items() if caps.get(k)} if rt else {}
+    if runtime:
+        conf["runtimeConfig"] = runtime
+    if extra:
+        conf.update(extra)
+    return dumps(conf).encode()
+
+
+def _run(plugin, command, stdin, rt, cni_path):
+    env = cni_env(command, rt.container_id if rt else "", rt.netns if rt else "",
+                  rt.ifname if rt else "", rt.cni_args() if rt else "", cni_path)
+    return execute(find(plugin["type"], cni_path), command, stdin, env, in_process=False)
+
+
+# ---- the cache -----------------------------------------------------------------
+
+def cache_path(conflist, rt):
+    return os.path.join(rt.cache_dir, "results", "%s-%s-%s" % (conflist.name, rt.container_id, rt.ifname))
+
+
+def _write_cache(conflist, rt, result):
+    entry = {"kind": "cniCacheV1", "containerId": rt.container_id,
+             "config": base64.b64encode(conflist.bytes).decode(), "ifName": rt.ifname,
+             "networkName": conflist.name, "netns": rt.netns,
+             "cniArgs": [list(kv) for kv in rt.args], "capabilityArgs": rt.capability_args,
+             "result": to_version(result, conflist.version)}
+    path = cache_path(conflist, rt)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(dumps(entry))
+    os.replace(tmp, path)
+
+
+def cached_result(conflist, rt):
+    """The cached ADD result (internal shape), or None."""
+    try:
+        with open(cache_path(conflist, rt), "rb") as f:
+            entry = loads(f.read())
+    except FileNotFoundError:
+        return None
+    except (OSError, JSONError) as e:
+        raise CNIError(errors.IO_FAILURE, "cannot read cached result: %s" % e) from None
+    raw = entry.get("result") if isinstance(entry, dict) else None
+    if not raw:
+        return None
+    return from_version(raw, raw.get("cniVersion", conflist.version))
+
+
+def _drop_cache(conflist, rt):
+    try:
+        os.unlink(cache_path(conflist, rt))
+    except FileNotFoundError:
+        pass
+
+
+# ---- the operations ---------------------------------------------------------------
+
+def add(conflist, rt, cni_path):
+    """ADD every plugin in order; returns the final result (internal shape) and caches it."""
+    result = None
+    for plugin in conflist.plugins:
+        stdin = plugin_config(conflist, plugin, rt, result)
+        result = _run(plugin, "ADD", stdin, rt, cni_path)
+    _write_cache(conflist, rt, result)
+    return result
+
+
+def delete(conflist, rt, cni_path):
+    """DEL every plugin in reverse order, with the cached result as prevResult."""
+    prev = cached_result(conflist, rt) if version_tuple(conflist.version) >= (0, 4, 0) else None
+    for plugin in reversed(conflist.plugins):
+        _run(plugin, "DEL", plugin_config(conflist, plugin, rt, prev), rt, cni_path)
+    _drop_cache(conflist, rt)
+
+
+def check(conflist, rt, cni_path):
+    if version_tuple(conflist.version) < (0, 4, 0):
+        raise CNIError(errors.INCOMPATIBLE_VERSION, "configuration version %s does not support CHECK"
+                       % conflist.version)
+    if conflist.disable_check:
+        return
+    prev = cached_result(conflist, rt)
+    if prev is None:
+        raise CNIError(errors.INVALID_NETCONF, "no cached result for %s/%s: was it added?"
+                       % (rt.container_id, rt.ifname))
+    for plugin in conflist.plugins:
+        _run(plugin, "CHECK", plugin_config(conflist, plugin, rt, prev), rt, cni_path)
+
+
+def gc(conflist, valid_attachments, cni_path):
+    """GC (spec 1.1.0): each plugin releases what is not in valid_attachments."""
+    if version_tuple(conflist.version) < (1, 1, 0) or conflist.disable_gc:
+        return
+    extra = {"cni.dev/valid-attachments": [{"containerID": cid, "ifname": ifname}
+                                           for cid, ifname in valid_attachments]}
+    for plugin in conflist.plugins:
+        _run(plugin, "GC", plugin_config(conflist, plugin, None, None, extra), None, cni_path)
+
+
+def status(conflist, cni_path):
+    """STATUS (spec 1.1.0): raises the first plugin's error; None when all are ready."""
+    if version_tuple(conflist.version) < (1, 1, 0):
+        return
+    for plugin in conflist.plugins:
+        _run(plugin, "STATUS", plugin_config(conflist, plugin, None), None, cni_path)

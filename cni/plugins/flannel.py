@@ -1,0 +1,234 @@
+"""flannel: turn the node's flannel lease into a delegate config and run it.
+
+flanneld writes /run/flannel/subnet.env (FLANNEL_NETWORK, FLANNEL_SUBNET,
+FLANNEL_MTU, FLANNEL_IPMASQ, and the IPv6 pair). This plugin completes the
+`delegate` section of its config the way the reference flannel CNI plugin
+does (type bridge, host-local IPAM over the node's subnet with a route to the
+whole cluster network, the lease's MTU, isGateway, ipMasq unless flanneld
+already masquerades), saves the result under dataDir/<containerID> so that DEL
+works even after subnet.env is gone, and runs the delegate from CNI_PATH.
+
+Deliberate differences from the reference:
+- a missing subnet.env on ADD is code 11 ("try again later": flanneld has not
+  written it yet), a malformed one is code 7 naming the file and key;
+- the saved delegate config is removed only after the delegate's DEL
+  succeeded, so a failed DEL can be retried;
+- CHECK is implemented (delegate CHECK with the saved config and prevResult).
+"""
+import os
+
+from cni import errors
+from cni.errors import CNIError
+from cni.fastjson import JSONError, dumps, loads
+from cni.invoke import delegate
+from podnet.net.ip import parse_cidr
+
+DEFAULT_SUBNET_FILE = "/run/flannel/subnet.env"
+DEFAULT_DATA_DIR = "/var/lib/cni/flannel"
+
+
+class SubnetEnv:
+    """The parsed subnet.env: networks and subnets per family, MTU, ipmasq."""
+
+    def __init__(self, networks, subnets, mtu, ipmasq):
+        self.networks = networks      # cluster networks (IPNet), v4 then v6
+        self.subnets = subnets        # this node's subnets (IPNet)
+        self.mtu = mtu
+        self.ipmasq = ipmasq
+
+
+def load_subnet_env(path):
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise CNIError(errors.TRY_AGAIN_LATER,
+                       "failed to load flannel subnet file %s: no such file; "
+                       "is flanneld running on this node?" % path) from None
+    except OSError as e:
+        raise CNIError(errors.IO_FAILURE, "failed to read %s: %s" % (path, e.strerror)) from None
+    return parse_subnet_env(text, path)
+
+
+def parse_subnet_env(text, path="subnet.env"):
+    values = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise CNIError(errors.INVALID_NETCONF, "%s line %d: expected KEY=VALUE, got %r" % (path, lineno, line))
+        values[key.strip()] = value.strip().strip('"')
+
+    def nets(key):
+        out = []
+        for item in filter(None, values.get(key, "").split(",")):
+            try:
+                out.append(parse_cidr(item.strip()))
+            except ValueError:
+                raise CNIError(errors.INVALID_NETCONF, "%s: %s is not a CIDR: %r" % (path, key, item)) from None
+        return out
+
+    networks = nets("FLANNEL_NETWORK") + nets("FLANNEL_IPV6_NETWORK")
+    subnets = nets("FLANNEL_SUBNET") + nets("FLANNEL_IPV6_SUBNET")
+    missing = [k for k, present in (("FLANNEL_NETWORK", networks), ("FLANNEL_SUBNET", subnets),
+                                    ("FLANNEL_MTU", "FLANNEL_MTU" in values),
+                                    ("FLANNEL_IPMASQ", "FLANNEL_IPMASQ" in values)) if not present]
+    if missing:
+        raise CNIError(errors.INVALID_NETCONF, "%s is missing %s" % (path, ", ".join(missing)))
+    mtu = values["FLANNEL_MTU"]
+    if not mtu.isdigit() or not 68 <= int(mtu) <= 65535:
+        raise CNIError(errors.INVALID_NETCONF, "%s: FLANNEL_MTU is not a valid MTU: %r" % (path, mtu))
+    ipmasq = values["FLANNEL_IPMASQ"].lower()
+    if ipmasq not in ("true", "false"):
+        raise CNIError(errors.INVALID_NETCONF, "%s: FLANNEL_IPMASQ must be true or false, not %r"
+                       % (path, values["FLANNEL_IPMASQ"]))
+    for sn in subnets:
+        if not any(nw.family == sn.family and nw.masked().contains(sn.ip) for nw in networks):
+            raise CNIError(errors.INVALID_NETCONF, "%s: subnet %s is outside the cluster network" % (path, sn))
+    return SubnetEnv(networks, subnets, int(mtu), ipmasq == "true")
+
+
+def delegate_config(conf, env):
+    """The delegate's network config, completed from subnet.env as the reference does."""
+    if not isinstance(conf.get("delegate") or {}, dict):
+        raise CNIError(errors.INVALID_NETCONF, "delegate must be an object")
+    deleg = dict(conf.get("delegate") or {})
+    deleg["name"] = conf["name"]
+    deleg.setdefault("type", "bridge")
+    deleg.setdefault("ipMasq", not env.ipmasq)     # flanneld masquerades, or the bridge must
+    deleg.setdefault("mtu", env.mtu)
+    if deleg["type"] == "bridge":
+        deleg.setdefault("isGateway", True)
+    if conf.get("cniVersion"):
+        deleg["cniVersion"] = conf["cniVersion"]
+    if conf.get("runtimeConfig"):
+        deleg["runtimeConfig"] = conf["runtimeConfig"]
+    ipam = conf.get("ipam") or {}
+    if not isinstance(ipam, dict):
+        raise CNIError(errors.INVALID_NETCONF, "ipam must be an object")
+    ipam = dict(ipam)
+    ipam.setdefault("type", "host-local")
+    ipam["ranges"] = [[{"subnet": str(sn.masked())}] for sn in env.subnets]
+    routes = list(ipam.get("routes") or [])
+    routes += [{"dst": str(nw.masked())} for nw in env.networks]
+    ipam["routes"] = routes
+    deleg["ipam"] = ipam
+    return deleg
+
+
+def _paths(conf):
+    subnet_file = conf.get("subnetFile") or DEFAULT_SUBNET_FILE
+    data_dir = conf.get("dataDir") or DEFAULT_DATA_DIR
+    if not isinstance(subnet_file, str) or not isinstance(data_dir, str):
+        raise CNIError(errors.INVALID_NETCONF, "subnetFile and dataDir must be strings")
+    return subnet_file, data_dir
+
+
+def _save(data_dir, container_id, data):
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    path = os.path.join(data_dir, container_id)
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)   # a DEL never sees half a file
+
+
+def _load_saved(data_dir, container_id):
+    """The saved delegate config (bytes, dict), or (None, None) if there is none."""
+    path = os.path.join(data_dir, container_id)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None, None
+    try:
+        conf = loads(data)
+    except JSONError as e:
+        raise CNIError(errors.DECODING_FAILURE, "failed to parse saved delegate config %s: %s" % (path, e)) from None
+    if not isinstance(conf, dict) or not isinstance(conf.get("type"), str):
+        raise CNIError(errors.DECODING_FAILURE, "saved delegate config %s has no type" % path)
+    return data, conf
+
+
+def cmd_add(args):
+    subnet_file, data_dir = _paths(args.conf)
+    deleg = delegate_config(args.conf, load_subnet_env(subnet_file))
+    data = dumps(deleg).encode()
+    _save(data_dir, args.container_id, data)
+    try:
+        return delegate(deleg["type"], "ADD", args, data)
+    except CNIError as e:
+        os.unlink(os.path.join(data_dir, args.container_id))
+        raise CNIError(e.code, "failed to delegate add: %s" % e.msg, e.details) from None
+
+
+def cmd_del(args):
+    _, data_dir = _paths(args.conf)
+    data, deleg = _load_saved(data_dir, args.container_id)
+    if data is None:
+        return None   # already cleaned up (or ADD never got that far)
+    delegate(deleg["type"], "DEL", args, data)
+    try:
+        os.unlink(os.path.join(data_dir, args.container_id))
+    except FileNotFoundError:
+        pass
+    return None
+
+
+def cmd_check(args):
+    _, data_dir = _paths(args.conf)
+    data, deleg = _load_saved(data_dir, args.container_id)
+    if data is None:
+        raise CNIError(errors.INVALID_NETCONF, "no saved delegate config for container %s" % args.container_id)
+    if args.conf.get("prevResult"):
+        deleg["prevResult"] = args.conf["prevResult"]
+    delegate(deleg["type"], "CHECK", args, deleg)
+
+
+def cmd_gc(args):
+    """Drop saved delegate configs of attachments the runtime no longer knows,
+    then let the delegate (and its IPAM) collect its own garbage."""
+    subnet_file, data_dir = _paths(args.conf)
+    valid = args.conf.get("cni.dev/valid-attachments") or []
+    if not isinstance(valid, list):
+        raise CNIError(errors.INVALID_NETCONF, "cni.dev/valid-attachments must be a list")
+    keep = {a.get("containerID") for a in valid if isinstance(a, dict)}
+    try:
+        names = os.listdir(data_dir)
+    except FileNotFoundError:
+        names = []
+    for name in names:
+        if name not in keep and not name.endswith(".tmp"):
+            os.unlink(os.path.join(data_dir, name))
+    try:
+        deleg = delegate_config(args.conf, load_subnet_env(subnet_file))
+    except CNIError as e:
+        if e.code == errors.TRY_AGAIN_LATER:
+            return None   # no lease yet: nothing the delegate can have allocated
+        raise
+    deleg["cni.dev/valid-attachments"] = valid
+    delegate(deleg["type"], "GC", args, deleg)
+
+
+def cmd_status(args):
+    subnet_file, _ = _paths(args.conf)
+    try:
+        env = load_subnet_env(subnet_file)
+    except CNIError as e:
+        raise CNIError(errors.LIMITED_CONNECTIVITY, "flannel is not ready: %s" % e.msg) from None
+    deleg = delegate_config(args.conf, env)
+    delegate(deleg["type"], "STATUS", args, deleg)
+
+
+COMMANDS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "GC": cmd_gc, "STATUS": cmd_status}
+
+
+def main():
+    from cni.skel import run_plugin
+    run_plugin(COMMANDS, about="podnet flannel plugin")
