@@ -13,18 +13,29 @@ class JSONError(ValueError):
     pass
 
 
+_INF = float("inf")
+
+
 class _Context:
     # The attributes _json.make_scanner reads from its context object.
     strict = True
     object_hook = None
     object_pairs_hook = None
-    parse_float = float
     parse_int = int
     memo = None
 
     @staticmethod
     def parse_constant(name):
         raise JSONError("invalid JSON constant %s" % name)
+
+    @staticmethod
+    def parse_float(text):
+        # As Go: a number too large for a float64 is an error, not infinity
+        # (which dumps could not write back).
+        value = float(text)
+        if value == _INF or value == -_INF:
+            raise JSONError("number %s out of range" % text)
+        return value
 
 
 _scan = _json.make_scanner(_Context())
@@ -42,16 +53,30 @@ def loads(data):
     if not text:
         raise JSONError("unexpected end of JSON input")
     try:
-        obj, end = _scan(text, 0)
+        obj, end = _scan_text(text)
+    except SystemError:
+        # The C scanner builds its errors from json.decoder.JSONDecodeError but
+        # only looks for it in sys.modules: until something imports json.decoder
+        # a malformed document ends in "SystemError: returned NULL without
+        # setting an exception". Errors are off the fast path: import it, rescan.
+        import json.decoder  # noqa: F401
+        obj, end = _scan_text(text)
+    if end != len(text):
+        raise JSONError("invalid character after top-level value at offset %d" % end)
+    return obj
+
+
+def _scan_text(text):
+    try:
+        return _scan(text, 0)
     except StopIteration as stop:
         raise JSONError("invalid character at offset %d" % stop.value) from None
     except JSONError:
         raise
+    except RecursionError:
+        raise JSONError("exceeded max nesting depth") from None
     except ValueError as e:  # json.decoder.JSONDecodeError from the C scanner
         raise JSONError(str(e)) from None
-    if end != len(text):
-        raise JSONError("invalid character after top-level value at offset %d" % end)
-    return obj
 
 
 _quote = _json.encode_basestring

@@ -43,33 +43,59 @@ def from_version(raw, version):
     """Read a result dict of spec `version` into the internal (1.1.0) shape."""
     if not isinstance(raw, dict):
         raise CNIError(DECODING_FAILURE, "result is not a JSON object")
+    if version not in SUPPORTED_VERSIONS:
+        raise CNIError(INCOMPATIBLE_VERSION, "unsupported CNI result version %r" % (version,))
     out = empty_result()
     if version_tuple(version) < (0, 3, 0):
         for key in ("ip4", "ip6"):
             block = raw.get(key)
             if not block:
                 continue
-            if not isinstance(block, dict) or "ip" not in block:
+            if not isinstance(block, dict) or not isinstance(block.get("ip"), str):
                 raise CNIError(DECODING_FAILURE, "result %s has no ip" % key)
             ip = {"address": block["ip"]}
             if block.get("gateway"):
-                ip["gateway"] = block["gateway"]
+                ip["gateway"] = _str(block["gateway"], "%s gateway" % key)
             out["ips"].append(ip)
-            out["routes"].extend(_list(block.get("routes"), "routes"))
+            out["routes"].extend(_routes(block.get("routes")))
     else:
-        out["interfaces"] = [dict(i) for i in _list(raw.get("interfaces"), "interfaces")]
+        out["interfaces"] = [_dict(i, "interfaces") for i in _list(raw.get("interfaces"), "interfaces")]
         for ip in _list(raw.get("ips"), "ips"):
-            if not isinstance(ip, dict) or "address" not in ip:
+            if not isinstance(ip, dict) or not isinstance(ip.get("address"), str):
                 raise CNIError(DECODING_FAILURE, "result ips entry has no address")
             ip = dict(ip)
             ip.pop("version", None)
+            index = ip.get("interface")
+            if index is not None and (not isinstance(index, int) or isinstance(index, bool)):
+                raise CNIError(DECODING_FAILURE, "result ips interface is not an index")
+            if ip.get("gateway") is not None:
+                _str(ip["gateway"], "ips gateway")
             out["ips"].append(ip)
-        out["routes"] = [dict(r) for r in _list(raw.get("routes"), "routes")]
+        out["routes"] = _routes(raw.get("routes"))
     dns = raw.get("dns") or {}
     if not isinstance(dns, dict):
         raise CNIError(DECODING_FAILURE, "result dns is not an object")
     out["dns"] = dict(dns)
     return out
+
+
+def _dict(value, what):
+    if not isinstance(value, dict):
+        raise CNIError(DECODING_FAILURE, "result %s entry is not an object" % what)
+    return dict(value)
+
+
+def _str(value, what):
+    if not isinstance(value, str):
+        raise CNIError(DECODING_FAILURE, "result %s is not a string" % what)
+    return value
+
+
+def _routes(value):
+    routes = [_dict(r, "routes") for r in _list(value, "routes")]
+    for r in routes:
+        _str(r.get("dst"), "route dst")
+    return routes
 
 
 def _list(value, what):

@@ -55,7 +55,7 @@ IFLA_BRPORT_MODE = 4          # hairpin
 IFLA_BRIDGE_VLAN_INFO = 2
 BRIDGE_VLAN_INFO_PVID, BRIDGE_VLAN_INFO_UNTAGGED = 0x2, 0x4
 IFLA_VXLAN_ID, IFLA_VXLAN_LOCAL, IFLA_VXLAN_LINK = 1, 4, 3
-IFLA_VXLAN_LEARNING, IFLA_VXLAN_PORT = 7, 15
+IFLA_VXLAN_LEARNING, IFLA_VXLAN_PORT, IFLA_VXLAN_LOCAL6 = 7, 15, 17
 
 OPERSTATES = ("unknown", "notpresent", "down", "lowerlayerdown", "testing", "dormant", "up")
 
@@ -72,7 +72,7 @@ RTA_METRICS, RTA_TABLE = 8, 15
 RTAX_MTU, RTAX_ADVMSS = 2, 8
 RT_TABLE_MAIN = 254
 RTPROT_KERNEL, RTPROT_BOOT, RTPROT_STATIC = 2, 3, 4
-RT_SCOPE_UNIVERSE, RT_SCOPE_LINK, RT_SCOPE_HOST = 0, 253, 254
+RT_SCOPE_UNIVERSE, RT_SCOPE_LINK, RT_SCOPE_HOST, RT_SCOPE_NOWHERE = 0, 253, 254, 255
 RTN_UNICAST, RTN_LOCAL = 1, 2
 RTNH_F_ONLINK = 4
 
@@ -365,7 +365,10 @@ class Netlink:
         data = u32(IFLA_VXLAN_ID, vni) + attr(IFLA_VXLAN_PORT, struct.pack("!H", port)) \
             + u8(IFLA_VXLAN_LEARNING, 1 if learning else 0)
         if local is not None:
-            data += attr(IFLA_VXLAN_LOCAL, local.packed())
+            # An IPv6 local needs its own attribute (it also makes the VTEP IPv6);
+            # in IFLA_VXLAN_LOCAL the kernel would read the first 4 bytes as IPv4.
+            data += attr(IFLA_VXLAN_LOCAL6 if local.family == AF_INET6 else IFLA_VXLAN_LOCAL,
+                         local.packed())
         if dev_index:
             data += u32(IFLA_VXLAN_LINK, dev_index)
         info = attr(IFLA_INFO_KIND, b"vxlan") + nested(IFLA_INFO_DATA, data)
@@ -505,8 +508,11 @@ class Netlink:
         self.request(RTM_NEWROUTE, flags, body)
 
     def del_route(self, dst, gateway=None, oif=0, table=RT_TABLE_MAIN, priority=0):
+        # Scope RT_SCOPE_NOWHERE matches any scope (as `ip route del`); with 0
+        # (universe) the kernel would only delete routes via a gateway, and a
+        # link-scope route (no gateway) would answer ESRCH.
         body = _RTMSG.pack(dst.family, dst.prefixlen, 0, 0, table if table < 256 else 252,
-                           0, 0, 0, 0)
+                           0, RT_SCOPE_NOWHERE, 0, 0)
         if dst.prefixlen:
             body += attr(RTA_DST, dst.masked().ip.packed())
         if table >= 256:
@@ -546,10 +552,18 @@ class Netlink:
         self.request(RTM_DELNEIGH, 0, body)
 
     def set_fdb(self, index, lladdr, dst):
-        """Add or replace a VXLAN FDB entry: MAC -> remote VTEP IP (bridge fdb ... self)."""
+        """Add or replace a VXLAN FDB entry: MAC -> remote VTEP IP (bridge fdb ... self).
+
+        The all-zeros MAC (where broadcast and unknown traffic is flooded) and
+        multicast MACs hold a list of VTEPs that the kernel refuses to replace
+        (EOPNOTSUPP): for them `dst` is added to the list (`bridge fdb append`),
+        idempotently; del_fdb with that dst removes it again.
+        """
+        raw = mac_bytes(lladdr)
+        flood = raw == b"\0" * 6 or raw[0] & 1
         body = _NDMSG.pack(AF_BRIDGE, index, NUD_PERMANENT, NTF_SELF, 0)
-        body += attr(NDA_LLADDR, mac_bytes(lladdr)) + attr(NDA_DST, dst.packed())
-        self.request(RTM_NEWNEIGH, F_CREATE | F_REPLACE, body)
+        body += attr(NDA_LLADDR, raw) + attr(NDA_DST, dst.packed())
+        self.request(RTM_NEWNEIGH, F_CREATE | (F_APPEND if flood else F_REPLACE), body)
 
     def del_fdb(self, index, lladdr, dst=None):
         body = _NDMSG.pack(AF_BRIDGE, index, 0, NTF_SELF, 0) + attr(NDA_LLADDR, mac_bytes(lladdr))
