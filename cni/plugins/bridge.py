@@ -9,6 +9,18 @@ same config, with these deliberate differences (docs/decisions.md):
 - DEL removes the masquerade chain even when the container's netns is gone
   (the chain name depends only on network name and container ID);
 - masquerade rules are applied in one iptables-restore, not ~9 iptables calls.
+Found by netns_tests/test_conformance.py against Debian's 1.1.1, where ours
+keeps the better behaviour (several are bugs fixed upstream since):
+- several addresses of one family: all ACCEPTs precede the MASQUERADE (1.1.1
+  interleaves them and masquerades traffic to the second subnet), and DEL
+  removes every jump (1.1.1 fails deleting the still-referenced chain);
+- IPv6 gateway addresses on the bridge get IFA_F_NODAD (1.1.1 runs DAD: the
+  gateway is tentative, unusable, for ~1 s after the first ADD);
+- the IPAM result's DNS is passed on when the netconf has none (1.1.1 drops
+  it: plugins#431, fixed in 1.2.0);
+- CHECK matches a result route without "gw" by destination (1.1.1 fails its
+  own fresh ADD then);
+- veths keep the kernel's default txqueuelen (1.1.1 sets 0: plugins#1100).
 """
 import os
 import time
@@ -130,11 +142,8 @@ def _kernel_error(what, e):
 
 def chain_name(network, container_id):
     """CNI-<24 hex of sha512(name+id)>: the reference's name, so either plugin can clean up."""
-    try:
-        from _sha512 import sha512
-    except ImportError:          # Python >= 3.12
-        from _sha2 import sha512
-    return "CNI-" + sha512((network + container_id).encode()).hexdigest()[:24]
+    from cni.iptables_names import chain_name as reference_name
+    return reference_name(network, container_id)
 
 
 def _comment(network, container_id):
@@ -247,8 +256,14 @@ def _existing_attachment(host, cont, br, ifname):
     link = cont.link(ifname)
     if link is None:
         return None
-    peer = host.link(index=link.peer_index) if link.kind == "veth" and link.peer_index else None
-    if peer is None or peer.kind != "veth" or peer.master != br.index:
+    # peer_index is an index in the peer's own netns: only a veth whose peer is in
+    # another netns (link_netnsid set) and points back at it can be our pair;
+    # else an unrelated veth could alias any bridge port with that index.
+    peer = None
+    if link.kind == "veth" and link.peer_index and link.link_netnsid is not None:
+        peer = host.link(index=link.peer_index)
+    if peer is None or peer.kind != "veth" or peer.master != br.index \
+            or peer.peer_index != link.index or peer.link_netnsid is None:
         raise CNIError(errors.INVALID_ENV, "container veth name provided (%s) already exists" % ifname)
     return peer.name
 
@@ -404,7 +419,10 @@ def cmd_add(args):
                   "ips": [], "routes": [], "dns": {}}
         if conf.ipam_type:
             ipam = delegate(conf.ipam_type, "ADD", args)
-            undo.append(lambda: delegate(conf.ipam_type, "DEL", args))
+            # A rerun got back the address the existing attachment holds: a failure
+            # now must not release it (nor its masquerade rules) under the running pod.
+            if fresh:
+                undo.append(lambda: delegate(conf.ipam_type, "DEL", args))
             if not ipam["ips"]:
                 raise CNIError(errors.INTERNAL, "IPAM plugin returned missing IP config")
             result["ips"], result["routes"], result["dns"] = ipam["ips"], ipam["routes"], ipam["dns"]
@@ -422,8 +440,8 @@ def cmd_add(args):
                                  else "net/ipv6/conf/all/forwarding", "1")
             if conf.ip_masq:
                 nets = [parse_cidr(ipc["address"]) for ipc in result["ips"]]
-                undo.append(lambda: teardown_masq(conf.name, args.container_id, {n.family for n in nets}, nets))
                 if fresh:
+                    undo.append(lambda: teardown_masq(conf.name, args.container_id, {n.family for n in nets}, nets))
                     setup_masq(conf.name, args.container_id, nets)
                 else:   # a rerun: replace rather than append a second set of rules
                     teardown_masq(conf.name, args.container_id, {n.family for n in nets}, nets)
