@@ -386,7 +386,8 @@ def host_veth_txqlen(side, name):
 
 # --- the bridge test -------------------------------------------------------------
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [
+    pytest.param(c, marks=pytest.mark.fullkernel) if c in NEEDS_VLAN_FILTERING else c for c in CASES])
 def test_bridge_host_local_conformance(case, lab, cni_bin, ref_bin, vlan_filtering):
     if case in NEEDS_VLAN_FILTERING and not vlan_filtering:
         pytest.skip("kernel without bridge VLAN filtering (see test_add_failure_parity)")
