@@ -17,6 +17,7 @@ INTERNAL = 999                 # what the reference plugins use for unclassified
 NO_ADDRESSES = 100             # IPAM: no free address in the range set(s)
 KERNEL = 101                   # a netlink / netfilter operation failed
 PLUGIN_NOT_FOUND = 102         # delegate or IPAM plugin not in CNI_PATH
+HOST_PORT_IN_USE = 103         # portmap: another container already maps that host port
 
 
 class CNIError(Exception):

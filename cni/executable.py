@@ -12,6 +12,7 @@ import os
 PLUGINS = {
     "bridge": "cni.plugins.bridge",
     "loopback": "cni.plugins.loopback",
+    "portmap": "cni.plugins.portmap",
     "host-local": "ipam.host_local",
     "flannel": "cni.plugins.flannel",
 }

@@ -17,9 +17,12 @@ def _tool(name, ipv6):
     return ("ip6" + name[2:]) if ipv6 else name
 
 
-def save(table, ipv6=False):
-    """The table as iptables-save prints it ('' if the table does not exist yet)."""
-    proc = run([_tool("iptables-save", ipv6), "-t", table])
+def save(table, ipv6=False, counters=False):
+    """The table as iptables-save prints it ('' if the table does not exist yet).
+
+    counters=True prefixes each rule with "[packets:bytes] " (see split_counters).
+    """
+    proc = run([_tool("iptables-save", ipv6), "-t", table] + (["-c"] if counters else []))
     if proc.returncode != 0:
         raise IptablesError("%s -t %s failed: %s" % (_tool("iptables-save", ipv6), table,
                                                       proc.stderr.decode(errors="replace").strip()))
@@ -55,3 +58,43 @@ def rules_referencing(saved, chain):
 
 def chain_exists(saved, chain):
     return (":%s " % chain) in saved
+
+
+def split_rule(line):
+    """One iptables-save line -> its arguments, undoing quote() (e.g. comments)."""
+    args = []
+    i, n = 0, len(line)
+    while i < n:
+        if line[i] == " ":
+            i += 1
+            continue
+        if line[i] == '"':
+            i += 1
+            chars = []
+            while i < n and line[i] != '"':
+                if line[i] == "\\" and i + 1 < n:
+                    i += 1
+                chars.append(line[i])
+                i += 1
+            args.append("".join(chars))
+            i += 1
+        else:
+            j = line.find(" ", i)
+            j = n if j < 0 else j
+            args.append(line[i:j])
+            i = j
+    return args
+
+
+def split_counters(saved):
+    """iptables-save -c output -> (the same text without counters, {rule: packets}).
+
+    Identical rules add up their packets.
+    """
+    lines, packets = [], {}
+    for line in saved.splitlines():
+        if line.startswith("[") and "] -A " in line:
+            count, _, line = line.partition("] ")
+            packets[line] = packets.get(line, 0) + int(count[1:].split(":", 1)[0])
+        lines.append(line)
+    return "\n".join(lines) + "\n", packets

@@ -244,20 +244,20 @@ class Netlink:
     leaving it at once); the socket then keeps talking to that namespace.
     """
 
-    def __init__(self, netns=None):
+    def __init__(self, netns=None, protocol=NETLINK_ROUTE):
         if netns is not None:
             from podnet.net.netns import entered
             with entered(netns):
-                self.sock = self._open()
+                self.sock = self._open(protocol)
         else:
-            self.sock = self._open()
+            self.sock = self._open(protocol)
         self.seq = int.from_bytes(os.urandom(2), "little")
         # Kernel dump batches stay well under this (NLMSG_GOODSIZE, at most 32 KiB).
         self._buf = bytearray(1 << 18)
 
     @staticmethod
-    def _open():
-        sock = _socket.socket(AF_NETLINK, _socket.SOCK_RAW | _socket.SOCK_CLOEXEC, NETLINK_ROUTE)
+    def _open(protocol):
+        sock = _socket.socket(AF_NETLINK, _socket.SOCK_RAW | _socket.SOCK_CLOEXEC, protocol)
         try:
             sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
         except OSError:

@@ -1,0 +1,623 @@
+"""portmap: forward host ports to a container, as a chained plugin (iptables nat).
+
+Reads the container's addresses from prevResult (per family, the first
+address of the interface CNI_IFNAME in the sandbox) and
+runtimeConfig.portMappings = [{hostPort, containerPort, protocol, hostIP}],
+and builds the reference plugin's (containernetworking/plugins 1.1.1) rules
+in the nat table, same chains, names and comments, so operators' knowledge
+and either plugin's DEL apply:
+
+    PREROUTING, OUTPUT  -m addrtype --dst-type LOCAL -j CNI-HOSTPORT-DNAT
+    CNI-HOSTPORT-DNAT   -m comment "dnat name: .. id: .." -m multiport -p tcp
+                        --dports 8080,... -j CNI-DN-<hash>         (one per container)
+    CNI-DN-<hash>       -s <pod subnet> -p tcp --dport 8080 -j CNI-HOSTPORT-SETMARK
+                        -s 127.0.0.1 -p tcp --dport 8080 -j CNI-HOSTPORT-SETMARK  (IPv4)
+                        -p tcp --dport 8080 -j DNAT --to-destination <pod>:80
+    CNI-HOSTPORT-SETMARK  -j MARK --set-xmark 0x2000/0x2000      (1 << markMasqBit)
+    POSTROUTING (first) -j CNI-HOSTPORT-MASQ
+    CNI-HOSTPORT-MASQ   -m mark --mark 0x2000/0x2000 -j MASQUERADE
+
+CNI-DN-<hash> is "CNI-DN-" + sha512(network name + container ID), 28
+characters; ADD passes prevResult through unchanged.
+
+How it differs from the reference, deliberately:
+- One `iptables-restore --noflush` per family applies an ADD atomically (the
+  reference runs ~15 iptables processes). The shared chains are created with
+  `-N` only when an iptables-save read just before showed them absent (a
+  `:CHAIN` line would flush them), so a racing writer makes the restore fail
+  rather than wipe other pods' rules; the plugin then re-reads and retries.
+  ADDs are serialised by a flock (/run/podnet/portmap.lock) so that the
+  conflict check below and the apply see the same table.
+- A host port already mapped by another container (same protocol, same or
+  wildcard hostIP, visible as a DNAT rule in a CNI-DN- chain jumped to from
+  CNI-HOSTPORT-DNAT) fails the ADD with code 103 naming the other
+  container, instead of silently capturing its traffic (the reference is
+  last-write-wins). Two entries of one request that map the same host port
+  are refused as well (code 7).
+- Input is validated before anything is touched (code 7): protocol must be
+  tcp, udp or sctp (case-insensitive; missing means tcp, where the reference
+  runs `iptables -p ""` and fails half-way), ports 1-65535, hostIP an
+  address, conditions strings without control characters. With port
+  mappings but no container address in prevResult the ADD fails (the
+  reference silently does nothing).
+- A failed ADD removes what it made (the other family's rules, too); a
+  failed rerun keeps the rules the running container already had.
+- DEL needs only network name and container ID (no netns, no prevResult, a
+  valid config not even): iptables-save + one restore per family. It also
+  deletes the conntrack entries of the mapped UDP host ports whose DNAT rule
+  ever matched a packet (the rule counters say), so an established UDP flow
+  stops reaching the old container at once; the reference does that on ADD
+  only (we do both; ADD skips it when the namespace tracks nothing). This
+  goes through ctnetlink: no `conntrack` tool is needed. Like the
+  reference, a DEL whose config has no portMappings does nothing.
+- CHECK fails when the container's chain is missing (the reference's CHECK
+  returns success then) and checks all rules in one `iptables-restore` of
+  `-C` lines.
+- Comments are cut to 255 characters (the reference cuts to 256, which
+  iptables refuses).
+- masqAll (added after 1.1.1) is not supported.
+"""
+import os
+
+from cni import errors
+from cni.errors import CNIError
+from cni.iptables_names import chain_name
+from podnet.net.ip import AF_INET, AF_INET6, parse_cidr, parse_ip
+
+DNAT_CHAIN = "CNI-HOSTPORT-DNAT"
+SETMARK_CHAIN = "CNI-HOSTPORT-SETMARK"
+MASQ_CHAIN = "CNI-HOSTPORT-MASQ"
+DEFAULT_MARK_BIT = 13           # Kubernetes uses 14 and 15, Calico 20-31
+PROTOCOLS = ("tcp", "udp", "sctp")
+MULTIPORT_MAX = 15              # ports one `-m multiport` match takes
+LOCK_DIR = "/run/podnet"
+_ATTEMPTS = 3                   # restore attempts when the table changed under us
+
+_SETMARK_COMMENT = "CNI portfwd masquerade mark"
+_MASQ_COMMENT = "CNI portfwd requiring masquerade"
+_ENTRY_CHAINS = ("PREROUTING", "OUTPUT")
+
+
+def _invalid(msg, details=""):
+    return CNIError(errors.INVALID_NETCONF, msg, details)
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# ---- configuration ----------------------------------------------------------
+
+class Mapping:
+    """One validated portMappings entry."""
+
+    __slots__ = ("host_port", "container_port", "protocol", "host_ip", "family")
+
+    def __init__(self, host_port, container_port, protocol, host_ip, family):
+        self.host_port = host_port
+        self.container_port = container_port
+        self.protocol = protocol
+        self.host_ip = host_ip      # canonical text of a specific address, or None
+        self.family = family        # family of hostIP (also for 0.0.0.0 / ::), or None
+
+    def __repr__(self):
+        return "Mapping(%s %s:%d -> %d)" % (self.protocol, self.host_ip or "*", self.host_port,
+                                            self.container_port)
+
+
+def _port(entry, key, index):
+    value = entry.get(key)
+    if not _is_int(value) or not 0 < value <= 65535:
+        what = "host" if key == "hostPort" else "container"
+        raise _invalid("Invalid %s port number: %s" % (what, "missing" if value is None else repr(value)),
+                       "portMappings[%d].%s must be an integer in 1-65535" % (index, key))
+    return value
+
+
+def parse_mapping(entry, index):
+    if not isinstance(entry, dict):
+        raise _invalid("portMappings[%d] is not an object" % index)
+    host_port = _port(entry, "hostPort", index)
+    container_port = _port(entry, "containerPort", index)
+    protocol = entry.get("protocol")
+    if protocol is None or protocol == "":
+        protocol = "tcp"
+    if not isinstance(protocol, str) or protocol.lower() not in PROTOCOLS:
+        raise _invalid("Unknown protocol %r in portMappings[%d]" % (protocol, index),
+                       "protocol must be tcp, udp or sctp")
+    host_ip = entry.get("hostIP")
+    family = None
+    if host_ip is not None and host_ip != "":
+        try:
+            ip = parse_ip(host_ip)
+        except ValueError:
+            raise _invalid("Invalid hostIP %r in portMappings[%d]" % (host_ip, index)) from None
+        family = ip.family
+        host_ip = str(ip) if ip.value else None     # 0.0.0.0 / ::: any address of that family
+    else:
+        host_ip = None
+    return Mapping(host_port, container_port, protocol.lower(), host_ip, family)
+
+
+def _conditions(conf, key):
+    value = conf.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+        raise _invalid("%s must be a list of strings" % key)
+    for arg in value:
+        if any(ord(c) < 32 or ord(c) == 127 for c in arg):
+            raise _invalid("%s: control character in argument %r" % (key, arg))
+    return value
+
+
+def _check_chain_name(name):
+    if not isinstance(name, str) or not 0 < len(name) <= 28 or name.startswith("-") \
+            or any(c.isspace() or c in "\"'\\!" or ord(c) < 32 for c in name):
+        raise _invalid("invalid externalSetMarkChain %r" % (name,))
+    return name
+
+
+class PortMapConf:
+    """portmap's part of the network config.
+
+    strict=False (DEL) never fails on its input: a DEL must be able to clean
+    up after an ADD that refused it (it needs only name and container ID).
+    """
+
+    def __init__(self, args, strict=True):
+        c = args.conf
+        self.name = c["name"]
+        self.container_id = args.container_id
+        self.chain = chain_name(self.name, self.container_id, "DN-")
+        self.valid = True           # everything parsed (always, when strict)
+        self.snat, self.mark, self.external = True, "", None
+        self.conditions = {AF_INET: [], AF_INET6: []}
+        self.raw_mappings, self.mappings = [], []
+        self.prev, self.ips = None, {}      # ips: family -> IPNet of the container
+        for part in (self._options, self._mappings, self._prev_result):
+            try:
+                part(args, c, strict)
+            except CNIError:
+                if strict:
+                    raise
+                self.valid = False
+        if not self.valid:
+            self.raw_mappings = self.raw_mappings or [None]    # unknown: clean up anyway
+        self.setmark_chain = self.external or SETMARK_CHAIN
+
+    def _options(self, args, c, strict):
+        snat = c.get("snat")
+        if snat is not None and not isinstance(snat, bool):
+            raise _invalid("snat must be a boolean, not %r" % (snat,))
+        self.snat = True if snat is None else snat
+        mark_bit, external = c.get("markMasqBit"), c.get("externalSetMarkChain")
+        if mark_bit is not None and external is not None:
+            raise _invalid("Cannot specify externalSetMarkChain and markMasqBit")
+        if mark_bit is None:
+            mark_bit = DEFAULT_MARK_BIT
+        if not _is_int(mark_bit) or not 0 <= mark_bit <= 31:
+            raise _invalid("MasqMarkBit must be between 0 and 31", "markMasqBit is %r" % (mark_bit,))
+        self.mark = "%#x/%#x" % (1 << mark_bit, 1 << mark_bit)
+        self.external = _check_chain_name(external) if external is not None else None
+        self.conditions = {AF_INET: _conditions(c, "conditionsV4"),
+                           AF_INET6: _conditions(c, "conditionsV6")}
+
+    def _mappings(self, args, c, strict):
+        runtime = c.get("runtimeConfig")
+        if runtime is not None and not isinstance(runtime, dict):
+            raise _invalid("runtimeConfig must be an object")
+        raw = (runtime or {}).get("portMappings")
+        if raw is not None and not isinstance(raw, list):
+            raise _invalid("runtimeConfig.portMappings must be a list")
+        self.raw_mappings = raw or []
+        for i, entry in enumerate(self.raw_mappings):
+            try:
+                self.mappings.append(parse_mapping(entry, i))
+            except CNIError:
+                if strict:
+                    raise
+                self.valid = False
+        if strict:
+            for family in (AF_INET, AF_INET6):
+                _check_duplicates(self.for_family(family))
+
+    def _prev_result(self, args, c, strict):
+        prev = c.get("prevResult")
+        if prev is not None:
+            from cni.types import from_version
+            self.prev = from_version(prev, args.version)
+            self.ips = container_ips(self.prev, args.ifname)
+
+    def for_family(self, family):
+        """The mappings that apply to one family (a hostIP restricts to its own)."""
+        return [m for m in self.mappings if m.family is None or m.family == family]
+
+    def comment(self):
+        text = 'dnat name: "%s" id: "%s"' % (self.name, self.container_id)
+        return text if len(text) <= 255 else text[:252] + "..."
+
+
+def _check_duplicates(mappings):
+    seen = []
+    for m in mappings:
+        for other in seen:
+            if (other.protocol == m.protocol and other.host_port == m.host_port
+                    and (other.host_ip is None or m.host_ip is None or other.host_ip == m.host_ip)):
+                raise _invalid("portMappings map host port %s/%d twice" % (m.protocol, m.host_port),
+                               "%r and %r" % (other, m))
+        seen.append(m)
+
+
+def container_ips(result, ifname):
+    """family -> IPNet: per family the first address on the sandbox interface
+    `ifname` (addresses of other interfaces are skipped, as the reference)."""
+    out = {}
+    ifaces = result["interfaces"]
+    for ipc in result["ips"]:
+        try:
+            net = parse_cidr(ipc["address"])
+        except ValueError:
+            raise CNIError(errors.DECODING_FAILURE, "prevResult: invalid address %r" % ipc["address"]) from None
+        if net.family in out:
+            continue
+        index = ipc.get("interface")
+        if index is not None and 0 <= index < len(ifaces):
+            iface = ifaces[index]
+            if iface.get("name") != ifname or not iface.get("sandbox"):
+                continue
+        out[net.family] = net
+    return out
+
+
+# ---- rules ------------------------------------------------------------------
+
+def _arg(text):
+    """One argument for restore input: quoted when it would not survive as a word."""
+    from podnet.net.iptables import quote
+    if text and not any(c.isspace() or c in "\"'\\" for c in text):
+        return text
+    return quote(text)
+
+
+def shared_rules(conf):
+    """(chain, rules) of the shared chains this config needs, rules as iptables-save prints them."""
+    out = []
+    if conf.snat and conf.external is None:
+        out.append((SETMARK_CHAIN, ['-A %s -m comment --comment "%s" -j MARK --set-xmark %s'
+                                    % (SETMARK_CHAIN, _SETMARK_COMMENT, conf.mark)]))
+        out.append((MASQ_CHAIN, ["-A %s -m mark --mark %s -j MASQUERADE" % (MASQ_CHAIN, conf.mark)]))
+    out.append((DNAT_CHAIN, []))
+    return out
+
+
+def jump_rules(conf):
+    """(rule as iptables-save prints it, how to add it) of the jumps into the shared chains."""
+    out = []
+    if conf.snat and conf.external is None:
+        rule = '-A POSTROUTING -m comment --comment "%s" -j %s' % (_MASQ_COMMENT, MASQ_CHAIN)
+        out.append((rule, "-I POSTROUTING 1" + rule[len("-A POSTROUTING"):]))   # before bridge/ptp masquerade
+    for entry in _ENTRY_CHAINS:
+        rule = "-A %s -m addrtype --dst-type LOCAL -j %s" % (entry, DNAT_CHAIN)
+        out.append((rule, rule))
+    return out
+
+
+def dnat_rules(conf, family, cnet):
+    """The container chain's rules, exactly as iptables-save prints them."""
+    v6 = family == AF_INET6
+    host_len = 128 if v6 else 32
+    source = "%s/%d" % (cnet.masked().ip, cnet.prefixlen)     # the pod's subnet, as the reference
+    target = ("[%s]:" if v6 else "%s:") % cnet.ip
+    rules = []
+    for m in conf.for_family(family):
+        base = "-p %s -m %s --dport %d" % (m.protocol, m.protocol, m.host_port)
+        if m.host_ip:
+            base = "-d %s/%d %s" % (m.host_ip, host_len, base)
+        if conf.snat:
+            rules.append("-A %s -s %s %s -j %s" % (conf.chain, source, base, conf.setmark_chain))
+            if not v6:
+                rules.append("-A %s -s 127.0.0.1/32 %s -j %s" % (conf.chain, base, conf.setmark_chain))
+        rules.append("-A %s %s -j DNAT --to-destination %s%d" % (conf.chain, base, target, m.container_port))
+    unique = []
+    for rule in rules:          # an identical rule is added once (the reference's InsertUnique)
+        if rule not in unique:
+            unique.append(rule)
+    return unique
+
+
+def entry_rules(conf, family):
+    """CNI-HOSTPORT-DNAT -> container chain, in the reference's argument order.
+
+    Like the reference, the multiport lists hold the host ports of all
+    mappings of a protocol, also those whose hostIP is of the other family.
+    """
+    by_proto = {}
+    for m in conf.mappings:
+        by_proto.setdefault(m.protocol, []).append(str(m.host_port))
+    comment = _arg(conf.comment())
+    conditions = " ".join(_arg(a) for a in conf.conditions[family])
+    rules = []
+    for proto in sorted(by_proto):
+        ports = by_proto[proto]
+        for i in range(0, len(ports), MULTIPORT_MAX):
+            rule = "-A %s -m comment --comment %s -m multiport -p %s --destination-ports %s" % (
+                DNAT_CHAIN, comment, proto, ",".join(ports[i:i + MULTIPORT_MAX]))
+            if conditions:
+                rule += " " + conditions
+            rules.append(rule + " -j " + conf.chain)
+    return rules
+
+
+def add_restore_input(conf, family, cnet, saved):
+    """Restore input that makes the table `saved` hold this container's mappings."""
+    from podnet.net.iptables import chain_exists, rules_referencing
+    lines = set(saved.splitlines())
+    out = ["*nat"]
+    for chain, rules in shared_rules(conf):
+        if not chain_exists(saved, chain):
+            out.append("-N " + chain)       # fails if it appeared meanwhile: never flushes it
+        out += [r for r in rules if r not in lines]
+    out += [add for rule, add in jump_rules(conf) if rule not in lines]
+    # A repeated ADD: drop the old jumps to our chain, then rebuild the chain.
+    out += ["-D" + r[2:] for r in rules_referencing(saved, conf.chain)
+            if not r.startswith("-A %s " % conf.chain)]
+    out.append(":%s - [0:0]" % conf.chain)
+    out += dnat_rules(conf, family, cnet)
+    out += entry_rules(conf, family)
+    out.append("COMMIT")
+    return "\n".join(out) + "\n"
+
+
+def diff_del_input(saved, chains):
+    """Removal of `chains` and every rule jumping to them, from a table read; None if none exist."""
+    from podnet.net.iptables import chain_exists, rules_referencing
+    out = ["*nat"]
+    found = False
+    for chain in chains:
+        refs = [r for r in rules_referencing(saved, chain) if not r.startswith("-A %s " % chain)]
+        if not refs and not chain_exists(saved, chain):
+            continue
+        found = True
+        out += ["-D" + r[2:] for r in refs]
+        out += [":%s - [0:0]" % chain, "-X " + chain]
+    if not found:
+        return None
+    out.append("COMMIT")
+    return "\n".join(out) + "\n"
+
+
+def mapped_ports(saved, own_chain):
+    """[(protocol, host port, host IP or None, chain, comment)] of the other containers'
+    DNAT rules that are live (their chain is jumped to from CNI-HOSTPORT-DNAT)."""
+    from podnet.net.iptables import split_rule
+    owners = {}
+    dnats = []
+    for line in saved.splitlines():
+        if line.startswith("-A %s " % DNAT_CHAIN):
+            args = split_rule(line)
+            if "-j" in args:
+                target = args[args.index("-j") + 1]
+                comment = args[args.index("--comment") + 1] if "--comment" in args else ""
+                owners.setdefault(target, comment)
+        elif line.startswith("-A CNI-DN-") and " -j DNAT " in line:
+            dnats.append(line.split())
+    out = []
+    for args in dnats:
+        chain = args[1]
+        if chain == own_chain or chain not in owners or "-p" not in args or "--dport" not in args:
+            continue
+        host_ip = args[args.index("-d") + 1].split("/")[0] if "-d" in args else None
+        try:
+            port = int(args[args.index("--dport") + 1])
+        except ValueError:
+            continue
+        out.append((args[args.index("-p") + 1], port, host_ip, chain, owners[chain]))
+    return out
+
+
+def check_conflicts(conf, family, saved):
+    taken = mapped_ports(saved, conf.chain)
+    for m in conf.for_family(family):
+        for proto, port, host_ip, chain, comment in taken:
+            if proto == m.protocol and port == m.host_port and (
+                    host_ip is None or m.host_ip is None or host_ip == m.host_ip):
+                raise CNIError(errors.HOST_PORT_IN_USE,
+                               "host port %s/%d%s is already mapped by another container"
+                               % (m.protocol, m.host_port, " on " + m.host_ip if m.host_ip else ""),
+                               "chain %s (%s)" % (chain, comment or "no comment"))
+
+
+# ---- the kernel -------------------------------------------------------------
+
+def _lock():
+    """flock serialising portmap ADDs (host-wide: a superset of per network
+    namespace, and one file only); returns the fd, closing it unlocks."""
+    import fcntl
+    path = LOCK_DIR + "/portmap.lock"
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileNotFoundError:
+        os.makedirs(LOCK_DIR, 0o755, exist_ok=True)
+        fd = os.open(path, flags, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _save(family, counters=False):
+    from podnet.net import iptables
+    try:
+        return iptables.save("nat", ipv6=family == AF_INET6, counters=counters)
+    except (iptables.IptablesError, OSError) as e:
+        raise CNIError(errors.KERNEL, "could not read the nat table: %s" % e) from None
+
+
+def _apply(conf, family, cnet, saved):
+    """Render against `saved` and restore; on failure re-read and retry."""
+    from podnet.net import iptables
+    for attempt in range(_ATTEMPTS):
+        if attempt:
+            saved = _save(family)
+            check_conflicts(conf, family, saved)
+        try:
+            iptables.restore(add_restore_input(conf, family, cnet, saved), ipv6=family == AF_INET6)
+            return
+        except iptables.IptablesError as e:
+            error = e
+    raise CNIError(errors.KERNEL, "could not add the port mappings: %s" % error)
+
+
+def teardown(conf, family):
+    """Remove this container's chain and the rules jumping to it; a no-op if absent.
+
+    Returns the host ports of the chain's UDP DNAT rules that ever matched a
+    packet: only for those can conntrack hold flows sent to the container.
+    """
+    from podnet.net import iptables
+    old_snat = chain_name(conf.name, conf.container_id, "SN-")   # made by old reference versions
+    for attempt in range(2):
+        saved, packets = iptables.split_counters(_save(family, counters=True))
+        udp_used = set()
+        for rule, n in packets.items():
+            if n and rule.startswith("-A %s " % conf.chain) and " -p udp " in rule and " -j DNAT " in rule:
+                args = rule.split()
+                udp_used.add(int(args[args.index("--dport") + 1]))
+        text = diff_del_input(saved, (conf.chain, old_snat))
+        if text is None:
+            return udp_used
+        try:
+            iptables.restore(text, ipv6=family == AF_INET6)
+            return udp_used
+        except iptables.IptablesError as e:
+            if attempt:
+                raise CNIError(errors.KERNEL, "could not remove the port mappings: %s" % e) from None
+
+
+def _routable_host_if(ip):
+    """The name of the interface the node routes `ip` through, or None."""
+    import struct
+    from podnet.net.netlink import RTA_DST, RTA_OIF, RTM_GETROUTE, Netlink, NetlinkError, attr, parse_attrs
+    try:
+        with Netlink() as nl:
+            body = struct.pack("=BBBBBBBBI", ip.family, ip.bits, 0, 0, 0, 0, 0, 0, 0)
+            for _, payload in nl.request(RTM_GETROUTE, 0, body + attr(RTA_DST, ip.packed())):
+                attrs = parse_attrs(payload, 12)
+                if RTA_OIF in attrs:
+                    link = nl.link(index=struct.unpack("=I", attrs[RTA_OIF])[0])
+                    return link.name if link else None
+    except (NetlinkError, OSError):
+        pass
+    return None
+
+
+def _flush_udp_conntrack(conf, families, ports=None):
+    """Best effort, as the reference: failures are reported on stderr only."""
+    if ports is None:
+        ports = {m.host_port for m in conf.mappings if m.protocol == "udp"}
+    if not ports:
+        return
+    try:
+        from podnet.net.conntrack import delete_by_dst_port
+        delete_by_dst_port("udp", ports, families)
+    except OSError as e:
+        import sys
+        sys.stderr.write("portmap: could not delete stale UDP conntrack entries: %s\n" % e)
+
+
+# ---- commands ---------------------------------------------------------------
+
+def cmd_add(args):
+    conf = PortMapConf(args)
+    if conf.prev is None:
+        raise _invalid("must be called as chained plugin", "prevResult is missing")
+    if not conf.mappings:
+        return conf.prev
+    if not conf.ips:
+        raise _invalid("prevResult has no address of interface %s in the sandbox to forward to"
+                       % args.ifname)
+    from podnet.net.iptables import chain_exists
+    families = sorted(conf.ips)
+    lock = _lock()
+    created = []        # families where this ADD made the chain: undone if a later step fails
+    try:
+        saved = {f: _save(f) for f in families}
+        for f in families:          # all checks before any change
+            check_conflicts(conf, f, saved[f])
+        for f in families:
+            if not chain_exists(saved[f], conf.chain):
+                created.append(f)   # (a failed rerun keeps what the running pod uses)
+            _apply(conf, f, conf.ips[f], saved[f])
+        if conf.snat and AF_INET in conf.ips:
+            # Let 127.0.0.1 leave through the pods' interface (localhost -> hostPort).
+            ifname = _routable_host_if(conf.ips[AF_INET].ip)
+            if ifname:
+                from podnet.net import sysctl
+                try:
+                    sysctl.write("net/ipv4/conf/%s/route_localnet" % ifname, "1")
+                except OSError as e:
+                    raise CNIError(errors.KERNEL, "unable to enable route_localnet on %s: %s"
+                                   % (ifname, e.strerror)) from None
+    except BaseException:
+        for f in created:
+            try:
+                teardown(conf, f)
+            except Exception:       # report the original error
+                pass
+        raise
+    finally:
+        os.close(lock)
+    # After the rules: new packets of a stale UDP flow now take the new path.
+    _flush_udp_conntrack(conf, families)
+    return conf.prev
+
+
+def cmd_del(args):
+    conf = PortMapConf(args, strict=False)
+    if not conf.raw_mappings:
+        return None
+    used = {f: teardown(conf, f) for f in (AF_INET, AF_INET6)}
+    families = [f for f in used if used[f]]
+    if families:    # UDP flows went to the container: stop them reaching it at once
+        _flush_udp_conntrack(conf, families, ports=set().union(*used.values()))
+    return None
+
+
+def cmd_check(args):
+    from podnet.net import iptables
+    conf = PortMapConf(args)
+    if conf.prev is None:
+        raise _invalid("Required prevResult missing")
+    if not conf.mappings:
+        return None
+    for family in sorted(conf.ips):
+        rules = dnat_rules(conf, family, conf.ips[family]) + entry_rules(conf, family)
+        for _, shared in shared_rules(conf):
+            rules += shared
+        rules += [rule for rule, _ in jump_rules(conf)]
+        text = "*nat\n" + "".join("-C" + r[2:] + "\n" for r in rules) + "COMMIT\n"
+        try:
+            iptables.restore(text, ipv6=family == AF_INET6)
+        except iptables.IptablesError as e:
+            raise _invalid("portmap rules of %s (IPv%d) not found" % (conf.chain, 6 if family == AF_INET6 else 4),
+                           _failed_rule(str(e), rules)) from None
+    return None
+
+
+def _failed_rule(message, rules):
+    """The rule a `-C` restore stopped at ("line N failed"), else the tool's message."""
+    for marker in ("line ", "line: "):     # "line 3 failed: ...", "Error occurred at line: 3"
+        at = message.find(marker)
+        words = message[at + len(marker):].split() if at >= 0 else []
+        digits = words[0].rstrip(":") if words else ""
+        if digits.isdigit() and 2 <= int(digits) < len(rules) + 2:
+            return "missing: " + rules[int(digits) - 2]
+    return message
+
+
+COMMANDS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check}
+
+
+def main():
+    from cni.skel import run_plugin
+    run_plugin(COMMANDS, about="podnet portmap plugin")
