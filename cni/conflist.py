@@ -9,7 +9,8 @@ Plugins that declare `capabilities` get the matching runtime values
 
 The cache has libcni's layout and format, <cacheDir>/results/<net>-<id>-<ifname>
 holding {"kind": "cniCacheV1", ...}, so a runtime using libcni and this module
-can share it.
+can share it. GC, as libcni's, first DELs the cached attachments the runtime
+no longer lists, then sends GC to each plugin (spec 1.1.0).
 
 This is the runtime side: plugins always run as separate processes here, the
 way kubelet/containerd would run them.
@@ -126,7 +127,8 @@ def _write_cache(conflist, rt, result):
     path = cache_path(conflist, rt)
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)   # as libcni: 0600
+    with open(fd, "w") as f:
         f.write(dumps(entry))
     os.replace(tmp, path)
 
@@ -153,6 +155,34 @@ def _drop_cache(conflist, rt):
         pass
 
 
+def cached_attachments(cache_dir, network=None):
+    """The attachments the cache knows (libcni's GetCachedAttachments): a list of
+    RuntimeConf rebuilt from each readable cniCacheV1 entry, of `network` if given."""
+    directory = os.path.join(cache_dir, "results")
+    try:
+        names = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in names:
+        try:
+            with open(os.path.join(directory, name), "rb") as f:
+                entry = loads(f.read())
+        except (OSError, JSONError):
+            continue
+        if not isinstance(entry, dict) or entry.get("kind") != "cniCacheV1":
+            continue
+        cid, ifname, net = entry.get("containerId"), entry.get("ifName"), entry.get("networkName")
+        if not (isinstance(cid, str) and cid and isinstance(ifname, str) and ifname
+                and isinstance(net, str) and net) or (network is not None and net != network):
+            continue
+        args = [tuple(kv) for kv in entry.get("cniArgs") or [] if isinstance(kv, list) and len(kv) == 2]
+        caps = entry.get("capabilityArgs") if isinstance(entry.get("capabilityArgs"), dict) else {}
+        netns = entry.get("netns") if isinstance(entry.get("netns"), str) else ""
+        out.append(RuntimeConf(cid, netns, ifname, args, caps, cache_dir))
+    return out
+
+
 # ---- the operations ---------------------------------------------------------------
 
 def add(conflist, rt, cni_path):
@@ -167,7 +197,12 @@ def add(conflist, rt, cni_path):
 
 def delete(conflist, rt, cni_path):
     """DEL every plugin in reverse order, with the cached result as prevResult."""
-    prev = cached_result(conflist, rt) if version_tuple(conflist.version) >= (0, 4, 0) else None
+    prev = None
+    if version_tuple(conflist.version) >= (0, 4, 0):
+        try:
+            prev = cached_result(conflist, rt)
+        except CNIError:        # unreadable: as libcni, drop it and DEL without
+            _drop_cache(conflist, rt)
     for plugin in reversed(conflist.plugins):
         _run(plugin, "DEL", plugin_config(conflist, plugin, rt, prev), rt, cni_path)
     _drop_cache(conflist, rt)
@@ -187,14 +222,32 @@ def check(conflist, rt, cni_path):
         _run(plugin, "CHECK", plugin_config(conflist, plugin, rt, prev), rt, cni_path)
 
 
-def gc(conflist, valid_attachments, cni_path):
-    """GC (spec 1.1.0): each plugin releases what is not in valid_attachments."""
-    if version_tuple(conflist.version) < (1, 1, 0) or conflist.disable_gc:
+def gc(conflist, valid_attachments, cni_path, cache_dir=None):
+    """GC, as libcni's GCNetworkList: first DEL every attachment of this network
+    that the cache (if cache_dir is given) holds and valid_attachments lacks,
+    with its cached runtime config; then (spec 1.1.0) each plugin's GC with the
+    valid attachments. Keeps going after a failure and raises the first."""
+    if conflist.disable_gc:
         return
-    extra = {"cni.dev/valid-attachments": [{"containerID": cid, "ifname": ifname}
-                                           for cid, ifname in valid_attachments]}
-    for plugin in conflist.plugins:
-        _run(plugin, "GC", plugin_config(conflist, plugin, None, None, extra), None, cni_path)
+    valid = {tuple(a) for a in valid_attachments}
+    failures = []
+    for rt in cached_attachments(cache_dir, conflist.name) if cache_dir else ():
+        if (rt.container_id, rt.ifname) not in valid:
+            try:
+                delete(conflist, rt, cni_path)
+            except CNIError as e:
+                failures.append(CNIError(e.code, "failed to delete stale attachment %s %s: %s"
+                                         % (rt.container_id, rt.ifname, e.msg), e.details))
+    if version_tuple(conflist.version) >= (1, 1, 0):
+        extra = {"cni.dev/valid-attachments": [{"containerID": cid, "ifname": ifname}
+                                               for cid, ifname in valid_attachments]}
+        for plugin in conflist.plugins:
+            try:
+                _run(plugin, "GC", plugin_config(conflist, plugin, None, None, extra), None, cni_path)
+            except CNIError as e:
+                failures.append(e)
+    if failures:
+        raise failures[0]
 
 
 def status(conflist, cni_path):

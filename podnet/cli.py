@@ -31,18 +31,24 @@ def cmd_cni(opts):
         if opts.cap_args:
             from cni.fastjson import loads
             cap_args = loads(opts.cap_args)
+            if not isinstance(cap_args, dict):
+                raise ValueError("--cap-args must be a JSON object, not %s" % opts.cap_args)
         args = [tuple(kv.split("=", 1)) for kv in opts.args.split(";") if kv] if opts.args else []
         rt = conflist.RuntimeConf(cid, opts.netns, opts.ifname, args, cap_args, opts.cache_dir)
         path = [d for d in opts.cni_path.split(":") if d]
         if opts.action == "add":
             print(dumps(to_version(conflist.add(conf, rt, path), conf.version), indent=4))
         elif opts.action == "del":
+            if not opts.cap_args:   # what ADD was given (portmap needs its mappings to remove them)
+                for cached in conflist.cached_attachments(opts.cache_dir, conf.name):
+                    if (cached.container_id, cached.ifname) == (cid, opts.ifname):
+                        rt.capability_args = cached.capability_args
             conflist.delete(conf, rt, path)
         elif opts.action == "check":
             conflist.check(conf, rt, path)
         elif opts.action == "gc":
             valid = [tuple(a.split("/", 1)) for a in opts.valid or []]
-            conflist.gc(conf, valid, path)
+            conflist.gc(conf, valid, path, opts.cache_dir)
         elif opts.action == "status":
             conflist.status(conf, path)
         return 0
@@ -65,6 +71,11 @@ def cmd_demo(opts):
 
 
 def main(argv=None):
+    import sys as _sys
+    argv = _sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["flanneld"]:     # flanneld parses its own (flannel's) flags
+        from flanneld.daemon import main as flanneld_main
+        return flanneld_main(argv[1:])
     parser = argparse.ArgumentParser(prog="podnet", description="Container networking for Kubernetes.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -84,10 +95,13 @@ def main(argv=None):
     p.add_argument("--container-id", default="", help="default: derived from the netns path")
     p.add_argument("--cni-path", default=os.environ.get("CNI_PATH", "/opt/cni/bin"))
     p.add_argument("--cache-dir", default="/var/lib/cni", help="libcni-compatible result cache")
-    p.add_argument("--cap-args", default="", help='capability args as JSON, e.g. \'{"portMappings": [...]}\'')
+    p.add_argument("--cap-args", default="", help='capability args as JSON, e.g. \'{"portMappings": [...]}\' '
+                   "(del: default the ones the cached ADD was given)")
     p.add_argument("--args", default="", help="CNI_ARGS, K=V;K2=V2")
     p.add_argument("--valid", action="append", help="gc: a valid attachment CONTAINERID/IFNAME (repeatable)")
     p.set_defaults(func=cmd_cni)
+
+    sub.add_parser("flanneld", help="run the overlay daemon (flannel's flags; see podnet flanneld --help)")
 
     p = sub.add_parser("demo", help="build a node in network namespaces, attach pods, check connectivity")
     p.add_argument("--pods", type=int, default=3)

@@ -13,6 +13,12 @@ Deliberate differences from the reference:
   written it yet), a malformed one is code 7 naming the file and key;
 - the saved delegate config is removed only after the delegate's DEL
   succeeded, so a failed DEL can be retried;
+- a failed delegate ADD is followed at once by the delegate's DEL (the
+  reference bridge leaves its veth behind when IPAM fails), and the saved
+  config is dropped if that DEL succeeded, kept for the runtime's DEL if not;
+- subnet.env is checked harder: FLANNEL_IPMASQ must be true or false (the
+  reference reads anything else as false), a subnet must lie inside a
+  network of its family, comments, blank lines and quotes are allowed;
 - CHECK is implemented (delegate CHECK with the saved config and prevResult).
 """
 import os
@@ -65,14 +71,17 @@ def parse_subnet_env(text, path="subnet.env"):
         out = []
         for item in filter(None, values.get(key, "").split(",")):
             try:
-                out.append(parse_cidr(item.strip()))
+                net = parse_cidr(item.strip())
             except ValueError:
                 raise CNIError(errors.INVALID_NETCONF, "%s: %s is not a CIDR: %r" % (path, key, item)) from None
+            if not any(n.masked() == net.masked() for n in out):
+                out.append(net)     # a repeated network would be a duplicate route
         return out
 
     networks = nets("FLANNEL_NETWORK") + nets("FLANNEL_IPV6_NETWORK")
     subnets = nets("FLANNEL_SUBNET") + nets("FLANNEL_IPV6_SUBNET")
-    missing = [k for k, present in (("FLANNEL_NETWORK", networks), ("FLANNEL_SUBNET", subnets),
+    missing = [k for k, present in (("FLANNEL_NETWORK or FLANNEL_IPV6_NETWORK", networks),
+                                    ("FLANNEL_SUBNET or FLANNEL_IPV6_SUBNET", subnets),
                                     ("FLANNEL_MTU", "FLANNEL_MTU" in values),
                                     ("FLANNEL_IPMASQ", "FLANNEL_IPMASQ" in values)) if not present]
     if missing:
@@ -85,7 +94,8 @@ def parse_subnet_env(text, path="subnet.env"):
         raise CNIError(errors.INVALID_NETCONF, "%s: FLANNEL_IPMASQ must be true or false, not %r"
                        % (path, values["FLANNEL_IPMASQ"]))
     for sn in subnets:
-        if not any(nw.family == sn.family and nw.masked().contains(sn.ip) for nw in networks):
+        if not any(nw.family == sn.family and nw.prefixlen <= sn.prefixlen and nw.masked().contains(sn.ip)
+                   for nw in networks):
             raise CNIError(errors.INVALID_NETCONF, "%s: subnet %s is outside the cluster network" % (path, sn))
     return SubnetEnv(networks, subnets, int(mtu), ipmasq == "true")
 
@@ -95,6 +105,13 @@ def delegate_config(conf, env):
     if not isinstance(conf.get("delegate") or {}, dict):
         raise CNIError(errors.INVALID_NETCONF, "delegate must be an object")
     deleg = dict(conf.get("delegate") or {})
+    # As the reference: flannel sets these, a delegate that has them is a mistake.
+    if "type" in deleg and not isinstance(deleg["type"], str):
+        raise CNIError(errors.INVALID_NETCONF, "'delegate' dictionary, if present, must have (string) 'type' field")
+    for key in ("name", "ipam"):
+        if key in deleg:
+            raise CNIError(errors.INVALID_NETCONF,
+                           "'delegate' dictionary must not have '%s' field, it'll be set by flannel" % key)
     deleg["name"] = conf["name"]
     deleg.setdefault("type", "bridge")
     deleg.setdefault("ipMasq", not env.ipmasq)     # flanneld masquerades, or the bridge must
@@ -111,7 +128,10 @@ def delegate_config(conf, env):
     ipam = dict(ipam)
     ipam.setdefault("type", "host-local")
     ipam["ranges"] = [[{"subnet": str(sn.masked())}] for sn in env.subnets]
-    routes = list(ipam.get("routes") or [])
+    routes = ipam.get("routes") or []
+    if not isinstance(routes, list) or not all(isinstance(r, dict) for r in routes):
+        raise CNIError(errors.INVALID_NETCONF, "ipam.routes must be a list of route objects")
+    routes = list(routes)
     routes += [{"dst": str(nw.masked())} for nw in env.networks]
     ipam["routes"] = routes
     deleg["ipam"] = ipam
@@ -164,7 +184,15 @@ def cmd_add(args):
     try:
         return delegate(deleg["type"], "ADD", args, data)
     except CNIError as e:
-        os.unlink(os.path.join(data_dir, args.container_id))
+        # A delegate may leave things behind when its ADD fails (the reference
+        # bridge keeps the veth when IPAM fails): DEL it now. Only if that worked
+        # is the saved config dropped; otherwise the runtime's DEL retries with it.
+        try:
+            delegate(deleg["type"], "DEL", args, data)
+        except CNIError:
+            pass
+        else:
+            os.unlink(os.path.join(data_dir, args.container_id))
         raise CNIError(e.code, "failed to delegate add: %s" % e.msg, e.details) from None
 
 
