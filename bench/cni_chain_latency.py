@@ -26,7 +26,6 @@ counted. Prints a Markdown table for docs/performance.md.
 """
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -37,6 +36,7 @@ from cni.executable import install  # noqa: E402
 from cni.plugins.flannel import delegate_config, parse_subnet_env  # noqa: E402
 from podnet.cluster import Lab  # noqa: E402
 from podnet.net.netns import entered  # noqa: E402
+from benchlib import summary  # noqa: E402
 
 REF_DIR = "/usr/lib/cni"
 SUBNET_ENV = ("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\n"
@@ -66,11 +66,6 @@ def timed(fn, node_path, *args):
         start = time.perf_counter()
         fn(*args)
         return (time.perf_counter() - start) * 1000
-
-
-def summary(samples):
-    s = sorted(samples)
-    return statistics.median(s), s[min(len(s) - 1, int(round(0.9 * (len(s) - 1))))]
 
 
 def main():

@@ -12,17 +12,14 @@ on, spec 1.0.0. Prints a Markdown table for docs/performance.md.
 """
 import argparse
 import os
-import statistics
-import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cni.executable import install  # noqa: E402
 from cni.fastjson import dumps  # noqa: E402
 from podnet.cluster import Lab  # noqa: E402
-from podnet.net.netns import open_netns, setns  # noqa: E402
+from benchlib import run_plugin, summary  # noqa: E402
 
 REF_DIR = "/usr/lib/cni"
 
@@ -35,25 +32,7 @@ def config(data_dir, masq):
 
 
 def timed(node_path, plugin, command, container_id, netns_path, stdin, cni_path):
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CNI_COMMAND": command,
-           "CNI_CONTAINERID": container_id, "CNI_NETNS": netns_path, "CNI_IFNAME": "eth0",
-           "CNI_PATH": cni_path}
-    fd = open_netns(node_path)
-    try:
-        start = time.perf_counter()
-        proc = subprocess.run([plugin], input=stdin, env=env, capture_output=True,
-                              preexec_fn=lambda: setns(fd), pass_fds=(fd,))
-        elapsed = (time.perf_counter() - start) * 1000
-    finally:
-        os.close(fd)
-    if proc.returncode != 0:
-        raise SystemExit("%s %s failed: %s %s" % (plugin, command, proc.stdout, proc.stderr))
-    return elapsed
-
-
-def summary(samples):
-    s = sorted(samples)
-    return statistics.median(s), s[min(len(s) - 1, int(round(0.9 * (len(s) - 1))))]
+    return run_plugin(node_path, plugin, command, container_id, netns_path, stdin, cni_path)[0]
 
 
 def main():

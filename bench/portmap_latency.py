@@ -14,16 +14,14 @@ makes both delete conntrack entries). Prints medians and p90 in ms.
 import argparse
 import os
 import statistics
-import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cni.executable import install  # noqa: E402
 from cni.fastjson import dumps, loads  # noqa: E402
 from podnet.cluster import Lab  # noqa: E402
-from podnet.net.netns import open_netns, setns  # noqa: E402
+from benchlib import run_plugin  # noqa: E402
 
 REF_DIR = "/usr/lib/cni"
 MAPPINGS = [{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"},
@@ -38,20 +36,7 @@ def bridge_conf(data_dir, dual):
 
 
 def run(node_path, plugin, command, netns_path, stdin, cni_path):
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CNI_COMMAND": command,
-           "CNI_CONTAINERID": "bench-ctr", "CNI_NETNS": netns_path, "CNI_IFNAME": "eth0",
-           "CNI_PATH": cni_path}
-    fd = open_netns(node_path)
-    try:
-        start = time.perf_counter()
-        proc = subprocess.run([plugin], input=stdin, env=env, capture_output=True,
-                              preexec_fn=lambda: setns(fd), pass_fds=(fd,))
-        elapsed = (time.perf_counter() - start) * 1000
-    finally:
-        os.close(fd)
-    if proc.returncode != 0:
-        raise SystemExit("%s %s failed: %s %s" % (plugin, command, proc.stdout, proc.stderr))
-    return elapsed, proc.stdout
+    return run_plugin(node_path, plugin, command, "bench-ctr", netns_path, stdin, cni_path)
 
 
 def main():
