@@ -162,8 +162,9 @@ class Daemon:
         self.backend.configure(self.lease)
         write_file_atomically(self.opts.subnet_file,
                               subnet_env(config.network, self.lease.subnet, mtu, self.opts.ip_masq))
-        if self.opts.ip_masq:
-            ipmasq.apply(config.network, self.lease.subnet)
+        # As flannel: the FORWARD accept rules always (a node whose FORWARD
+        # policy is DROP must still forward pod traffic), masquerade on --ip-masq.
+        ipmasq.apply(config.network, self.lease.subnet, masquerade=self.opts.ip_masq)
         threading.Thread(target=self._renew_loop, name="renew", daemon=True).start()
         self.ready.set()
         self._follow_leases()

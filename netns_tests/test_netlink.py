@@ -592,6 +592,34 @@ def test_vxlan_fdb(routed):
     assert e.value.errno == errno.ENOENT
 
 
+def test_fdb_dump_matches_bridge(routed):
+    """Netlink.fdb(index): the VXLAN device's own entries, as `bridge fdb show dev` lists them."""
+    nl, ns = routed.nl, routed.ns
+    nl.add_vxlan("vx0", 1, local=ip("10.1.0.2"))
+    vx = nl.link("vx0")
+    nl.set_fdb(vx.index, MAC1, ip("10.1.0.7"))
+    nl.set_fdb(vx.index, MAC2, ip("10.1.0.8"))
+    got = {(e.lladdr, str(e.dst)) for e in nl.fdb(vx.index)}
+    assert got == {(m, e["dst"]) for m, es in fdb(ns, "vx0").items() for e in es}
+    assert got == {(MAC1, "10.1.0.7"), (MAC2, "10.1.0.8")}
+    for e in nl.fdb(vx.index):
+        assert e.family == nlmod.AF_BRIDGE and e.index == vx.index
+        assert e.state == NUD_PERMANENT and e.flags & nlmod.NTF_SELF
+    assert {e.index for e in nl.fdb()} >= {vx.index}       # all links without an index
+
+
+def test_del_route_by_protocol(routed):
+    """del_route(protocol=P) deletes only a route installed with protocol P."""
+    nl, ns = routed.nl, routed.ns
+    nl.add_route(net("10.5.0.0/16"), gateway=ip("10.1.0.1"), protocol=77)
+    with pytest.raises(NetlinkError) as e:
+        nl.del_route(net("10.5.0.0/16"), protocol=nlmod.RTPROT_STATIC)
+    assert e.value.errno == errno.ESRCH
+    assert route_json(ns, "10.5.0.0/16")[0]["protocol"] == "77"
+    nl.del_route(net("10.5.0.0/16"), protocol=77)
+    assert route_json(ns, "10.5.0.0/16") == []
+
+
 def test_vxlan_flood_entries(routed):
     """Regression: the all-zeros MAC (flooding to every VTEP) was sent with
     NLM_F_REPLACE, which the kernel refuses for it (EOPNOTSUPP); it is a list."""

@@ -507,12 +507,13 @@ class Netlink:
         flags = F_CREATE | (F_REPLACE if replace else (F_APPEND if append else F_EXCL))
         self.request(RTM_NEWROUTE, flags, body)
 
-    def del_route(self, dst, gateway=None, oif=0, table=RT_TABLE_MAIN, priority=0):
+    def del_route(self, dst, gateway=None, oif=0, table=RT_TABLE_MAIN, priority=0, protocol=0):
         # Scope RT_SCOPE_NOWHERE matches any scope (as `ip route del`); with 0
         # (universe) the kernel would only delete routes via a gateway, and a
-        # link-scope route (no gateway) would answer ESRCH.
+        # link-scope route (no gateway) would answer ESRCH. protocol 0 matches
+        # any; another value deletes only a route installed with it.
         body = _RTMSG.pack(dst.family, dst.prefixlen, 0, 0, table if table < 256 else 252,
-                           0, RT_SCOPE_NOWHERE, 0, 0)
+                           protocol, RT_SCOPE_NOWHERE, 0, 0)
         if dst.prefixlen:
             body += attr(RTA_DST, dst.masked().ip.packed())
         if table >= 256:
@@ -550,6 +551,15 @@ class Netlink:
     def del_neighbour(self, index, dst):
         body = _NDMSG.pack(dst.family, index, 0, 0, 0) + attr(NDA_DST, dst.packed())
         self.request(RTM_DELNEIGH, 0, body)
+
+    def fdb(self, index=None):
+        """Bridge/VXLAN FDB entries (`bridge fdb show`), of one link if index is given.
+
+        Neigh objects with family AF_BRIDGE: lladdr the MAC, dst the remote VTEP
+        IP of a VXLAN entry (None for a bridge port's), state and flags
+        (NTF_SELF: the device's own table) as the kernel reports them.
+        """
+        return self.neighbours(family=AF_BRIDGE, index=index)
 
     def set_fdb(self, index, lladdr, dst):
         """Add or replace a VXLAN FDB entry: MAC -> remote VTEP IP (bridge fdb ... self).
