@@ -450,3 +450,194 @@ def _cleanup_open_labs():
             lab.cleanup()
         except Exception:
             pass
+
+
+# --- a whole cluster: etcd, flanneld per node, pods through the flannel conflist ---
+
+class Pod:
+    __slots__ = ("name", "node", "ns", "container_id", "ip")
+
+    def __init__(self, name, node, ns, container_id, ip):
+        self.name, self.node, self.ns, self.container_id, self.ip = name, node, ns, container_id, ip
+
+    def __repr__(self):
+        return "Pod(%s on %s, %s)" % (self.name, self.node.role, self.ip)
+
+
+class Cluster:
+    """A multi-node cluster in one Lab, wired like a real flannel cluster:
+
+    - an underlay switch; etcd in its own namespace on it (the last address);
+    - per node: a namespace on the underlay running `podnet flanneld`, podnet's
+      CNI executables and the stock 10-flannel.conflist (flannel + portmap),
+      all paths under the lab's workdir;
+    - pods: empty namespaces attached with `podnet cni add` run in the node,
+      exactly as a container runtime would run the conflist.
+    """
+
+    ETCD_PORT = 2379
+
+    def __init__(self, lab, nodes=3, backend="vxlan", network="10.244.0.0/16",
+                 underlay="192.168.50.0/24", ip_masq=True, python=None):
+        self.lab = lab
+        self.node_count = nodes
+        self.backend = backend
+        self.network = network
+        self.ip_masq = ip_masq
+        self.python = python or _venv_python()
+        self.underlay = lab.underlay(underlay)
+        self.nodes = []
+        self.flanneld = {}          # node role -> Popen
+        self.pods = []
+        self.etcd_ns = None
+        self.etcd_url = None
+        self.bin_dir = os.path.join(lab.workdir, "bin")
+
+    # -- etcd --
+    def start_etcd(self):
+        self.etcd_ns = self.lab.namespace("etcd")
+        ip = str(self.underlay.subnet.broadcast_address - 1)
+        self.underlay.attach(self.etcd_ns, ip)
+        self.etcd_url = "http://%s:%d" % (ip, self.ETCD_PORT)
+        data = os.path.join(self.lab.workdir, "etcd")
+        self.etcd_ns.popen(["etcd", "--name", "etcd", "--data-dir", data,
+                            "--listen-client-urls", "%s,http://127.0.0.1:%d" % (self.etcd_url, self.ETCD_PORT),
+                            "--advertise-client-urls", self.etcd_url,
+                            "--listen-peer-urls", "http://127.0.0.1:2380",
+                            "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
+                            "--initial-cluster", "etcd=http://127.0.0.1:2380"],
+                           stdout=open(os.path.join(self.lab.workdir, "etcd.log"), "w"),
+                           stderr=subprocess.STDOUT)
+        _wait(lambda: self.etcdctl("endpoint", "health", check=False).returncode == 0, 15, "etcd to start")
+
+    def etcdctl(self, *args, check=True):
+        env = {"ETCDCTL_API": "3", "PATH": SYSTEM_PATH}
+        return self.etcd_ns.run(["etcdctl", "--endpoints", "http://127.0.0.1:%d" % self.ETCD_PORT] + list(args),
+                                check=check, env=env)
+
+    def network_config(self):
+        backend = {"Type": self.backend}
+        if self.backend == "vxlan":
+            backend.update({"VNI": 1, "Port": 8472})
+        return json.dumps({"Network": self.network, "SubnetLen": 24, "Backend": backend})
+
+    def put_network_config(self, text=None):
+        self.etcdctl("put", "/coreos.com/network/config", text or self.network_config())
+
+    # -- nodes --
+    def node_dir(self, node):
+        path = os.path.join(self.lab.workdir, node.role)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def subnet_file(self, node):
+        return os.path.join(self.node_dir(node), "subnet.env")
+
+    def add_node(self, name):
+        node = self.lab.node(name, self.underlay, ip_forward=True)
+        self.nodes.append(node)
+        self.start_flanneld(node)
+        return node
+
+    def start_flanneld(self, node, extra=()):
+        argv = [self.python, "-m", "flanneld.daemon", "--etcd-endpoints", self.etcd_url,
+                "--iface", node.underlay_if, "--subnet-file", self.subnet_file(node)] + list(extra)
+        if self.ip_masq:
+            argv.append("--ip-masq")
+        log = open(os.path.join(self.node_dir(node), "flanneld.log"), "a")
+        self.flanneld[node.role] = node.popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                              cwd=_SOURCE_ROOT, env=dict(os.environ, PYTHONPATH=_SOURCE_ROOT))
+        return self.flanneld[node.role]
+
+    def stop_flanneld(self, node, timeout=10):
+        proc = self.flanneld.pop(node.role)
+        proc.terminate()
+        proc.wait(timeout)
+
+    def wait_ready(self, timeout=30):
+        """Until every node has written subnet.env (its lease is in etcd)."""
+        _wait(lambda: all(os.path.exists(self.subnet_file(n)) for n in self.nodes), timeout,
+              "flanneld to write subnet.env on every node", self._logs)
+
+    def conflist(self, node):
+        d = self.node_dir(node)
+        return {"name": "cbr0", "cniVersion": "1.0.0", "plugins": [
+            {"type": "flannel", "subnetFile": self.subnet_file(node), "dataDir": os.path.join(d, "flannel"),
+             "delegate": {"hairpinMode": True, "isDefaultGateway": True},
+             "ipam": {"dataDir": os.path.join(d, "ipam")}},
+            {"type": "portmap", "capabilities": {"portMappings": True}},
+        ]}
+
+    def start(self):
+        from cni.executable import install
+        install(self.bin_dir, "/usr/bin/python3")
+        self.start_etcd()
+        self.put_network_config()
+        for i in range(1, self.node_count + 1):
+            self.add_node("node%d" % i)
+        self.wait_ready()
+        return self
+
+    # -- pods --
+    def add_pod(self, node, name, port_mappings=None):
+        ns = self.lab.pod_netns(name)
+        conf_path = os.path.join(self.node_dir(node), "10-flannel.conflist")
+        with open(conf_path, "w") as f:
+            json.dump(self.conflist(node), f)
+        cid = "%s-%s" % (self.lab.prefix, name)
+        argv = [self.python, "-m", "podnet.cli", "cni", "add", ns.path, "--conflist", conf_path,
+                "--container-id", cid, "--cni-path", self.bin_dir,
+                "--cache-dir", os.path.join(self.node_dir(node), "cache")]
+        if port_mappings:
+            argv += ["--cap-args", json.dumps({"portMappings": port_mappings})]
+        out = node.run(argv, env=dict(os.environ, PYTHONPATH=_SOURCE_ROOT))
+        result = json.loads(out.stdout)
+        ns.ip("link", "set", "lo", "up")
+        pod = Pod(name, node, ns, cid, result["ips"][0]["address"].split("/")[0])
+        self.pods.append(pod)
+        return pod
+
+    def remove_pod(self, pod):
+        conf_path = os.path.join(self.node_dir(pod.node), "10-flannel.conflist")
+        pod.node.run([self.python, "-m", "podnet.cli", "cni", "del", pod.ns.path, "--conflist", conf_path,
+                      "--container-id", pod.container_id, "--cni-path", self.bin_dir,
+                      "--cache-dir", os.path.join(self.node_dir(pod.node), "cache")],
+                     env=dict(os.environ, PYTHONPATH=_SOURCE_ROOT))
+        self.pods.remove(pod)
+
+    def ping_matrix(self, count=1, timeout=2):
+        """{(from pod, to pod): True/False} for every ordered pair of distinct pods."""
+        out = {}
+        for a in self.pods:
+            for b in self.pods:
+                if a is not b:
+                    r = a.ns.run(["ping", "-c", str(count), "-W", str(timeout), "-q", b.ip], check=False)
+                    out[(a.name, b.name)] = r.returncode == 0
+        return out
+
+    def _logs(self):
+        text = []
+        for node in self.nodes:
+            path = os.path.join(self.node_dir(node), "flanneld.log")
+            if os.path.exists(path):
+                with open(path) as f:
+                    text.append("--- %s flanneld.log ---\n%s" % (node.role, f.read()[-3000:]))
+        return "\n".join(text)
+
+
+_SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _venv_python():
+    import sys
+    return sys.executable
+
+
+def _wait(predicate, timeout, what, on_timeout=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    detail = on_timeout() if on_timeout else ""
+    raise TimeoutError("timed out after %ss waiting for %s\n%s" % (timeout, what, detail))
