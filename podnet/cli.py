@@ -67,7 +67,8 @@ def _short_hash(text):
 
 def cmd_demo(opts):
     from podnet.demo import run_demo
-    return run_demo(pods=opts.pods, keep=opts.keep)
+    return run_demo(nodes=opts.nodes, backend=opts.backend, pods_per_node=opts.pods_per_node,
+                    keep=opts.keep)
 
 
 def main(argv=None):
@@ -103,8 +104,10 @@ def main(argv=None):
 
     sub.add_parser("flanneld", help="run the overlay daemon (flannel's flags; see podnet flanneld --help)")
 
-    p = sub.add_parser("demo", help="build a node in network namespaces, attach pods, check connectivity")
-    p.add_argument("--pods", type=int, default=3)
+    p = sub.add_parser("demo", help="build a cluster in network namespaces, attach pods, check connectivity")
+    p.add_argument("--nodes", type=int, default=3)
+    p.add_argument("--backend", choices=["vxlan", "host-gw", "udp"], default="vxlan")
+    p.add_argument("--pods-per-node", type=int, default=1)
     p.add_argument("--keep", action="store_true", help="leave the lab up until Enter is pressed")
     p.set_defaults(func=cmd_demo)
 

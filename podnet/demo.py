@@ -1,75 +1,52 @@
-"""The main job for now: one node in a network namespace, pods attached by our
-own CNI plugins (loopback, bridge + host-local), and a printed connectivity
-check. Everything lives in namespaces the Lab created and is removed at the end.
+"""The main job: a multi-node cluster in network namespaces, checked end to end.
+
+etcd runs in its own namespace on the underlay; every node runs `flanneld`
+(vxlan by default) which leases it a subnet and programs the overlay; pods
+are attached by the stock 10-flannel conflist (flannel -> bridge ->
+host-local, then portmap) run through podnet's conflist executor, as a
+container runtime would. Then every pod pings every other pod on every node,
+and the result is printed. Everything lives in namespaces the Lab created and
+is removed at the end.
 """
-import os
 import time
 
-from cni.executable import install
-from podnet.cluster import Lab
-
-POD_CIDR = "10.244.1.0/24"
-
-
-def network_config(data_dir):
-    return {
-        "cniVersion": "1.0.0", "name": "podnet", "type": "bridge", "bridge": "cni0",
-        "isGateway": True, "ipMasq": True, "hairpinMode": True,
-        "ipam": {"type": "host-local", "ranges": [[{"subnet": POD_CIDR}]],
-                 "routes": [{"dst": "0.0.0.0/0"}], "dataDir": data_dir},
-    }
+from podnet.cluster import Cluster, Lab
 
 
 def _step(text):
     print("  " + text, flush=True)
 
 
-def run_demo(pods=3, keep=False):
+def run_demo(nodes=3, backend="vxlan", pods_per_node=1, keep=False):
+    started = time.monotonic()
     with Lab() as lab:
-        print("podnet demo: lab %s" % lab.prefix)
-        bin_dir = os.path.join(lab.workdir, "bin")
-        install(bin_dir, "/usr/bin/python3")
-        underlay = lab.underlay("192.168.50.0/24")
-        node = lab.node("node1", underlay)
-        _step("node %s on the underlay at %s" % (node.name, node.underlay_ip))
-        conf = network_config(os.path.join(lab.workdir, "ipam"))
-        lo_conf = {"cniVersion": "1.0.0", "name": "lo", "type": "loopback"}
+        print("podnet demo: %d nodes, flannel backend %s (lab %s)" % (nodes, backend, lab.prefix))
+        cluster = Cluster(lab, nodes=nodes, backend=backend)
+        cluster.start()
+        _step("etcd at %s; network config %s" % (cluster.etcd_url, cluster.network_config()))
+        for node in cluster.nodes:
+            with open(cluster.subnet_file(node)) as f:
+                env = dict(line.split("=", 1) for line in f.read().split())
+            _step("%s (underlay %s): flanneld leased %s, MTU %s"
+                  % (node.role, node.underlay_ip, env["FLANNEL_SUBNET"], env["FLANNEL_MTU"]))
+        for node in cluster.nodes:
+            for i in range(1, pods_per_node + 1):
+                pod = cluster.add_pod(node, "%s-pod%d" % (node.role, i))
+                _step("pod %s on %s: %s" % (pod.name, node.role, pod.ip))
 
-        members = []
-        for i in range(1, pods + 1):
-            pod = lab.pod_netns("pod%d" % i)
-            cid = "demo-pod%d" % i
-            for plugin, c, ifname in (("loopback", lo_conf, "lo"), ("bridge", conf, "eth0")):
-                started = time.perf_counter()
-                out = node.run_cni(os.path.join(bin_dir, plugin), "ADD", cid, pod.path, ifname, c, bin_dir)
-                elapsed = (time.perf_counter() - started) * 1000
-                if out.returncode != 0:
-                    print("CNI ADD (%s) for %s failed: %s %s" % (plugin, cid, out.stdout, out.stderr))
-                    return 1
-            address = out.result["ips"][0]["address"].split("/")[0]
-            gateway = out.result["ips"][0]["gateway"]
-            members.append(("pod%d" % i, pod, cid, address))
-            _step("pod%d: eth0 %s via bridge+host-local (ADD %.0f ms)" % (i, address, elapsed))
-
-        print("connectivity (ping, 1 packet each):")
-        failures = 0
-        targets = [("gateway", gateway)] + [(name, a) for name, _, _, a in members]
-        for pod_name, pod, _, address in members:
-            row = []
-            for name, target in targets:
-                if target == address:
-                    continue
-                ok = pod.run(["ping", "-c1", "-W2", "-q", target], check=False).returncode == 0
-                failures += not ok
-                row.append("%s %s" % (name, "ok" if ok else "FAIL"))
-            _step("%s (%s) -> %s" % (pod_name, address, ", ".join(row)))
+        print("connectivity (every pod pings every other pod, 1 packet each):")
+        matrix = cluster.ping_matrix()
+        for pod in cluster.pods:
+            row = ["%s %s" % (b, "ok" if ok else "FAIL") for (a, b), ok in matrix.items() if a == pod.name]
+            _step("%s -> %s" % (pod.name, ", ".join(row)))
+        failures = [pair for pair, ok in matrix.items() if not ok]
 
         if keep:
-            input("lab is up; press Enter to tear it down ")
-        for _, pod, cid, _ in members:
-            node.run_cni(os.path.join(bin_dir, "bridge"), "DEL", cid, pod.path, "eth0", conf, bin_dir)
-        leftover = [l for l in node.link_names() if l.startswith("veth")]
-        _step("after DEL: %d veths left in the node" % len(leftover))
-    print("RESULT: %s" % ("all pods reach each other and the gateway" if not failures
-                          else "%d pings failed" % failures))
-    return 0 if not failures and not leftover else 1
+            input("cluster is up; press Enter to tear it down ")
+        for pod in list(cluster.pods):
+            cluster.remove_pod(pod)
+    print("RESULT: %s (%.1f s)" % (
+        "all %d pod pairs across %d nodes reach each other" % (len(matrix), nodes) if not failures
+        else "%d of %d pod pairs FAILED: %s" % (len(failures), len(matrix), failures),
+        time.monotonic() - started))
+    return 0 if not failures else 1
