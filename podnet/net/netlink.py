@@ -155,13 +155,14 @@ def _cstr(raw):
 
 class Link:
     __slots__ = ("index", "name", "kind", "slave_kind", "mtu", "mac", "flags", "master",
-                 "operstate", "peer_index", "link_netnsid", "promiscuity", "info_data")
+                 "operstate", "peer_index", "link_netnsid", "promiscuity", "info_data", "txqlen")
 
     def __init__(self, index, attrs, flags):
         self.index = index
         self.flags = flags
         self.name = _cstr(attrs[IFLA_IFNAME]) if IFLA_IFNAME in attrs else ""
         self.mtu = struct.unpack("=I", attrs[IFLA_MTU])[0] if IFLA_MTU in attrs else 0
+        self.txqlen = struct.unpack("=I", attrs[IFLA_TXQLEN])[0] if IFLA_TXQLEN in attrs else 0
         self.mac = mac_str(attrs[IFLA_ADDRESS]) if IFLA_ADDRESS in attrs else ""
         self.master = struct.unpack("=I", attrs[IFLA_MASTER])[0] if IFLA_MASTER in attrs else 0
         self.peer_index = struct.unpack("=I", attrs[IFLA_LINK])[0] if IFLA_LINK in attrs else 0
@@ -380,7 +381,7 @@ class Netlink:
         self._newlink(F_CREATE | F_EXCL, attrs=attrs)
 
     def set_link(self, index, up=None, master=None, mtu=None, mac=None, netns_fd=None,
-                 name=None, promisc=None):
+                 name=None, promisc=None, txqlen=None):
         ifflags = change = 0
         if up is not None:
             change |= IFF_UP
@@ -399,6 +400,8 @@ class Netlink:
             attrs += u32(IFLA_NET_NS_FD, netns_fd)
         if name:
             attrs += attr(IFLA_IFNAME, name)
+        if txqlen is not None:
+            attrs += u32(IFLA_TXQLEN, txqlen)
         self._newlink(0, index=index, ifflags=ifflags, change=change, attrs=attrs)
 
     def set_bridge_port(self, index, hairpin):
