@@ -41,8 +41,9 @@ def parse_args(argv=None):
     p.add_argument("--public-ip", default=None, help="IP other nodes reach this node at (default: --iface's)")
     p.add_argument("--ip-masq", action="store_true", help="masquerade traffic leaving the cluster network")
     p.add_argument("--subnet-file", default=DEFAULT_SUBNET_FILE, help="where to write subnet.env (default: %(default)s)")
-    p.add_argument("--subnet-lease-renew-margin", type=int, default=60,
-                   help="renew the lease this many minutes before it expires (default: %(default)s)")
+    p.add_argument("--subnet-lease-renew-margin", type=float, default=60,
+                   help="renew the lease this many minutes before it expires (default: %(default)s; "
+                        "fractions allowed)")
     p.add_argument("--subnet-lease-ttl", type=int, default=DEFAULT_TTL, help=argparse.SUPPRESS)
     p.add_argument("--healthz-ip", default="0.0.0.0", help="address of the health endpoint (default: %(default)s)")
     p.add_argument("--healthz-port", type=int, default=0, help="port of /healthz; 0 disables it (default)")

@@ -11,15 +11,13 @@ backend in-process with its netlink socket bound to the node's namespace
 each test gets the backend it names whatever ran before it.
 
 Underlay captures run tcpdump in the switch namespace (on br0, which sees
-every frame between nodes) into a pcap file, parsed here: outer UDP port,
+every frame between nodes) into a pcap file, parsed by helpers.parse_pcap: outer UDP port,
 VXLAN VNI, inner addresses.
 """
 import json
 import logging
 import os
 import re
-import signal
-import struct
 import subprocess
 import time
 
@@ -33,6 +31,8 @@ from flanneld.subnet import Lease
 from podnet.cluster import Lab, exec_argv
 from podnet.net.ip import AF_INET, parse_cidr, parse_ip
 from podnet.net.netlink import Netlink
+
+from helpers import Capture
 
 NETWORK = "10.244.0.0/16"
 NODES = ("node1", "node2", "node3")
@@ -189,61 +189,6 @@ def full_state(node):
         state += [bridge_json(node, "fdb", "show", "dev", "flannel.1"),
                   node.ip_json("-d", "link", "show", "flannel.1"), node.ip_json("-4", "addr", "show", "flannel.1")]
     return state
-
-
-class Capture:
-    """tcpdump into a pcap file in namespace `ns` on `iface`, stopped by stop()."""
-
-    def __init__(self, ns, iface, bpf, path):
-        self.path = path
-        self.proc = ns.popen(["tcpdump", "-i", iface, "-n", "-U", "--immediate-mode", "-Z", "root",
-                              "-w", path, bpf], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        line = self.proc.stderr.readline().decode()       # "listening on br0, ..." once it captures
-        assert "listening on" in line, line
-
-    def stop(self):
-        time.sleep(0.2)
-        os.killpg(self.proc.pid, signal.SIGINT)
-        self.proc.wait(timeout=10)
-        self.proc.stderr.close()
-        return parse_pcap(self.path)
-
-
-def _ipv4(frame, off):
-    ihl = (frame[off] & 0x0F) * 4
-    proto = frame[off + 9]
-    src, dst = ".".join(map(str, frame[off + 12:off + 16])), ".".join(map(str, frame[off + 16:off + 20]))
-    return src, dst, proto, off + ihl
-
-
-def parse_pcap(path):
-    """Ethernet/IPv4 packets as dicts: src, dst, proto, dport (UDP), and for VXLAN
-    (UDP with the I flag) vni and the inner frame's src, dst, proto."""
-    with open(path, "rb") as f:
-        data = f.read()
-    magic, = struct.unpack_from("<I", data)
-    assert magic == 0xA1B2C3D4, "unexpected pcap format %x" % magic
-    assert struct.unpack_from("<I", data, 20)[0] == 1, "not an Ethernet capture"
-    off, out = 24, []
-    while off + 16 <= len(data):
-        _, _, incl, _ = struct.unpack_from("<IIII", data, off)
-        frame = data[off + 16: off + 16 + incl]
-        off += 16 + incl
-        if len(frame) < 34 or frame[12:14] != b"\x08\x00":
-            continue
-        src, dst, proto, l4 = _ipv4(frame, 14)
-        pkt = {"src": src, "dst": dst, "proto": proto}
-        if proto == 17:
-            sport, dport = struct.unpack_from("!HH", frame, l4)
-            pkt["dport"] = dport
-            vx = l4 + 8
-            if len(frame) >= vx + 8 + 34 and frame[vx] & 0x08:
-                pkt["vni"] = int.from_bytes(frame[vx + 4:vx + 7], "big")
-                inner = vx + 8
-                if frame[inner + 12:inner + 14] == b"\x08\x00":
-                    pkt["inner_src"], pkt["inner_dst"], pkt["inner_proto"], _ = _ipv4(frame, inner + 14)
-        out.append(pkt)
-    return out
 
 
 def iptables_save(ns):

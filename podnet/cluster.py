@@ -478,12 +478,13 @@ class Cluster:
     ETCD_PORT = 2379
 
     def __init__(self, lab, nodes=3, backend="vxlan", network="10.244.0.0/16",
-                 underlay="192.168.50.0/24", ip_masq=True, python=None):
+                 underlay="192.168.50.0/24", ip_masq=True, python=None, flanneld_args=()):
         self.lab = lab
         self.node_count = nodes
         self.backend = backend
         self.network = network
         self.ip_masq = ip_masq
+        self.flanneld_args = list(flanneld_args)    # extra arguments for every node's daemon
         self.python = python or _venv_python()
         self.underlay = lab.underlay(underlay)
         self.nodes = []
@@ -491,6 +492,7 @@ class Cluster:
         self.pods = []
         self.etcd_ns = None
         self.etcd_url = None
+        self.etcd_proc = None
         self.bin_dir = os.path.join(lab.workdir, "bin")
 
     # -- etcd --
@@ -499,16 +501,31 @@ class Cluster:
         ip = str(self.underlay.subnet.broadcast_address - 1)
         self.underlay.attach(self.etcd_ns, ip)
         self.etcd_url = "http://%s:%d" % (ip, self.ETCD_PORT)
+        self._spawn_etcd()
+
+    def _spawn_etcd(self):
         data = os.path.join(self.lab.workdir, "etcd")
-        self.etcd_ns.popen(["etcd", "--name", "etcd", "--data-dir", data,
-                            "--listen-client-urls", "%s,http://127.0.0.1:%d" % (self.etcd_url, self.ETCD_PORT),
-                            "--advertise-client-urls", self.etcd_url,
-                            "--listen-peer-urls", "http://127.0.0.1:2380",
-                            "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
-                            "--initial-cluster", "etcd=http://127.0.0.1:2380"],
-                           stdout=open(os.path.join(self.lab.workdir, "etcd.log"), "w"),
-                           stderr=subprocess.STDOUT)
+        with open(os.path.join(self.lab.workdir, "etcd.log"), "a") as log:
+            self.etcd_proc = self.etcd_ns.popen(
+                ["etcd", "--name", "etcd", "--data-dir", data,
+                 "--listen-client-urls", "%s,http://127.0.0.1:%d" % (self.etcd_url, self.ETCD_PORT),
+                 "--advertise-client-urls", self.etcd_url,
+                 "--listen-peer-urls", "http://127.0.0.1:2380",
+                 "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
+                 "--initial-cluster", "etcd=http://127.0.0.1:2380"],
+                stdout=log, stderr=subprocess.STDOUT)
         _wait(lambda: self.etcdctl("endpoint", "health", check=False).returncode == 0, 15, "etcd to start")
+
+    def stop_etcd(self, timeout=10):
+        """SIGTERM etcd (an outage); its data dir is kept for restart_etcd()."""
+        proc, self.etcd_proc = self.etcd_proc, None
+        _stop_one(self.etcd_ns, proc, timeout)
+
+    def restart_etcd(self):
+        """Start etcd again on the same data dir (stopping it first if it runs)."""
+        if self.etcd_proc is not None:
+            self.stop_etcd()
+        self._spawn_etcd()
 
     def etcdctl(self, *args, check=True):
         env = {"ETCDCTL_API": "3", "PATH": SYSTEM_PATH}
@@ -533,26 +550,29 @@ class Cluster:
     def subnet_file(self, node):
         return os.path.join(self.node_dir(node), "subnet.env")
 
-    def add_node(self, name):
+    def add_node(self, name, extra=()):
         node = self.lab.node(name, self.underlay, ip_forward=True)
         self.nodes.append(node)
-        self.start_flanneld(node)
+        self.start_flanneld(node, extra)
         return node
 
     def start_flanneld(self, node, extra=()):
         argv = [self.python, "-m", "flanneld.daemon", "--etcd-endpoints", self.etcd_url,
-                "--iface", node.underlay_if, "--subnet-file", self.subnet_file(node)] + list(extra)
+                "--iface", node.underlay_if, "--subnet-file", self.subnet_file(node)] \
+            + self.flanneld_args + list(extra)
         if self.ip_masq:
             argv.append("--ip-masq")
-        log = open(os.path.join(self.node_dir(node), "flanneld.log"), "a")
-        self.flanneld[node.role] = node.popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                              cwd=_SOURCE_ROOT, env=dict(os.environ, PYTHONPATH=_SOURCE_ROOT))
+        with open(self.flanneld_log(node), "a") as log:
+            self.flanneld[node.role] = node.popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=_SOURCE_ROOT,
+                                                  env=dict(os.environ, PYTHONPATH=_SOURCE_ROOT))
         return self.flanneld[node.role]
 
+    def flanneld_log(self, node):
+        return os.path.join(self.node_dir(node), "flanneld.log")
+
     def stop_flanneld(self, node, timeout=10):
-        proc = self.flanneld.pop(node.role)
-        proc.terminate()
-        proc.wait(timeout)
+        """SIGTERM the node's daemon and wait for it (the datapath stays)."""
+        _stop_one(node, self.flanneld.pop(node.role), timeout)
 
     def wait_ready(self, timeout=30):
         """Until every node has written subnet.env (its lease is in etcd)."""
@@ -618,7 +638,7 @@ class Cluster:
     def _logs(self):
         text = []
         for node in self.nodes:
-            path = os.path.join(self.node_dir(node), "flanneld.log")
+            path = self.flanneld_log(node)
             if os.path.exists(path):
                 with open(path) as f:
                     text.append("--- %s flanneld.log ---\n%s" % (node.role, f.read()[-3000:]))
@@ -626,6 +646,21 @@ class Cluster:
 
 
 _SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _stop_one(ns, proc, timeout):
+    """SIGTERM one process `ns.popen` started, wait, and forget it: a reaped pid may be
+    reused, so cleanup must not signal it (or its group) again."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    finally:
+        if proc in ns.processes and proc.returncode is not None:
+            ns.processes.remove(proc)
 
 
 def _venv_python():
