@@ -515,18 +515,8 @@ class Netlink:
         # (universe) the kernel would only delete routes via a gateway, and a
         # link-scope route (no gateway) would answer ESRCH. protocol 0 matches
         # any; another value deletes only a route installed with it.
-        body = _RTMSG.pack(dst.family, dst.prefixlen, 0, 0, table if table < 256 else 252,
-                           protocol, RT_SCOPE_NOWHERE, 0, 0)
-        if dst.prefixlen:
-            body += attr(RTA_DST, dst.masked().ip.packed())
-        if table >= 256:
-            body += u32(RTA_TABLE, table)
-        if gateway is not None:
-            body += attr(RTA_GATEWAY, gateway.packed())
-        if oif:
-            body += u32(RTA_OIF, oif)
-        if priority:
-            body += u32(RTA_PRIORITY, priority)
+        body = self._route_msg(dst, gateway, oif, table, protocol, RT_SCOPE_NOWHERE, False, priority,
+                               0, 0, None, rtype=0)
         self.request(RTM_DELROUTE, 0, body)
 
     # ---- neighbours and FDB ----
