@@ -26,8 +26,9 @@ How it differs from the reference, deliberately:
   `-N` only when an iptables-save read just before showed them absent (a
   `:CHAIN` line would flush them), so a racing writer makes the restore fail
   rather than wipe other pods' rules; the plugin then re-reads and retries.
-  ADDs are serialised by a flock (/run/podnet/portmap.lock) so that the
-  conflict check below and the apply see the same table.
+  ADDs in one network namespace are serialised by a lock (an abstract unix
+  socket name, scoped to the netns) so that the conflict check below and the
+  apply see the same table.
 - A host port already mapped by another container (same protocol, same or
   wildcard hostIP, visible as a DNAT rule in a CNI-DN- chain jumped to from
   CNI-HOSTPORT-DNAT) fails the ADD with code 103 naming the other
@@ -70,7 +71,7 @@ MASQ_CHAIN = "CNI-HOSTPORT-MASQ"
 DEFAULT_MARK_BIT = 13           # Kubernetes uses 14 and 15, Calico 20-31
 PROTOCOLS = ("tcp", "udp", "sctp")
 MULTIPORT_MAX = 15              # ports one `-m multiport` match takes
-LOCK_DIR = "/run/podnet"
+LOCK_NAME = b"\0podnet-portmap-lock"   # abstract: per network namespace
 _ATTEMPTS = 3                   # restore attempts when the table changed under us
 
 _SETMARK_COMMENT = "CNI portfwd masquerade mark"
@@ -430,19 +431,27 @@ def check_conflicts(conf, family, saved):
 
 # ---- the kernel -------------------------------------------------------------
 
-def _lock():
-    """flock serialising portmap ADDs (host-wide: a superset of per network
-    namespace, and one file only); returns the fd, closing it unlocks."""
-    import fcntl
-    path = LOCK_DIR + "/portmap.lock"
-    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
-    try:
-        fd = os.open(path, flags, 0o600)
-    except FileNotFoundError:
-        os.makedirs(LOCK_DIR, 0o755, exist_ok=True)
-        fd = os.open(path, flags, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    return fd
+def _lock(timeout=30.0):
+    """A lock serialising portmap ADDs within this network namespace: binding an
+    abstract unix socket name, which the kernel scopes to the netns and frees
+    when the socket closes, even if the process dies. Returns the socket;
+    closing it unlocks. No file is left anywhere."""
+    import _socket
+    import time
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            sock.bind(LOCK_NAME)
+            return sock
+        except OSError as e:
+            if e.errno != 98:      # EADDRINUSE: another ADD holds it
+                sock.close()
+                raise
+        if time.monotonic() > deadline:
+            sock.close()
+            raise CNIError(errors.TRY_AGAIN_LATER, "portmap: another ADD held the lock for %ds" % timeout)
+        time.sleep(0.002)
 
 
 def _save(family, counters=False):
@@ -566,7 +575,7 @@ def cmd_add(args):
                 pass
         raise
     finally:
-        os.close(lock)
+        lock.close()
     # After the rules: new packets of a stale UDP flow now take the new path.
     _flush_udp_conntrack(conf, families)
     return conf.prev
