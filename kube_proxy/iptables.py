@@ -1,0 +1,458 @@
+"""iptables mode: rendering the desired state into kube-proxy's chains (rendering only, so far).
+
+The layout, chain names and rules are kube-proxy's (pkg/proxy/iptables), so
+tools and people that know kube-proxy's rules read ours unchanged:
+
+nat:    KUBE-SERVICES     one rule per ClusterIP / external IP / LB IP of every service port,
+                          then the jump to KUBE-NODEPORTS (last)
+        KUBE-NODEPORTS    one rule per NodePort
+        KUBE-SVC-<hash>   "Cluster" policy: masquerade off-cluster sources, then one
+                          probabilistic jump per endpoint (session affinity first)
+        KUBE-SVL-<hash>   "Local" policy: the same over this node's endpoints
+        KUBE-EXT-<hash>   external traffic (NodePort, external IPs, LB IPs)
+        KUBE-FW-<hash>    loadBalancerSourceRanges
+        KUBE-SEP-<hash>   one endpoint: hairpin masquerade mark, DNAT
+        KUBE-MARK-MASQ, KUBE-POSTROUTING: the 0x4000 mark and the MASQUERADE it asks for
+filter: KUBE-SERVICES, KUBE-EXTERNAL-SERVICES (REJECT: no endpoints; DROP: no local ones),
+        KUBE-NODEPORTS (health check ports), KUBE-FORWARD, KUBE-PROXY-FIREWALL
+
+Rules are rendered in iptables-save's canonical form ([!] -s, [!] -d, -p, the
+matches in order, -j; comments always quoted; MARK as --set-xmark; statistic
+probabilities as the kernel stores them), so a rendered chain can be compared
+with what `iptables-save` prints, for drift detection.
+
+What one service port contributes (`ServicePortRules`) depends on that port
+and its endpoints only, so a partial sync renders just the changed ports and
+rewrites just their chains. How rules get into the kernel at scale is the
+subject of docs/kube-proxy-sync-design.md: `restore_input()` implements its
+recommendation (one --noflush transaction; our chains only; a leading `-S`
+when many chains are declared, which keeps iptables-nft 1.8's cache
+bookkeeping linear).
+"""
+import base64
+import hashlib
+import ipaddress
+from dataclasses import dataclass, field
+
+from kube_proxy import model
+
+MASQ_MARK = 0x4000
+LARGE_CLUSTER_ENDPOINTS = 1000      # above: no per-endpoint comments (kube-proxy's largeClusterMode)
+S_TRICK_CHAINS = 500                # declare more chains than this in one restore: lead with `-S`
+
+NAT, FILTER = "nat", "filter"
+NAT_BASE = ("KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-POSTROUTING", "KUBE-MARK-MASQ")
+FILTER_BASE = ("KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES", "KUBE-NODEPORTS", "KUBE-FORWARD",
+               "KUBE-PROXY-FIREWALL")
+OUR_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-")
+
+# Jumps from the built-in chains, ensured once at start (kube-proxy's iptablesJumpChains).
+BUILTIN_JUMPS = (
+    (FILTER, "INPUT", '-m conntrack --ctstate NEW -m comment --comment "kubernetes load balancer firewall" '
+                      '-j KUBE-PROXY-FIREWALL'),
+    (FILTER, "INPUT", '-m comment --comment "kubernetes health check service ports" -j KUBE-NODEPORTS'),
+    (FILTER, "INPUT", '-m conntrack --ctstate NEW -m comment --comment "kubernetes externally-visible service '
+                      'portals" -j KUBE-EXTERNAL-SERVICES'),
+    (FILTER, "FORWARD", '-m conntrack --ctstate NEW -m comment --comment "kubernetes load balancer firewall" '
+                        '-j KUBE-PROXY-FIREWALL'),
+    (FILTER, "FORWARD", '-m comment --comment "kubernetes forwarding rules" -j KUBE-FORWARD'),
+    (FILTER, "FORWARD", '-m conntrack --ctstate NEW -m comment --comment "kubernetes service portals" '
+                        '-j KUBE-SERVICES'),
+    (FILTER, "FORWARD", '-m conntrack --ctstate NEW -m comment --comment "kubernetes externally-visible service '
+                        'portals" -j KUBE-EXTERNAL-SERVICES'),
+    (FILTER, "OUTPUT", '-m conntrack --ctstate NEW -m comment --comment "kubernetes load balancer firewall" '
+                       '-j KUBE-PROXY-FIREWALL'),
+    (FILTER, "OUTPUT", '-m conntrack --ctstate NEW -m comment --comment "kubernetes service portals" '
+                       '-j KUBE-SERVICES'),
+    (NAT, "PREROUTING", '-m comment --comment "kubernetes service portals" -j KUBE-SERVICES'),
+    (NAT, "OUTPUT", '-m comment --comment "kubernetes service portals" -j KUBE-SERVICES'),
+    (NAT, "POSTROUTING", '-m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING'),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """kube-proxy's flags that shape the rules."""
+    cluster_cidr: tuple = ()            # --cluster-cidr: traffic from elsewhere is masqueraded
+    masquerade_all: bool = False        # --masquerade-all
+    nodeport_addresses: tuple = ()      # --nodeport-addresses resolved to this node's IPs; (): all local
+    localhost_nodeports: bool = True    # --iptables-localhost-nodeports (IPv4 only)
+    node_ip: str = ""                   # for loadBalancerSourceRanges that contain the node
+    random_fully: bool = True           # MASQUERADE --random-fully
+    family: int = 4
+    conntrack_tcp_liberal: bool = False
+
+    @property
+    def local_detector(self):
+        return bool(self.cluster_cidr)
+
+
+# ---- names ---------------------------------------------------------------------------------
+
+def _hash16(text):
+    return base64.b32encode(hashlib.sha256(text.encode()).digest()).decode()[:16]
+
+
+def _proto_hash(name):
+    return _hash16(str(name) + name.protocol.lower())
+
+
+def service_chain(name):
+    """KUBE-SVC-<hash>: the "Cluster" policy chain (kube-proxy's servicePortPolicyClusterChain)."""
+    return "KUBE-SVC-" + _proto_hash(name)
+
+
+def local_chain(name):
+    return "KUBE-SVL-" + _proto_hash(name)
+
+
+def external_chain(name):
+    return "KUBE-EXT-" + _proto_hash(name)
+
+
+def firewall_chain(name):
+    return "KUBE-FW-" + _proto_hash(name)
+
+
+def endpoint_chain(name, endpoint):
+    """KUBE-SEP-<hash of "ns/svc:port" + protocol + "ip:port">."""
+    return "KUBE-SEP-" + _hash16(str(name) + name.protocol.lower() + endpoint.addr)
+
+
+def is_our_chain(chain):
+    return chain.startswith(OUR_PREFIXES)
+
+
+# ---- rule text -------------------------------------------------------------------------------
+
+def quote(text):
+    return '"%s"' % text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _net(ip_or_cidr):
+    if "/" in ip_or_cidr:
+        return str(ipaddress.ip_network(ip_or_cidr, strict=False))
+    return "%s/%d" % (ip_or_cidr, 128 if ":" in ip_or_cidr else 32)
+
+
+def rule(chain, jump, src=None, dst=None, proto=None, comment=None, matches=(), not_src=False, not_dst=False,
+         dport=None):
+    """One rule in iptables-save's canonical order."""
+    parts = ["-A", chain]
+    if src:
+        parts += (["!"] if not_src else []) + ["-s", _net(src)]
+    if dst:
+        parts += (["!"] if not_dst else []) + ["-d", _net(dst)]
+    if proto:
+        parts += ["-p", proto]
+    if comment is not None:
+        parts += ["-m", "comment", "--comment", quote(comment)]
+    parts += list(matches)
+    if dport is not None:
+        parts += ["-m", proto, "--dport", str(dport)]
+    parts += ["-j", jump]
+    return " ".join(parts)
+
+
+def probability(n):
+    """1/n as the statistic match stores it (a 31-bit fraction) and iptables-save prints it."""
+    return "%.11f" % (round(0x80000000 / n) / 0x80000000)
+
+
+def _recent_mask(family):
+    return "255.255.255.255" if family == 4 else "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
+
+
+# ---- one service port ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ServicePortRules:
+    """Everything one service port puts into the tables.
+
+    chains: its own nat chains (SVC, SVL, EXT, FW, SEP), {name: (rules...)};
+    the other fields are its rules in the shared chains."""
+    chains: dict = field(default_factory=dict)
+    nat_services: tuple = ()            # in nat KUBE-SERVICES
+    nat_nodeports: tuple = ()           # in nat KUBE-NODEPORTS
+    filter_services: tuple = ()         # in filter KUBE-SERVICES
+    filter_external: tuple = ()         # in filter KUBE-EXTERNAL-SERVICES
+    filter_nodeports: tuple = ()        # in filter KUBE-NODEPORTS
+    filter_firewall: tuple = ()         # in filter KUBE-PROXY-FIREWALL
+
+
+def render_service_port(sp, endpoints, config, comments=True):
+    """kube-proxy's per-service-port rules for ServicePort `sp` and its endpoints."""
+    name = str(sp.name)
+    proto = sp.protocol.lower()
+    cats = model.categorize_endpoints(sp, endpoints)
+    has_endpoints = cats.has_any
+    svc, svl, ext, fw = service_chain(sp.name), local_chain(sp.name), external_chain(sp.name), firewall_chain(sp.name)
+    uses_cluster = bool(cats.cluster) and sp.uses_cluster_endpoints
+    uses_local = bool(cats.local) and sp.uses_local_endpoints
+
+    internal_chain, has_internal = svc, has_endpoints
+    if sp.internal_policy_local:
+        internal_chain = svl
+        has_internal = has_internal and bool(cats.local)
+    external_policy_chain, has_external = svc, has_endpoints
+    if sp.external_policy_local:
+        external_policy_chain = svl
+        has_external = has_external and bool(cats.local)
+    uses_ext = has_endpoints and sp.externally_accessible
+    uses_fw = has_endpoints and bool(sp.load_balancer_ips) and bool(sp.load_balancer_source_ranges)
+    lb_chain = fw if uses_fw else ext
+
+    reject = "REJECT --reject-with " + ("icmp-port-unreachable" if config.family == 4 else "icmp6-port-unreachable")
+    if not has_endpoints:
+        internal_target = external_target = reject
+        internal_comment = external_comment = "%s has no endpoints" % name
+    else:
+        internal_target = external_target = None
+        internal_comment = external_comment = None
+        if not has_internal:
+            internal_target, internal_comment = "DROP", "%s has no local endpoints" % name
+        if not has_external:
+            external_target, external_comment = "DROP", "%s has no local endpoints" % name
+
+    nat_services, nat_nodeports = [], []
+    f_services, f_external, f_nodeports, f_firewall = [], [], [], []
+    chains = {}
+    ip = sp.cluster_ip
+
+    if has_internal:
+        nat_services.append(rule("KUBE-SERVICES", internal_chain, dst=ip, proto=proto,
+                                 comment="%s cluster IP" % name, dport=sp.port))
+    else:
+        f_services.append(rule("KUBE-SERVICES", internal_target, dst=ip, proto=proto, comment=internal_comment,
+                               dport=sp.port))
+    for eip in sp.external_ips:
+        if has_endpoints:
+            nat_services.append(rule("KUBE-SERVICES", ext, dst=eip, proto=proto, comment="%s external IP" % name,
+                                     dport=sp.port))
+        if not has_external:
+            f_external.append(rule("KUBE-EXTERNAL-SERVICES", external_target, dst=eip, proto=proto,
+                                   comment=external_comment, dport=sp.port))
+    for lbip in sp.load_balancer_ips:
+        if has_endpoints:
+            nat_services.append(rule("KUBE-SERVICES", lb_chain, dst=lbip, proto=proto,
+                                     comment="%s loadbalancer IP" % name, dport=sp.port))
+        if uses_fw:
+            f_firewall.append(rule("KUBE-PROXY-FIREWALL", "DROP", dst=lbip, proto=proto,
+                                   comment="%s traffic not accepted by %s" % (name, fw), dport=sp.port))
+    if not has_external:
+        for lbip in sp.load_balancer_ips:
+            f_external.append(rule("KUBE-EXTERNAL-SERVICES", external_target, dst=lbip, proto=proto,
+                                   comment=external_comment, dport=sp.port))
+    if sp.node_port:
+        if has_endpoints:
+            nat_nodeports.append(rule("KUBE-NODEPORTS", ext, proto=proto, comment=name, dport=sp.node_port))
+        if not has_external:
+            f_external.append(rule("KUBE-EXTERNAL-SERVICES", external_target, proto=proto, comment=external_comment,
+                                   matches=("-m", "addrtype", "--dst-type", "LOCAL"), dport=sp.node_port))
+    if sp.health_check_node_port:
+        f_nodeports.append(rule("KUBE-NODEPORTS", "ACCEPT", proto="tcp",
+                                comment="%s health check node port" % name, dport=sp.health_check_node_port))
+
+    # internal traffic: masquerade what does not come from a pod (or everything)
+    masq_rule = None
+    if has_internal:
+        if config.masquerade_all:
+            masq_rule = rule(internal_chain, "KUBE-MARK-MASQ", dst=ip, proto=proto,
+                             comment="%s cluster IP" % name, dport=sp.port)
+        elif config.local_detector:
+            masq_rule = [rule(internal_chain, "KUBE-MARK-MASQ", src=cidr, not_src=True, dst=ip, proto=proto,
+                              comment="%s cluster IP" % name, dport=sp.port)
+                         for cidr in config.cluster_cidr]
+
+    if uses_ext:
+        rules = []
+        if not sp.external_policy_local:
+            rules.append(rule(ext, "KUBE-MARK-MASQ",
+                              comment="masquerade traffic for %s external destinations" % name))
+        else:
+            for cidr in config.cluster_cidr:
+                rules.append(rule(ext, svc, src=cidr, comment="pod traffic for %s external destinations" % name))
+            rules.append(rule(ext, "KUBE-MARK-MASQ",
+                              comment="masquerade LOCAL traffic for %s external destinations" % name,
+                              matches=("-m", "addrtype", "--src-type", "LOCAL")))
+            rules.append(rule(ext, svc, comment="route LOCAL traffic for %s external destinations" % name,
+                              matches=("-m", "addrtype", "--src-type", "LOCAL")))
+        if has_external:
+            rules.append(rule(ext, external_policy_chain))
+        chains[ext] = rules
+
+    if uses_fw:
+        rules = []
+        allow_from_node = False
+        for cidr in sp.load_balancer_source_ranges:
+            rules.append(rule(fw, ext, src=cidr, comment="%s loadbalancer IP" % name))
+            if config.node_ip and ipaddress.ip_address(config.node_ip) in ipaddress.ip_network(cidr):
+                allow_from_node = True
+        if allow_from_node:
+            for lbip in sp.load_balancer_ips:
+                rules.append(rule(fw, ext, src=lbip, comment="%s loadbalancer IP" % name))
+        # falling off the end: not DNATed, so KUBE-PROXY-FIREWALL drops it (a comment-only rule, as kube-proxy)
+        rules.append(" ".join(["-A", fw, "-m", "comment", "--comment",
+                               quote("other traffic to %s will be dropped by KUBE-PROXY-FIREWALL" % name)]))
+        chains[fw] = rules
+
+    def policy_chain(chain, eps):
+        rules = []
+        if chain == internal_chain and masq_rule:
+            rules += masq_rule if isinstance(masq_rule, list) else [masq_rule]
+        rules += _endpoint_jumps(chain, name, sp, eps, config, comments)
+        chains[chain] = rules
+
+    if uses_cluster:
+        policy_chain(svc, cats.cluster)
+    if uses_local:
+        policy_chain(svl, cats.local)
+
+    for ep in cats.all_reachable:
+        sep = endpoint_chain(sp.name, ep)
+        comment = name if comments else None
+        affinity = ()
+        if sp.session_affinity:
+            affinity = ("-m", "recent", "--set", "--name", sep, "--mask", _recent_mask(config.family), "--rsource")
+        chains[sep] = [rule(sep, "KUBE-MARK-MASQ", src=ep.ip, comment=comment),
+                       rule(sep, "DNAT --to-destination " + ep.addr, proto=proto, comment=comment,
+                            matches=affinity + ("-m", proto))]
+
+    return ServicePortRules(
+        chains={k: tuple(v) for k, v in chains.items()}, nat_services=tuple(nat_services),
+        nat_nodeports=tuple(nat_nodeports), filter_services=tuple(f_services), filter_external=tuple(f_external),
+        filter_nodeports=tuple(f_nodeports), filter_firewall=tuple(f_firewall))
+
+
+def _endpoint_jumps(chain, name, sp, endpoints, config, comments):
+    rules = []
+    if sp.session_affinity:
+        for ep in endpoints:
+            sep = endpoint_chain(sp.name, ep)
+            rules.append(rule(chain, sep, comment="%s -> %s" % (name, ep.addr) if comments else None,
+                              matches=("-m", "recent", "--rcheck", "--seconds", str(sp.session_affinity_timeout),
+                                       "--reap", "--name", sep, "--mask", _recent_mask(config.family),
+                                       "--rsource")))
+    n = len(endpoints)
+    for i, ep in enumerate(endpoints):
+        stat = ("-m", "statistic", "--mode", "random", "--probability", probability(n - i)) if i < n - 1 else ()
+        rules.append(rule(chain, endpoint_chain(sp.name, ep), comment="%s -> %s" % (name, ep.addr) if comments
+                          else None, matches=stat))
+    return rules
+
+
+# ---- the whole ruleset -------------------------------------------------------------------------
+
+def base_chains(config):
+    """The shared chains' fixed rules: {table: {chain: [rules]}} (per-port rules are added to them)."""
+    masq = "MASQUERADE" + (" --random-fully" if config.random_fully else "")
+    mark = "0x%x" % MASQ_MARK
+    nat = {
+        "KUBE-SERVICES": [], "KUBE-NODEPORTS": [],
+        "KUBE-POSTROUTING": ["-A KUBE-POSTROUTING -m mark ! --mark %s/%s -j RETURN" % (mark, mark),
+                             "-A KUBE-POSTROUTING -j MARK --set-xmark %s/0x0" % mark,
+                             '-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" '
+                             '-j ' + masq],
+        "KUBE-MARK-MASQ": ["-A KUBE-MARK-MASQ -j MARK --set-xmark %s/%s" % (mark, mark)],
+    }
+    filt = {chain: [] for chain in FILTER_BASE}
+    return {FILTER: filt, NAT: nat}
+
+
+def nodeport_dispatch(config):
+    """The last rule(s) of nat KUBE-SERVICES: to KUBE-NODEPORTS for local addresses."""
+    comment = quote("kubernetes service nodeports; NOTE: this must be the last rule in this chain")
+    if not config.nodeport_addresses:
+        if config.family == 6:
+            dst = "! -d ::1/128 "
+        else:
+            dst = "" if config.localhost_nodeports else "! -d 127.0.0.0/8 "
+        return ["-A KUBE-SERVICES %s-m comment --comment %s -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"
+                % (dst, comment)]
+    return ["-A KUBE-SERVICES -d %s -m comment --comment %s -j KUBE-NODEPORTS" % (_net(ip), comment)
+            for ip in config.nodeport_addresses]
+
+
+def forward_rules(config):
+    mark = "0x%x" % MASQ_MARK
+    rules = []
+    if not config.conntrack_tcp_liberal:
+        rules.append("-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP")
+    rules.append('-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark %s/%s '
+                 '-j ACCEPT' % (mark, mark))
+    rules.append('-A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack '
+                 '--ctstate RELATED,ESTABLISHED -j ACCEPT')
+    return rules
+
+
+def render(state, config, port_rules=None):
+    """The whole desired ruleset: {table: {chain: (rules...)}}, ours only, deterministic order.
+
+    port_rules: an optional cache {ServicePortName: ServicePortRules} of ports rendered
+    before (for unchanged ports); it is updated in place."""
+    total = sum(len(state.endpoints_for(n)) for n in state.service_ports)
+    comments = total <= LARGE_CLUSTER_ENDPOINTS
+    tables = base_chains(config)
+    nat, filt = tables[NAT], tables[FILTER]
+    own = {}
+    for name in sorted(state.service_ports):
+        rendered = None if port_rules is None else port_rules.get(name)
+        if rendered is None:
+            rendered = render_service_port(state.service_ports[name], state.endpoints_for(name), config, comments)
+            if port_rules is not None:
+                port_rules[name] = rendered
+        nat["KUBE-SERVICES"].extend(rendered.nat_services)
+        nat["KUBE-NODEPORTS"].extend(rendered.nat_nodeports)
+        filt["KUBE-SERVICES"].extend(rendered.filter_services)
+        filt["KUBE-EXTERNAL-SERVICES"].extend(rendered.filter_external)
+        filt["KUBE-NODEPORTS"].extend(rendered.filter_nodeports)
+        filt["KUBE-PROXY-FIREWALL"].extend(rendered.filter_firewall)
+        own.update(rendered.chains)
+    nat["KUBE-SERVICES"].extend(nodeport_dispatch(config))
+    filt["KUBE-FORWARD"].extend(forward_rules(config))
+    for chain in sorted(own):
+        nat[chain] = own[chain]
+    return {table: {chain: tuple(rules) for chain, rules in chains.items()} for table, chains in tables.items()}
+
+
+# ---- restore input -------------------------------------------------------------------------------
+
+def diff(old, new):
+    """Per table: (chains to (re)write, chains to delete) to go from ruleset `old` to `new`."""
+    out = {}
+    for table in (FILTER, NAT):
+        before, after = old.get(table, {}), new.get(table, {})
+        write = [c for c, rules in after.items() if before.get(c) != rules]
+        delete = [c for c in before if c not in after]
+        out[table] = (write, delete)
+    return out
+
+
+def restore_input(new, old=None, stale=()):
+    """iptables-restore --noflush input that takes the kernel from `old` to `new`.
+
+    old None: a full sync, every chain of `new` is declared (flushed) and written.
+    Otherwise only chains whose rules differ are written, and chains gone from
+    `new` are flushed and deleted. `stale`: further (table, chain) pairs of ours
+    to delete (found in the kernel but in neither ruleset). Chains of others are
+    never named. A restore declaring more than S_TRICK_CHAINS chains starts each
+    table with `-S` (see docs/kube-proxy-sync-design.md)."""
+    changes = diff(old or {}, new) if old is not None else \
+        {t: (list(new.get(t, {})), []) for t in (FILTER, NAT)}
+    for table, chain in stale:
+        if chain not in changes[table][1] and chain not in new.get(table, {}):
+            changes[table][1].append(chain)
+    lines = []
+    for table in (FILTER, NAT):
+        write, delete = changes[table]
+        if not write and not delete:
+            continue
+        lines.append("*" + table)
+        if len(write) + len(delete) > S_TRICK_CHAINS:
+            lines.append("-S")
+        lines += [":%s - [0:0]" % c for c in write + delete]
+        for chain in write:
+            lines += new[table][chain]
+        lines += ["-X %s" % c for c in delete]
+        lines.append("COMMIT")
+    return "\n".join(lines) + "\n" if lines else ""

@@ -1,0 +1,246 @@
+"""Services and EndpointSlices from the Kubernetes API: list + watch, as client-go's reflector.
+
+Uses the official `kubernetes` client (imported lazily: ~0.3 s) for what it
+is good at: kubeconfig / in-cluster configuration, TLS, authentication,
+request building. Responses are read raw (`_preload_content=False`) and
+parsed as plain JSON dicts, because the model works on the API's JSON shapes
+and deserialising 10,000 Services into generated classes would cost seconds
+for nothing.
+
+Per kind (Service, EndpointSlice) one thread runs the reflector loop:
+1. list all namespaces, paged (`limit` / `continue`), and emit one RELIST
+   with every object; remember the list's resourceVersion;
+2. watch from that resourceVersion with `allowWatchBookmarks`; emit ADDED /
+   MODIFIED / DELETED; BOOKMARK events only advance the resourceVersion;
+3. when the server ends the watch (its `timeoutSeconds`), watch again from
+   the last resourceVersion seen: nothing is missed and nothing re-listed;
+4. 410 Gone (a watch ERROR event with code 410 "Expired", or HTTP 410 on a
+   list page whose continue token expired): re-list from scratch, emitting a
+   RELIST, which the tracker diffs against what it has;
+5. other failures (connection refused, 5xx, a read timeout on a dead
+   connection): back off exponentially (0.8 s doubling to 30 s) and watch
+   again from the last resourceVersion, or list again if there is none.
+"""
+import json
+import logging
+import os
+import random
+import threading
+
+from kube_proxy.sources import ADDED, DELETED, MODIFIED, RELIST, Event
+
+log = logging.getLogger("kube_proxy.sources.kubeapi")
+
+# kind -> (API class, list function, apiVersion of the objects)
+RESOURCES = {
+    "Service": ("CoreV1Api", "list_service_for_all_namespaces", "v1"),
+    "EndpointSlice": ("DiscoveryV1Api", "list_endpoint_slice_for_all_namespaces", "discovery.k8s.io/v1"),
+}
+
+
+class Gone(Exception):
+    """The resourceVersion (or continue token) is too old: list again."""
+
+
+class WatchError(Exception):
+    pass
+
+
+def make_api_client(kubeconfig=None, context=None):
+    """A kubernetes.client.ApiClient: in-cluster config when running in a Pod and no
+    kubeconfig is given, else the kubeconfig (default ~/.kube/config or $KUBECONFIG)."""
+    from kubernetes import client, config
+    configuration = client.Configuration()
+    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        config.load_incluster_config(client_configuration=configuration)
+    else:
+        config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
+    return client.ApiClient(configuration)
+
+
+def _iter_lines(resp, chunk=65536):
+    """Lines of a streamed (chunked) response body, as bytes."""
+    buf = b""
+    for data in resp.stream(chunk, decode_content=True):
+        buf += data
+        while True:
+            i = buf.find(b"\n")
+            if i < 0:
+                break
+            line, buf = buf[:i], buf[i + 1:]
+            if line.strip():
+                yield line
+    if buf.strip():
+        yield buf
+
+
+class KubeApiSource:
+    def __init__(self, emit, api_client=None, kubeconfig=None, context=None, page_size=500,
+                 watch_timeout=(300, 600), connect_timeout=10, backoff=(0.8, 30.0), kinds=None):
+        self.emit = emit
+        self._client = api_client
+        self.kubeconfig, self.context = kubeconfig, context
+        self.page_size = page_size
+        self.watch_timeout = watch_timeout          # (min, max) seconds asked of the server
+        self.connect_timeout = connect_timeout
+        self.backoff = backoff
+        self.kinds = tuple(kinds or RESOURCES)
+        self.resource_versions = {}                 # kind -> last resourceVersion seen
+        self.relists = {kind: 0 for kind in self.kinds}
+        self._stop = threading.Event()
+        self._responses = {}
+        self._lock = threading.Lock()
+        self._threads = []
+
+    # ---- the API calls ----
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = make_api_client(self.kubeconfig, self.context)
+        return self._client
+
+    def _func(self, kind):
+        import kubernetes.client
+        api_class, name, _ = RESOURCES[kind]
+        return getattr(getattr(kubernetes.client, api_class)(self.client), name)
+
+    def _call(self, kind, **kw):
+        from kubernetes.client.rest import ApiException
+        try:
+            return self._func(kind)(_preload_content=False, **kw)
+        except ApiException as e:
+            if e.status == 410:
+                raise Gone(_status_message(e.body) or "410 Gone") from None
+            raise
+
+    def list(self, kind):
+        """Every object of `kind` (paged) -> (objects, resourceVersion)."""
+        _, _, api_version = RESOURCES[kind]
+        items, token = [], None
+        while True:
+            kw = {"limit": self.page_size, "_request_timeout": (self.connect_timeout, 120)}
+            if token:
+                kw["_continue"] = token
+            resp = self._call(kind, **kw)
+            try:
+                data = json.loads(resp.data)
+            finally:
+                resp.release_conn()
+            for item in data.get("items") or ():
+                if isinstance(item, dict):
+                    item.setdefault("kind", kind)           # list items carry neither
+                    item.setdefault("apiVersion", api_version)
+                    items.append(item)
+            meta = data.get("metadata") or {}
+            token = meta.get("continue")
+            if not token:
+                return items, meta.get("resourceVersion")
+
+    def watch(self, kind, resource_version):
+        """Follow one watch from resource_version until the server ends it; returns the last
+        resourceVersion. Raises Gone on 410, WatchError on other error events."""
+        low, high = self.watch_timeout
+        timeout = int(random.uniform(low, high))
+        resp = self._call(kind, watch=True, resource_version=resource_version, allow_watch_bookmarks=True,
+                          timeout_seconds=timeout, _request_timeout=(self.connect_timeout, timeout + 30))
+        with self._lock:
+            self._responses[kind] = resp
+        rv = resource_version
+        try:
+            if self._stop.is_set():
+                return rv
+            for line in _iter_lines(resp):
+                if self._stop.is_set():
+                    break
+                try:
+                    event = json.loads(line)
+                    etype, obj = event["type"], event["object"]
+                except (ValueError, KeyError, TypeError):
+                    log.warning("%s watch: ignoring an undecodable line: %.100r", kind, line)
+                    continue
+                if etype == "ERROR":
+                    message = (obj or {}).get("message", "")
+                    if (obj or {}).get("code") == 410:
+                        raise Gone(message or "410 Gone")
+                    raise WatchError("%s watch error %s: %s" % (kind, (obj or {}).get("code"), message))
+                new_rv = ((obj or {}).get("metadata") or {}).get("resourceVersion") \
+                    if isinstance(obj, dict) else None
+                if etype == "BOOKMARK":
+                    pass
+                elif etype in (ADDED, MODIFIED, DELETED) and isinstance(obj, dict):
+                    self.emit(Event(etype, kind, obj))
+                else:
+                    log.warning("%s watch: ignoring event type %r", kind, etype)
+                if new_rv:
+                    rv = new_rv
+                    self.resource_versions[kind] = rv
+        finally:
+            with self._lock:
+                self._responses.pop(kind, None)
+            resp.release_conn()
+        return rv
+
+    # ---- the reflector loop ----
+
+    def reflect(self, kind):
+        """List, then watch for ever (until stop()), re-listing on 410 and backing off on errors."""
+        rv = None
+        delay = self.backoff[0]
+        while not self._stop.is_set():
+            try:
+                if rv is None:
+                    items, rv = self.list(kind)
+                    self.resource_versions[kind] = rv
+                    self.relists[kind] += 1
+                    log.info("listed %d %ss at resourceVersion %s", len(items), kind, rv)
+                    self.emit(Event(RELIST, kind, items))
+                rv = self.watch(kind, rv)
+                delay = self.backoff[0]
+            except Gone as e:
+                log.info("%s: %s; listing again", kind, e)
+                rv = None
+            except Exception as e:
+                if self._stop.is_set():
+                    break
+                log.warning("%s list/watch failed: %s; retrying in %.1f s", kind, _describe(e), delay)
+                self._stop.wait(delay)
+                delay = min(delay * 2, self.backoff[1])
+
+    def start(self):
+        for kind in self.kinds:
+            thread = threading.Thread(target=self.reflect, args=(kind,), name="watch-" + kind, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self._threads
+
+    def stop(self, timeout=5):
+        """Stop the loops; a watch blocked on a quiet stream is shut down."""
+        self._stop.set()
+        with self._lock:
+            responses = list(self._responses.values())
+        for resp in responses:
+            shutdown = getattr(resp, "shutdown", None)
+            try:
+                if shutdown is not None:
+                    shutdown()
+                else:
+                    resp.close()
+            except Exception:
+                pass
+        for thread in self._threads:
+            thread.join(timeout)
+
+
+def _status_message(body):
+    try:
+        return json.loads(body).get("message")
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+def _describe(e):
+    status = getattr(e, "status", None)
+    if status:
+        return "HTTP %s %s" % (status, _status_message(getattr(e, "body", None)) or getattr(e, "reason", ""))
+    return "%s: %s" % (type(e).__name__, e)

@@ -1,0 +1,228 @@
+"""Services and EndpointSlices from a directory of manifests, watched for changes.
+
+For standalone use and tests: `*.yaml`, `*.yml` and `*.json` files in one
+directory (optionally its subdirectories), multi-document YAML, each document
+a Service, an EndpointSlice, or a List of them (`kind: List`, `ServiceList`,
+`EndpointSliceList`); other kinds are ignored. A missing namespace means
+"default", as with kubectl.
+
+Watching is polling: every `interval` seconds each file's (size, mtime,
+ctime, inode) is compared with the last scan and only changed files are
+re-read, so an idle directory of thousands of files costs one stat per file.
+Files whose mtime is within the last two seconds are re-read even if their
+stat looks the same, because a rewrite within one timestamp tick can keep
+it; their content hash tells whether anything changed.
+
+Events (kube_proxy.sources.Event) go to `emit`: first a RELIST per kind with
+everything found, then ADDED / MODIFIED / DELETED per object as files change.
+A file that cannot be parsed (an editor's half-written save, a YAML error)
+keeps the objects it had before, with a warning; a bad object inside a
+good file is the model's business (logged and skipped there). When two
+files define the same object, the one whose path sorts last wins, with a
+warning.
+"""
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+
+from kube_proxy.sources import ADDED, DELETED, KINDS, MODIFIED, RELIST, Event
+
+log = logging.getLogger("kube_proxy.sources.manifests")
+
+SUFFIXES = (".yaml", ".yml", ".json")
+LIST_KINDS = {"List": None, "ServiceList": "Service", "EndpointSliceList": "EndpointSlice"}
+RECENT = 2.0        # seconds: files modified this recently are hashed on every scan
+
+
+def _yaml():
+    import yaml
+    return yaml, getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def parse_documents(text, name="<text>"):
+    """Manifest text -> list of documents (dicts or whatever YAML/JSON holds). Raises ValueError."""
+    if name.endswith(".json"):
+        try:
+            return [json.loads(text)]
+        except ValueError as e:
+            raise ValueError("%s: not valid JSON: %s" % (name, e)) from None
+    yaml, loader = _yaml()
+    try:
+        return [doc for doc in yaml.load_all(text, Loader=loader) if doc is not None]
+    except yaml.YAMLError as e:
+        raise ValueError("%s: not valid YAML: %s" % (name, str(e).replace("\n", " "))) from None
+
+
+def objects_of(documents, name="<text>"):
+    """Documents -> [(kind, object)] for Services and EndpointSlices, Lists unpacked."""
+    out = []
+
+    def visit(doc, where, list_kind=None):
+        if not isinstance(doc, dict):
+            log.warning("%s: ignoring a document that is not an object (%s)", where, type(doc).__name__)
+            return
+        kind = doc.get("kind") or list_kind
+        if kind in LIST_KINDS:
+            items = doc.get("items")
+            if not isinstance(items, list):
+                log.warning("%s: %s without an items list", where, kind)
+                return
+            for i, item in enumerate(items):
+                visit(item, "%s items[%d]" % (where, i), LIST_KINDS[kind])
+        elif kind in KINDS:
+            out.append((kind, doc))
+        else:
+            log.debug("%s: ignoring kind %r", where, kind)
+    for i, doc in enumerate(documents):
+        visit(doc, "%s document %d" % (name, i + 1))
+    return out
+
+
+def _key(kind, obj):
+    meta = obj.get("metadata")
+    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or not meta["name"]:
+        return None
+    namespace = meta.get("namespace") or "default"
+    return (kind, namespace if isinstance(namespace, str) else repr(namespace), meta["name"])
+
+
+class _File:
+    __slots__ = ("stat", "digest", "objects")
+
+    def __init__(self, stat, digest, objects):
+        self.stat, self.digest, self.objects = stat, digest, objects
+
+
+class ManifestSource:
+    """Polls `directory`; `scan()` does one pass, `start()` runs passes in a thread."""
+
+    def __init__(self, directory, emit, interval=1.0, recursive=False, clock=time.time):
+        self.directory = directory
+        self.emit = emit
+        self.interval = interval
+        self.recursive = recursive
+        self.clock = clock
+        self._files = {}            # path -> _File
+        self._objects = {}          # (kind, ns, name) -> object, as last emitted
+        self._listed = False
+        self._stop = threading.Event()
+        self._thread = None
+
+    # ---- one pass ----
+
+    def _paths(self):
+        try:
+            if not self.recursive:
+                entries = [os.path.join(self.directory, e) for e in os.listdir(self.directory)]
+            else:
+                entries = []
+                for root, dirs, files in os.walk(self.directory):
+                    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                    entries += [os.path.join(root, f) for f in files]
+        except FileNotFoundError:
+            log.warning("manifest directory %s does not exist", self.directory)
+            return []
+        return sorted(p for p in entries
+                      if p.endswith(SUFFIXES) and not os.path.basename(p).startswith("."))
+
+    def scan(self):
+        """Read what changed and emit the events; returns them too."""
+        now = self.clock()
+        seen, changed = set(), False
+        for path in self._paths():
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue
+            seen.add(path)
+            stat = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+            old = self._files.get(path)
+            if old is not None and old.stat == stat and now - st.st_mtime_ns / 1e9 > RECENT:
+                continue
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                log.warning("%s: cannot read: %s", path, e)
+                continue
+            digest = hashlib.sha256(data).digest()
+            if old is not None and old.digest == digest:
+                old.stat = stat
+                continue
+            try:
+                objects = objects_of(parse_documents(data.decode("utf-8"), path), path)
+            except (ValueError, UnicodeDecodeError) as e:
+                log.warning("%s; keeping what it held before", e)
+                if old is not None:
+                    old.stat, old.digest = stat, digest
+                else:
+                    self._files[path] = _File(stat, digest, [])
+                    changed = True
+                continue
+            keyed = []
+            for kind, obj in objects:
+                key = _key(kind, obj)
+                if key is None:
+                    log.warning("%s: skipping a %s without metadata.name", path, kind)
+                else:
+                    keyed.append((key, obj))
+            self._files[path] = _File(stat, digest, keyed)
+            changed = True
+        for path in [p for p in self._files if p not in seen]:
+            del self._files[path]
+            changed = True
+        if not changed and self._listed:
+            return []
+        return self._emit_changes()
+
+    def _emit_changes(self):
+        current, owner = {}, {}
+        for path in sorted(self._files):
+            for key, obj in self._files[path].objects:
+                if key in current:
+                    log.warning("%s %s/%s is defined in %s and %s; using the latter",
+                                key[0], key[1], key[2], owner[key], path)
+                current[key] = obj
+                owner[key] = path
+        events = []
+        if not self._listed:
+            for kind in KINDS:
+                events.append(Event(RELIST, kind, [o for k, o in current.items() if k[0] == kind]))
+            self._listed = True
+        else:
+            for key, obj in self._objects.items():
+                if key not in current:
+                    events.append(Event(DELETED, key[0], obj))
+            for key, obj in current.items():
+                before = self._objects.get(key)
+                if before is None:
+                    events.append(Event(ADDED, key[0], obj))
+                elif before != obj:
+                    events.append(Event(MODIFIED, key[0], obj))
+        self._objects = current
+        for event in events:
+            self.emit(event)
+        return events
+
+    # ---- the watching thread ----
+
+    def run(self):
+        while not self._stop.is_set():
+            try:
+                self.scan()
+            except Exception:
+                log.exception("scanning %s failed; trying again", self.directory)
+            self._stop.wait(self.interval)
+
+    def start(self):
+        self._thread = threading.Thread(target=self.run, name="manifests", daemon=True)
+        self._thread.start()
+        return self._thread
+
+    def stop(self, timeout=5):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
