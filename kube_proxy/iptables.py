@@ -39,6 +39,13 @@ from kube_proxy import model
 MASQ_MARK = 0x4000
 LARGE_CLUSTER_ENDPOINTS = 1000      # above: no per-endpoint comments (kube-proxy's largeClusterMode)
 S_TRICK_CHAINS = 500                # declare more chains than this in one restore: lead with `-S`
+# Shared chains whose rules are independent of their order (each matches its own
+# address:port:protocol) except for a fixed tail: a partial sync edits them with
+# `-D <rule>` / `-I <chain> 1 <rule>` instead of rewriting 10,000 rules.
+EDITED_CHAINS = {("nat", "KUBE-SERVICES"), ("nat", "KUBE-NODEPORTS"), ("filter", "KUBE-SERVICES"),
+                 ("filter", "KUBE-EXTERNAL-SERVICES"), ("filter", "KUBE-NODEPORTS"),
+                 ("filter", "KUBE-PROXY-FIREWALL")}
+EDIT_LIMIT = 64                     # more changed rules than this (or a tenth of the chain): rewrite it
 
 NAT, FILTER = "nat", "filter"
 NAT_BASE = ("KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-POSTROUTING", "KUBE-MARK-MASQ")
@@ -428,14 +435,39 @@ def diff(old, new):
     return out
 
 
+def _edits(table, chain, old_rules, new_rules):
+    """-D / -I lines turning old_rules into new_rules (as sets, the tail kept), or None to rewrite."""
+    if (table, chain) not in EDITED_CHAINS:
+        return None
+    tail = nodeport_tail = 0
+    if chain == "KUBE-SERVICES" and table == NAT:
+        tail = nodeport_tail = sum(1 for r in new_rules if r.endswith("-j KUBE-NODEPORTS"))
+        if old_rules[len(old_rules) - tail:] != new_rules[len(new_rules) - tail:]:
+            return None
+    old_set = old_rules[:len(old_rules) - nodeport_tail]
+    new_set = new_rules[:len(new_rules) - nodeport_tail]
+    if len(set(old_set)) != len(old_set) or len(set(new_set)) != len(new_set):
+        return None
+    gone = [r for r in old_set if r not in set(new_set)]
+    added = [r for r in new_set if r not in set(old_set)]
+    if len(gone) + len(added) > max(EDIT_LIMIT, len(new_set) // 10):
+        return None
+    prefix = "-A %s " % chain
+    return (["-D " + r[3:] for r in gone] +
+            ["-I %s 1 %s" % (chain, r[len(prefix):]) for r in reversed(added)])
+
+
 def restore_input(new, old=None, stale=()):
     """iptables-restore --noflush input that takes the kernel from `old` to `new`.
 
     old None: a full sync, every chain of `new` is declared (flushed) and written.
     Otherwise only chains whose rules differ are written, and chains gone from
-    `new` are flushed and deleted. `stale`: further (table, chain) pairs of ours
-    to delete (found in the kernel but in neither ruleset). Chains of others are
-    never named. A restore declaring more than S_TRICK_CHAINS chains starts each
+    `new` are flushed and deleted; the shared dispatch chains (EDITED_CHAINS)
+    get `-D` / `-I` edits for a few changed rules instead of a rewrite, so
+    their order in the kernel may differ from `new` (it does not matter: compare
+    them as sets). `stale`: further (table, chain) pairs of ours to delete
+    (found in the kernel but in neither ruleset). Chains of others are never
+    named. A restore declaring more than S_TRICK_CHAINS chains starts each
     table with `-S` (see docs/kube-proxy-sync-design.md)."""
     changes = diff(old or {}, new) if old is not None else \
         {t: (list(new.get(t, {})), []) for t in (FILTER, NAT)}
@@ -447,12 +479,22 @@ def restore_input(new, old=None, stale=()):
         write, delete = changes[table]
         if not write and not delete:
             continue
-        lines.append("*" + table)
-        if len(write) + len(delete) > S_TRICK_CHAINS:
-            lines.append("-S")
-        lines += [":%s - [0:0]" % c for c in write + delete]
+        edits, rewrite = [], []
         for chain in write:
+            lines_for = None
+            if old is not None and chain in old.get(table, {}):
+                lines_for = _edits(table, chain, old[table][chain], new[table][chain])
+            if lines_for is None:
+                rewrite.append(chain)
+            else:
+                edits += lines_for
+        lines.append("*" + table)
+        if len(rewrite) + len(delete) > S_TRICK_CHAINS:
+            lines.append("-S")
+        lines += [":%s - [0:0]" % c for c in rewrite + delete]
+        for chain in rewrite:
             lines += new[table][chain]
+        lines += edits
         lines += ["-X %s" % c for c in delete]
         lines.append("COMMIT")
     return "\n".join(lines) + "\n" if lines else ""

@@ -272,6 +272,22 @@ def test_partial_restore_when_a_service_loses_its_endpoints():
     new = ipt.render(model.ProxyState.of(state.service_ports, endpoints), CFG)
     text = ipt.restore_input(new, old, stale=[("nat", "KUBE-SEP-LEFTOVER0000000")])
     filter_part, nat_part = text.split("*nat\n")
-    assert ":KUBE-SERVICES - [0:0]" in filter_part and "has no endpoints" in filter_part
-    assert ":KUBE-SERVICES - [0:0]" in nat_part
+    # the shared dispatch chains are edited, not rewritten: one -I in filter, one -D in nat
+    assert filter_part == ('*filter\n-I KUBE-SERVICES 1 -d 10.96.0.1/32 -p tcp -m comment --comment '
+                           '"ns/s1:http has no endpoints" -m tcp --dport 80 -j REJECT --reject-with '
+                           'icmp-port-unreachable\nCOMMIT\n')
+    assert ":KUBE-SERVICES" not in nat_part
+    assert ('-D KUBE-SERVICES -d 10.96.0.1/32 -p tcp -m comment --comment "ns/s1:http cluster IP" -m tcp '
+            '--dport 80 -j %s' % ipt.service_chain(name)) in nat_part
     assert "-X %s" % ipt.service_chain(name) in nat_part and "-X KUBE-SEP-LEFTOVER0000000" in nat_part
+    assert nat_part.index("-D KUBE-SERVICES") < nat_part.index("-X ")
+
+
+def test_many_dispatch_changes_rewrite_the_chain():
+    old = ipt.render(state_of(100), CFG)
+    new = ipt.render(state_of(200), CFG)            # 100 new Services: more than the edit limit
+    text = ipt.restore_input(new, old)
+    assert ":KUBE-SERVICES - [0:0]" in text.split("*nat\n")[1] and "-I KUBE-SERVICES" not in text
+    few = ipt.render(state_of(103), CFG)
+    text = ipt.restore_input(few, old)
+    assert text.count("-I KUBE-SERVICES 1 ") == 3 and ":KUBE-SERVICES" not in text
