@@ -9,7 +9,7 @@ import os
 import subprocess
 import time
 
-from podnet.cluster import cni_env, exec_argv
+from podnet.cluster import finish_cni, start_cni
 
 NETWORK = "podnet"
 BRIDGE = "cni0"
@@ -24,30 +24,6 @@ def bridge_conf(data_dir, subnet=SUBNET):
         "isGateway": True, "ipMasq": True,
         "ipam": {"type": "host-local", "subnet": subnet, "dataDir": data_dir},
     }
-
-
-def start_cni(node, cni_bin, command, container_id, pod, conf):
-    """Start the bridge plugin in `node` without waiting for it."""
-    env = cni_env(command, container_id, pod.path, "eth0", cni_bin)
-    proc = subprocess.Popen(exec_argv(node.name, [os.path.join(cni_bin, "bridge")]),
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env)
-    proc.stdin.write(json.dumps(conf).encode())
-    proc.stdin.close()
-    return proc
-
-
-def finish_all(procs):
-    """Wait for every process; [(returncode, stdout, stderr)] in the same order."""
-    out = []
-    for proc in procs:
-        stdout = proc.stdout.read()
-        stderr = proc.stderr.read()
-        proc.wait(TIMEOUT)
-        proc.stdout.close()
-        proc.stderr.close()
-        out.append((proc.returncode, stdout.decode(), stderr.decode()))
-    return out
 
 
 def unreachable(ns, targets):
@@ -82,7 +58,7 @@ def test_fifty_adds_then_fifty_dels_at_once(lab, cni_bin):
     pods = [lab.pod_netns("p%02d" % i) for i in range(N)]
     ids = ["ctr%02d" % i for i in range(N)]
 
-    results = finish_all([start_cni(node, cni_bin, "ADD", cid, pod, conf)
+    results = finish_cni([start_cni(node, os.path.join(cni_bin, "bridge"), "ADD", cid, pod.path, "eth0", conf, cni_bin)
                           for cid, pod in zip(ids, pods)])
     failed = [(cid, rc, out, err) for cid, (rc, out, err) in zip(ids, results) if rc != 0]
     assert failed == [], failed[:3]
@@ -98,7 +74,7 @@ def test_fifty_adds_then_fifty_dels_at_once(lab, cni_bin):
         assert got == [addr]
     assert unreachable(node, addrs) == []
 
-    results = finish_all([start_cni(node, cni_bin, "DEL", cid, pod, conf)
+    results = finish_cni([start_cni(node, os.path.join(cni_bin, "bridge"), "DEL", cid, pod.path, "eth0", conf, cni_bin)
                           for cid, pod in zip(ids, pods)])
     failed = [(cid, rc, out, err) for cid, (rc, out, err) in zip(ids, results) if rc != 0]
     assert failed == [], failed[:3]

@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 
-from podnet.cluster import Lab, cni_env, exec_argv
+from podnet.cluster import Lab, cni_env, finish_cni, start_cni
 
 NETWORK = "podnet"
 SUBNET4, GW4 = "10.244.1.0/24", "10.244.1.1"
@@ -136,27 +136,6 @@ def probe(ns, probes, timeout=5.0):
 
 # ---- plugins ----------------------------------------------------------------
 
-def start_cni(node, cni_bin, plugin, command, container_id, netns, conf):
-    env = cni_env(command, container_id, netns, "eth0", cni_bin)
-    proc = subprocess.Popen(exec_argv(node.name, [os.path.join(cni_bin, plugin)]),
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=env)
-    proc.stdin.write(json.dumps(conf).encode())
-    proc.stdin.close()
-    return proc
-
-
-def finish_all(procs):
-    out = []
-    for proc in procs:
-        stdout, stderr = proc.stdout.read(), proc.stderr.read()
-        proc.wait(TIMEOUT)
-        proc.stdout.close()
-        proc.stderr.close()
-        out.append((proc.returncode, stdout.decode(), stderr.decode()))
-    return out
-
-
 def nat(node, ipv6=False):
     """The node's nat table, without the comment lines (timestamps)."""
     text = node.run(["ip6tables-save" if ipv6 else "iptables-save", "-t", "nat"]).stdout
@@ -268,7 +247,7 @@ def test_twenty_concurrent_adds(cluster):
     ids = ["par%02d" % i for i in range(n)]
     pods = [c.lab.pod_netns(cid) for cid in ids]
     bconf = bridge_conf(c.data_dir, dual_stack=False)
-    results = finish_all([start_cni(node, c.cni_bin, "bridge", "ADD", cid, pod.path, bconf)
+    results = finish_cni([start_cni(node, os.path.join(c.cni_bin, "bridge"), "ADD", cid, pod.path, "eth0", bconf, c.cni_bin)
                           for cid, pod in zip(ids, pods)])
     assert [r[0] for r in results] == [0] * n, results
     prevs = [json.loads(out) for _, out, _ in results]
@@ -278,7 +257,7 @@ def test_twenty_concurrent_adds(cluster):
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for pod in pods]
     confs = [portmap_conf(prev, [{"hostPort": 9000 + i, "containerPort": 80}])
              for i, prev in enumerate(prevs)]
-    results = finish_all([start_cni(node, c.cni_bin, "portmap", "ADD", cid, pod.path, conf)
+    results = finish_cni([start_cni(node, os.path.join(c.cni_bin, "portmap"), "ADD", cid, pod.path, "eth0", conf, c.cni_bin)
                           for cid, pod, conf in zip(ids, pods, confs)])
     assert [r[0] for r in results] == [0] * n, [r for r in results if r[0]][:3]
 
@@ -303,7 +282,7 @@ def test_twenty_concurrent_adds(cluster):
     replies = probe(c.outside, [("tcp", c.node_ip, 9000 + i, 0) for i in range(n)])
     assert replies == ["tcp " + c.outside.underlay_ip] * n
 
-    results = finish_all([start_cni(node, c.cni_bin, "portmap", "DEL", cid, pod.path, conf)
+    results = finish_cni([start_cni(node, os.path.join(c.cni_bin, "portmap"), "DEL", cid, pod.path, "eth0", conf, c.cni_bin)
                           for cid, pod, conf in zip(ids, pods, confs)])
     assert [r[0] for r in results] == [0] * n, [r for r in results if r[0]][:3]
     table = "\n".join(nat(node))

@@ -182,6 +182,28 @@ def run_cni(namespace, plugin_path, command, container_id, netns_path, ifname, c
     return CniOutcome(proc.returncode, proc.stdout, result, proc.stderr)
 
 
+def start_cni(namespace, plugin_path, command, container_id, netns_path, ifname, conf, cni_path):
+    """Start a CNI plugin inside `namespace` without waiting (for concurrency tests)."""
+    env = cni_env(command, container_id, netns_path, ifname, cni_path)
+    proc = subprocess.Popen(exec_argv(namespace.name, [plugin_path]), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdin.write(json.dumps(conf).encode())
+    proc.stdin.close()
+    return proc
+
+
+def finish_cni(procs, timeout=DEFAULT_TIMEOUT):
+    """Wait for plugins from start_cni: [(returncode, stdout, stderr)] in order."""
+    out = []
+    for proc in procs:
+        stdout, stderr = proc.stdout.read(), proc.stderr.read()
+        proc.wait(timeout)
+        proc.stdout.close()
+        proc.stderr.close()
+        out.append((proc.returncode, stdout.decode(), stderr.decode()))
+    return out
+
+
 class Namespace:
     """One named network namespace made by a Lab."""
 

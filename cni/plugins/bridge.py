@@ -28,6 +28,7 @@ import time
 from cni import errors
 from cni.errors import CNIError
 from cni.invoke import delegate
+from cni.iptables_names import chain_name
 from podnet.net import sysctl
 from podnet.net.ip import AF_INET, AF_INET6, IPNet, parse_cidr, parse_ip
 from podnet.net.netlink import Netlink, NetlinkError
@@ -139,12 +140,6 @@ def _kernel_error(what, e):
 
 
 # ---- masquerade -------------------------------------------------------------
-
-def chain_name(network, container_id):
-    """CNI-<24 hex of sha512(name+id)>: the reference's name, so either plugin can clean up."""
-    from cni.iptables_names import chain_name as reference_name
-    return reference_name(network, container_id)
-
 
 def _comment(network, container_id):
     return 'name: "%s" id: "%s"' % (network, container_id)
