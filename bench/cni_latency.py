@@ -31,10 +31,6 @@ def config(data_dir, masq):
                      "routes": [{"dst": "0.0.0.0/0"}]}}
 
 
-def timed(node_path, plugin, command, container_id, netns_path, stdin, cni_path):
-    return run_plugin(node_path, plugin, command, container_id, netns_path, stdin, cni_path)[0]
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=40)
@@ -62,13 +58,14 @@ def main():
             for name, (bin_dir, node, conf) in impls.items():
                 pod = lab.pod_netns("%s%d" % (name[:3], i))
                 pods[name] = pod
-                results[name]["ADD"].append(timed(node.path, os.path.join(bin_dir, "bridge"), "ADD",
-                                                  "c%d" % i, pod.path, conf, bin_dir))
+                ms, _ = run_plugin(node.path, os.path.join(bin_dir, "bridge"), "ADD", "c%d" % i,
+                                   pod.path, conf, bin_dir)
+                results[name]["ADD"].append(ms)
             for name, (bin_dir, node, conf) in impls.items():
-                results[name]["DEL"].append(timed(node.path, os.path.join(bin_dir, "bridge"), "DEL",
-                                                  "c%d" % i, pods[name].path, conf, bin_dir))
-                results[name]["VERSION"].append(timed(node.path, os.path.join(bin_dir, "bridge"),
-                                                      "VERSION", "c%d" % i, pods[name].path, b"{}", bin_dir))
+                for command, stdin in (("DEL", conf), ("VERSION", b"{}")):
+                    ms, _ = run_plugin(node.path, os.path.join(bin_dir, "bridge"), command, "c%d" % i,
+                                       pods[name].path, stdin, bin_dir)
+                    results[name][command].append(ms)
 
     print("bridge + host-local, ipMasq %s, spec 1.0.0, %d runs each, interleaved"
           % ("off" if opts.no_masq else "on", opts.runs))

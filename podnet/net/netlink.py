@@ -112,10 +112,6 @@ def u8(kind, v):
     return attr(kind, struct.pack("=B", v))
 
 
-def u16(kind, v):
-    return attr(kind, struct.pack("=H", v))
-
-
 def u32(kind, v):
     return attr(kind, struct.pack("=I", v))
 
