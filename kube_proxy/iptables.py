@@ -1,4 +1,4 @@
-"""iptables mode: rendering the desired state into kube-proxy's chains (rendering only, so far).
+"""iptables mode: kube-proxy's chains rendered from the desired state, and the proxier that applies them.
 
 The layout, chain names and rules are kube-proxy's (pkg/proxy/iptables), so
 tools and people that know kube-proxy's rules read ours unchanged:
@@ -35,6 +35,7 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from kube_proxy import model
+from podnet.net.iptables import quote
 
 MASQ_MARK = 0x4000
 LARGE_CLUSTER_ENDPOINTS = 1000      # above: no per-endpoint comments (kube-proxy's largeClusterMode)
@@ -131,10 +132,6 @@ def is_our_chain(chain):
 
 
 # ---- rule text -------------------------------------------------------------------------------
-
-def quote(text):
-    return '"%s"' % text.replace("\\", "\\\\").replace('"', '\\"')
-
 
 def _net(ip_or_cidr):
     if "/" in ip_or_cidr:
@@ -498,3 +495,176 @@ def restore_input(new, old=None, stale=()):
         lines += ["-X %s" % c for c in delete]
         lines.append("COMMIT")
     return "\n".join(lines) + "\n" if lines else ""
+
+
+# ---- the proxier ---------------------------------------------------------------------------------
+
+def jump_input(saved_by_table, remove=False):
+    """Restore input that adds (or removes) the jumps from the built-in chains that are
+    missing (or present), and declares our base chains that don't exist yet (declaring
+    an existing chain under --noflush would flush it). Empty when nothing is needed."""
+    lines = []
+    base = {FILTER: FILTER_BASE, NAT: NAT_BASE}
+    for table in (FILTER, NAT):
+        saved = saved_by_table.get(table, "")
+        present = set(saved.splitlines())
+        body = []
+        if not remove:
+            body += [":%s - [0:0]" % c for c in base[table] if (":%s " % c) not in saved]
+        for t, chain, text in reversed(BUILTIN_JUMPS):     # -I 1 in reverse: they end up in order
+            if t != table:
+                continue
+            line = "-A %s %s" % (chain, text)
+            if remove and line in present:
+                body.append("-D %s %s" % (chain, text))
+            elif not remove and line not in present:
+                body.append("-I %s 1 %s" % (chain, text))
+        if body:
+            lines += ["*" + table] + body + ["COMMIT"]
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def chains_in(saved):
+    """Names of the chains an iptables-save text declares (built-in ones included)."""
+    return [line[1:].split(" ", 1)[0] for line in saved.splitlines() if line.startswith(":")]
+
+
+def rules_count(ruleset):
+    return {table: sum(len(rules) for rules in chains.values()) for table, chains in ruleset.items()}
+
+
+@dataclass
+class SyncResult:
+    full: bool
+    seconds: float = 0.0
+    changed: int = 0                    # service ports rewritten
+    restore_bytes: int = 0
+    rules: dict = field(default_factory=dict)   # {table: rules}
+    conntrack_deleted: int = 0
+
+
+class IptablesProxier:
+    """Applies the tracker's Syncs to the kernel (the current network namespace).
+
+    Keeps `applied`, the ruleset the kernel holds as far as we know. A full
+    sync renders everything anew; the first one (and any after a failure,
+    when `applied` is unknown) reads the kernel once to find chains of ours
+    left from an earlier run. A partial sync re-renders only the changed
+    service ports and writes only the chains that differ, editing the shared
+    dispatch chains in place (restore_input). A failed restore raises and
+    forgets `applied`: the caller marks the next sync full."""
+    mode = "iptables"
+
+    def __init__(self, config, restore=None, save=None):
+        from podnet.net import iptables as ipt
+        self.config = config
+        self.ipv6 = config.family == 6
+        self._restore = restore or (lambda text: ipt.restore(text, ipv6=self.ipv6))
+        self._save = save or (lambda table: ipt.save(table, ipv6=self.ipv6))
+        self.applied = None
+        self.port_rules = {}
+        self.comments = None
+
+    def _read_kernel(self):
+        return {table: self._save(table) for table in (FILTER, NAT)}
+
+    def setup(self):
+        """Create our base chains and the jumps to them (idempotent; kube-proxy's ensure step)."""
+        text = jump_input(self._read_kernel())
+        if text:
+            self._restore(text)
+
+    def cleanup(self):
+        """Remove every rule and chain of ours (kube-proxy --cleanup, or a switch to another mode)."""
+        saved = self._read_kernel()
+        text = jump_input(saved, remove=True)
+        if text:
+            self._restore(text)
+        lines = []
+        for table in (FILTER, NAT):
+            base = FILTER_BASE if table == FILTER else NAT_BASE
+            ours = [c for c in chains_in(saved[table]) if c in base or is_our_chain(c)]
+            if ours:
+                lines += ["*" + table] + [":%s - [0:0]" % c for c in ours] + ["-X %s" % c for c in ours] + ["COMMIT"]
+        if lines:
+            self._restore("\n".join(lines) + "\n")
+        self.applied = None
+
+    def sync(self, sync):
+        import time
+        started = time.monotonic()
+        state = sync.state
+        total = sum(len(state.endpoints_for(n)) for n in state.service_ports)
+        comments = total <= LARGE_CLUSTER_ENDPOINTS
+        full = sync.full or self.applied is None or comments != self.comments
+        if full:
+            self.port_rules = {}
+        else:
+            for name in sync.changed:
+                self.port_rules.pop(name, None)
+        self.comments = comments
+        new = render(state, self.config, self.port_rules)
+        try:
+            if full:
+                stale = ()
+                if self.applied is None:        # first sync or after a failure: what is in the kernel?
+                    saved = self._read_kernel()
+                    missing_jumps = jump_input(saved)
+                    if missing_jumps:
+                        self._restore(missing_jumps)
+                    stale = [(t, c) for t in (FILTER, NAT) for c in chains_in(saved[t])
+                             if is_our_chain(c) and c not in new[t]]
+                else:
+                    stale = [(t, c) for t in (FILTER, NAT) for c in self.applied.get(t, {}) if c not in new[t]]
+                text = restore_input(new, None, stale)
+            else:
+                text = restore_input(new, self.applied)
+            if text:
+                self._restore(text)
+        except Exception:
+            self.applied = None
+            self.port_rules = {}
+            raise
+        self.applied = new
+        deleted = self._clear_udp_flows(sync)
+        return SyncResult(full, time.monotonic() - started, len(sync.changed), len(text), rules_count(new), deleted)
+
+    def _clear_udp_flows(self, sync):
+        """Conntrack entries of UDP flows to removed endpoints (and to Services that had no
+        endpoints before) would keep sending datagrams nowhere: delete them, as kube-proxy does."""
+        doomed_dst, doomed_via = set(), set()
+        for name in sync.changed:
+            if name.protocol != "UDP":
+                continue
+            old_port, old_eps = sync.previous.get(name, (None, ()))
+            new_port = sync.state.service_ports.get(name)
+            new_eps = {(e.ip, e.port) for e in sync.state.endpoints_for(name)} if new_port else set()
+            if old_port is not None:
+                frontends = [(ip, old_port.port) for ip in (old_port.cluster_ip,) + old_port.external_ips
+                             + old_port.load_balancer_ips]
+                if old_port.node_port:
+                    frontends.append((None, old_port.node_port))
+                for ep in old_eps:
+                    if (ep.ip, ep.port) not in new_eps:
+                        doomed_via.update((front, (ep.ip, ep.port)) for front in frontends)
+            if new_port is not None and new_eps and not old_eps:
+                doomed_dst.update((ip, new_port.port) for ip in (new_port.cluster_ip,) + new_port.external_ips
+                                  + new_port.load_balancer_ips)
+        if not doomed_dst and not doomed_via:
+            return 0
+
+        def doomed(flow):
+            if flow.proto != 17:
+                return False
+            if (flow.dst, flow.dport) in doomed_dst:
+                return True
+            backend = (flow.reply_src, flow.reply_sport)
+            return ((flow.dst, flow.dport), backend) in doomed_via or ((None, flow.dport), backend) in doomed_via
+
+        from podnet.net import conntrack
+        try:
+            return conntrack.delete_flows(doomed, 10 if self.ipv6 else 2)
+        except OSError as e:
+            import logging
+            logging.getLogger("kube_proxy.iptables").warning("could not clear stale UDP conntrack entries: %s", e)
+            return 0

@@ -71,12 +71,19 @@ def cmd_demo(opts):
                     keep=opts.keep)
 
 
+# Subcommands that are whole daemons with their own flag parsers: name -> module with main(argv).
+DAEMONS = {
+    "flanneld": "flanneld.daemon",
+    "kube-proxy": "kube_proxy.server",
+}
+
+
 def main(argv=None):
     import sys as _sys
     argv = _sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["flanneld"]:     # flanneld parses its own (flannel's) flags
-        from flanneld.daemon import main as flanneld_main
-        return flanneld_main(argv[1:])
+    if argv[:1] and argv[0] in DAEMONS:     # daemons parse their own (upstream-named) flags
+        import importlib
+        return importlib.import_module(DAEMONS[argv[0]]).main(argv[1:])
     parser = argparse.ArgumentParser(prog="podnet", description="Container networking for Kubernetes.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -103,6 +110,7 @@ def main(argv=None):
     p.set_defaults(func=cmd_cni)
 
     sub.add_parser("flanneld", help="run the overlay daemon (flannel's flags; see podnet flanneld --help)")
+    sub.add_parser("kube-proxy", help="run the Service proxy (kube-proxy's flags; see podnet kube-proxy --help)")
 
     p = sub.add_parser("demo", help="build a cluster in network namespaces, attach pods, check connectivity")
     p.add_argument("--nodes", type=int, default=3)

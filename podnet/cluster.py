@@ -511,6 +511,7 @@ class Cluster:
         self.underlay = lab.underlay(underlay)
         self.nodes = []
         self.flanneld = {}          # node role -> Popen
+        self.kube_proxy = {}        # node role -> Popen
         self.pods = []
         self.etcd_ns = None
         self.etcd_url = None
@@ -574,6 +575,10 @@ class Cluster:
 
     def add_node(self, name, extra=()):
         node = self.lab.node(name, self.underlay, ip_forward=True)
+        # Real nodes have a default route; without one, traffic to a Service IP that is
+        # not DNATed (a Service without endpoints) dies in routing ("network unreachable")
+        # before kube-proxy's REJECT can answer it. On-link: it only ever ARPs on our underlay.
+        node.ip("route", "add", "default", "dev", node.underlay_if)
         self.nodes.append(node)
         self.start_flanneld(node, extra)
         return node
@@ -595,6 +600,37 @@ class Cluster:
     def stop_flanneld(self, node, timeout=10):
         """SIGTERM the node's daemon and wait for it (the datapath stays)."""
         _stop_one(node, self.flanneld.pop(node.role), timeout)
+
+    # -- Services --
+    def start_kube_proxy(self, node, manifests, extra=()):
+        """`podnet kube-proxy` in the node, reading Services/EndpointSlices from `manifests`."""
+        argv = [self.python, "-m", "podnet.cli", "kube-proxy", "--manifests", manifests,
+                "--manifests-interval", "0.2", "--hostname-override", node.role,
+                "--cluster-cidr", self.network, "--min-sync-period", "0.2"] + list(extra)
+        with open(self.kube_proxy_log(node), "a") as log:
+            self.kube_proxy[node.role] = node.popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=_SOURCE_ROOT,
+                                                    env=dict(os.environ, PYTHONPATH=_SOURCE_ROOT))
+        return self.kube_proxy[node.role]
+
+    def kube_proxy_log(self, node):
+        return os.path.join(self.node_dir(node), "kube-proxy.log")
+
+    def stop_kube_proxy(self, node, timeout=10):
+        """SIGTERM the node's kube-proxy (its rules stay, as on a real node)."""
+        _stop_one(node, self.kube_proxy.pop(node.role), timeout)
+
+    def start_echo(self, pod, port=8080, udp_port=8081):
+        """A server in the pod that answers with the pod's name (podnet.echo)."""
+        proc = pod.ns.popen([self.python, "-m", "podnet.echo", "serve", "--name", pod.name, "--port", str(port),
+                             "--udp-port", str(udp_port)], cwd=_SOURCE_ROOT,
+                            env=dict(os.environ, PYTHONPATH=_SOURCE_ROOT))
+        return proc
+
+    def echo(self, ns, *args, timeout=60):
+        """podnet.echo's client (get/udp ...) run in namespace `ns`; its parsed JSON output."""
+        out = ns.run([self.python, "-m", "podnet.echo"] + [str(a) for a in args], timeout=timeout,
+                     env=dict(os.environ, PYTHONPATH=_SOURCE_ROOT))
+        return json.loads(out.stdout)
 
     def wait_ready(self, timeout=30):
         """Until every node has written subnet.env (its lease is in etcd)."""

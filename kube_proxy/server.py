@@ -1,0 +1,273 @@
+"""`podnet kube-proxy`: sources -> change tracker -> proxier, with metrics and healthz.
+
+One thread runs the sync loop; the sources (a Kubernetes API reflector per
+kind, or a manifests directory poller) run in their own threads and hand
+events over through a queue, so the tracker stays single-threaded. The loop
+sleeps until the tracker says a sync is due (the first change after a quiet
+spell at once, later ones coalesced by --min-sync-period), applies it, and
+records the result. A failed sync is logged, counted, and retried as a full
+sync after --min-sync-period.
+
+Stopping (SIGTERM/SIGINT) leaves every rule in place: a restarted proxy
+finds them, rewrites them with the same content, and established
+connections never notice (conntrack holds their NAT). `--cleanup` removes
+everything ours and exits, as kube-proxy's does.
+
+Flags are kube-proxy's where they apply (--proxy-mode, --cluster-cidr,
+--masquerade-all, --nodeport-addresses, --min-sync-period, --hostname-override,
+--kubeconfig, --metrics-bind-address, --healthz-bind-address, --cleanup, -v);
+--manifests DIR is ours (standalone use without an API server).
+"""
+import argparse
+import logging
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+
+log = logging.getLogger("kube_proxy")
+
+MODES = ("iptables",)
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text):
+    """Go's duration syntax as kube-proxy's flags take it ("1s", "500ms", "1m30s"), or plain seconds."""
+    text = text.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    total, number, i = 0.0, "", 0
+    while i < len(text):
+        c = text[i]
+        if c.isdigit() or c == ".":
+            number += c
+            i += 1
+            continue
+        unit = next((u for u in ("ms", "us", "µs", "ns", "h", "m", "s") if text.startswith(u, i)), None)
+        if unit is None or not number:
+            raise argparse.ArgumentTypeError("not a duration: %r" % text)
+        total += float(number) * _UNITS[unit]
+        number, i = "", i + len(unit)
+    if number:
+        raise argparse.ArgumentTypeError("not a duration (missing unit): %r" % text)
+    return total
+
+
+def _cidrs(text):
+    import ipaddress
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        if part:
+            try:
+                out.append(str(ipaddress.ip_network(part, strict=False)))
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(str(e))
+    return tuple(out)
+
+
+def local_addresses(family=4):
+    """This network namespace's global unicast addresses, [(ip, prefixlen)]."""
+    from podnet.net.ip import AF_INET, AF_INET6
+    from podnet.net.netlink import Netlink
+    fam = AF_INET if family == 4 else AF_INET6
+    with Netlink() as nl:
+        return [(str(a.net.ip), a.net.prefixlen) for a in nl.addrs(family=fam) if a.scope == 0]
+
+
+def resolve_nodeport_addresses(spec, family=4):
+    """--nodeport-addresses: CIDRs and/or "primary" -> this node's matching IPs (sorted);
+    () when unset, meaning every local address."""
+    import ipaddress
+    if not spec:
+        return ()
+    addrs = local_addresses(family)
+    chosen = set()
+    for item in spec:
+        if item == "primary":
+            if addrs:
+                chosen.add(addrs[0][0])
+            continue
+        net = ipaddress.ip_network(item, strict=False)
+        chosen.update(ip for ip, _ in addrs if ipaddress.ip_address(ip) in net)
+    if not chosen:
+        log.warning("--nodeport-addresses %s matches no address of this node: NodePorts answer nowhere",
+                    ",".join(spec))
+    return tuple(sorted(chosen, key=lambda ip: ipaddress.ip_address(ip)))
+
+
+class ProxyServer:
+    """The sync loop. `source_factory(emit)` returns an object with start()/stop()."""
+
+    def __init__(self, proxier, tracker, source_factory, metrics=None):
+        self.proxier = proxier
+        self.tracker = tracker
+        self.source = source_factory(self._emit)
+        self.metrics = metrics
+        self.events = queue.Queue()
+        self.stopping = threading.Event()
+        self.syncs = 0
+
+    def _emit(self, event):
+        self.events.put(event)
+
+    def _drain(self, timeout):
+        try:
+            event = self.events.get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            return
+        while True:
+            try:
+                self.tracker.apply(event)
+            except Exception:       # a bug shown by one object must not stop the proxy
+                log.exception("skipping %s %s event", event.type, event.kind)
+            if self.metrics:
+                self.metrics.queued()
+            try:
+                event = self.events.get_nowait()
+            except queue.Empty:
+                return
+
+    def sync_once(self):
+        sync = self.tracker.take()
+        try:
+            result = self.proxier.sync(sync)
+        except Exception as e:
+            self.tracker.sync_failed(str(e))
+            if self.metrics:
+                self.metrics.failed()
+            log.error("sync failed (the next one is full): %s", e)
+            return None
+        self.syncs += 1
+        state = sync.state
+        if self.metrics:
+            self.metrics.synced(result, len(state.service_ports),
+                                sum(len(state.endpoints_for(n)) for n in state.service_ports))
+        log.info("%s sync (%s): %d service ports changed, %d service ports, %s rules, %.3f s%s",
+                 "full" if result.full else "partial", sync.reason, result.changed, len(state.service_ports),
+                 "/".join("%s %d" % kv for kv in sorted(result.rules.items())), result.seconds,
+                 ", %d UDP flows cleared" % result.conntrack_deleted if result.conntrack_deleted else "")
+        return result
+
+    def run(self):
+        self.proxier.setup()
+        self.source.start()
+        try:
+            while not self.stopping.is_set():
+                now = self.tracker.clock()
+                when = self.tracker.next_sync_at(now)
+                if when is not None and when <= now:
+                    self.sync_once()
+                    continue
+                self._drain(1.0 if when is None else min(1.0, when - now))
+        finally:
+            self.source.stop()
+
+    def stop(self, *_):
+        self.stopping.set()
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="podnet kube-proxy",
+                                description="A kube-proxy: programs the kernel for Kubernetes Services.")
+    p.add_argument("--proxy-mode", default="iptables", choices=MODES)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster config)")
+    src.add_argument("--manifests", metavar="DIR",
+                     help="read Services and EndpointSlices from YAML/JSON files in DIR (watched)")
+    p.add_argument("--manifests-interval", type=parse_duration, default=1.0, help=argparse.SUPPRESS)
+    p.add_argument("--hostname-override", default="",
+                   help="this node's name, as EndpointSlices' nodeName says it (default: the hostname)")
+    p.add_argument("--cluster-cidr", type=_cidrs, default=(),
+                   help="pod CIDR(s), comma-separated: traffic to Services from elsewhere is masqueraded")
+    p.add_argument("--masquerade-all", action="store_true", help="masquerade all traffic to Service IPs")
+    p.add_argument("--nodeport-addresses", default="",
+                   help='CIDRs (comma-separated) or "primary": the node addresses NodePorts answer on '
+                        "(default: all)")
+    p.add_argument("--min-sync-period", "--iptables-min-sync-period", dest="min_sync_period",
+                   type=parse_duration, default=1.0, help="minimum time between syncs (default 1s)")
+    p.add_argument("--sync-period", "--iptables-sync-period", dest="full_sync_period", type=parse_duration,
+                   default=3600.0, help="interval of full syncs (default 1h: partial syncs in between)")
+    p.add_argument("--iptables-localhost-nodeports", type=lambda v: v.lower() in ("1", "true", "yes"),
+                   default=True, help="NodePorts also answer on 127.0.0.1 (default true)")
+    p.add_argument("--metrics-bind-address", default="127.0.0.1:10249", help='("" disables)')
+    p.add_argument("--healthz-bind-address", default="0.0.0.0:10256", help='("" disables)')
+    p.add_argument("--cleanup", action="store_true", help="remove every rule of ours and exit")
+    p.add_argument("-v", "--v", dest="verbosity", type=int, default=2, help="log verbosity (kube-proxy's -v)")
+    return p
+
+
+def make_proxier(mode, config):
+    if mode == "iptables":
+        from kube_proxy.iptables import IptablesProxier
+        return IptablesProxier(config)
+    raise ValueError("unknown proxy mode %r" % mode)
+
+
+def main(argv=None):
+    opts = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.DEBUG if opts.verbosity >= 4 else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from kube_proxy.iptables import Config
+    if opts.cleanup:
+        for mode in MODES:
+            make_proxier(mode, Config()).cleanup()
+        log.info("removed every rule of ours")
+        return 0
+    spec = tuple(s.strip() for s in opts.nodeport_addresses.split(",") if s.strip())
+    try:
+        nodeport_ips = resolve_nodeport_addresses(tuple(s if s == "primary" else _cidrs(s)[0] for s in spec))
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        print("podnet kube-proxy: --nodeport-addresses: %s" % e, file=sys.stderr)
+        return 2
+    addrs = local_addresses()
+    config = Config(cluster_cidr=opts.cluster_cidr, masquerade_all=opts.masquerade_all,
+                    nodeport_addresses=nodeport_ips, localhost_nodeports=opts.iptables_localhost_nodeports,
+                    node_ip=addrs[0][0] if addrs else "")
+    hostname = opts.hostname_override or socket.gethostname()
+
+    from kube_proxy.metrics import Metrics, parse_address, serve
+    from kube_proxy.tracker import ChangeTracker
+    tracker = ChangeTracker(hostname=hostname, min_sync_period=opts.min_sync_period,
+                            full_sync_period=opts.full_sync_period)
+    metrics = Metrics(mode=opts.proxy_mode, health_timeout=max(60.0, 2 * opts.min_sync_period))
+    if opts.manifests:
+        from kube_proxy.sources.manifests import ManifestSource
+
+        def source_factory(emit):
+            return ManifestSource(opts.manifests, emit, interval=opts.manifests_interval)
+    else:
+        from kube_proxy.sources.kubeapi import KubeApiSource
+
+        def source_factory(emit):
+            return KubeApiSource(emit, kubeconfig=opts.kubeconfig)
+    server = ProxyServer(make_proxier(opts.proxy_mode, config), tracker, source_factory, metrics)
+    for flag, default_port, paths in (("metrics_bind_address", 10249, ("/metrics", "/healthz", "/livez",
+                                                                       "/proxyMode")),
+                                      ("healthz_bind_address", 10256, ("/healthz", "/livez"))):
+        address = parse_address(getattr(opts, flag), default_port)
+        if address:
+            try:
+                serve(address, metrics, paths)
+            except OSError as e:
+                print("podnet kube-proxy: --%s %s: %s" % (flag.replace("_", "-"), getattr(opts, flag), e),
+                      file=sys.stderr)
+                return 1
+    signal.signal(signal.SIGTERM, server.stop)
+    signal.signal(signal.SIGINT, server.stop)
+    log.info("kube-proxy (%s mode) for node %s; cluster CIDR %s; NodePorts on %s; source %s",
+             opts.proxy_mode, hostname, ",".join(opts.cluster_cidr) or "-",
+             ",".join(nodeport_ips) or "all local addresses",
+             "manifests in %s" % opts.manifests if opts.manifests else "the Kubernetes API")
+    started = time.monotonic()
+    server.run()
+    log.info("stopped after %.0f s and %d syncs; rules stay in place", time.monotonic() - started, server.syncs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""The iptables proxier's decisions, metrics and flags (no root: restore/save are recorded, not run)."""
+import argparse
+
+import pytest
+
+from kube_proxy import iptables as ipt
+from kube_proxy import metrics as km
+from kube_proxy import server
+from kube_proxy.tracker import ChangeTracker
+from podnet import kubeobjects as k8s
+from podnet.net.conntrack import Flow
+
+HTTP = {"name": "http", "port": 80, "targetPort": 8080}
+
+
+class FakeKernel:
+    """Records restore inputs; save() answers what a test put there."""
+
+    def __init__(self, saved=None, fail=False):
+        self.saved = saved or {"filter": "", "nat": ""}
+        self.restores = []
+        self.fail = fail
+
+    def restore(self, text):
+        if self.fail:
+            raise RuntimeError("iptables-restore: line 3 failed")
+        self.restores.append(text)
+
+    def save(self, table):
+        return self.saved[table]
+
+
+def tracker_with(services):
+    t = ChangeTracker(hostname="node1", min_sync_period=0)
+    svcs, slices = [], []
+    for name, ip, eps in services:
+        svcs.append(k8s.service(name, ip, [HTTP]))
+        slices.append(k8s.endpoint_slice(name, [(e, "node1") for e in eps], [{"name": "http", "port": 8080}]))
+    t.replace("Service", svcs)
+    t.replace("EndpointSlice", slices)
+    return t
+
+
+def proxier(kernel):
+    return ipt.IptablesProxier(ipt.Config(cluster_cidr=("10.244.0.0/16",)), restore=kernel.restore,
+                               save=kernel.save)
+
+
+def test_setup_adds_missing_jumps_and_chains_once():
+    kernel = FakeKernel()
+    p = proxier(kernel)
+    p.setup()
+    text = kernel.restores[0]
+    assert ":KUBE-SERVICES - [0:0]" in text and ":KUBE-POSTROUTING - [0:0]" in text
+    assert "-I PREROUTING 1 -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES" in text
+    # now the kernel has them: nothing more to do (and existing chains are never re-declared)
+    kernel.saved = {"filter": "\n".join([":%s - [0:0]" % c for c in ipt.FILTER_BASE] +
+                                        ["-A %s %s" % (c, r) for t, c, r in ipt.BUILTIN_JUMPS if t == "filter"]),
+                    "nat": "\n".join([":%s - [0:0]" % c for c in ipt.NAT_BASE] +
+                                     ["-A %s %s" % (c, r) for t, c, r in ipt.BUILTIN_JUMPS if t == "nat"])}
+    p.setup()
+    assert len(kernel.restores) == 1
+
+
+def test_first_sync_deletes_our_stale_chains_and_never_names_others():
+    kernel = FakeKernel({"filter": ":KUBE-FORWARD - [0:0]\n", "nat": ":KUBE-SVC-OLDOLDOLDOLDOLD - [0:0]\n"
+                                                                  ":KUBE-SEP-OLDOLDOLDOLDOLD - [0:0]\n"
+                                                                  ":CNI-HOSTPORT-DNAT - [0:0]\n"})
+    p = proxier(kernel)
+    t = tracker_with([("web", "10.96.0.10", ["10.244.1.2", "10.244.2.2"])])
+    result = p.sync(t.take())
+    text = kernel.restores[-1]
+    assert result.full and "-X KUBE-SVC-OLDOLDOLDOLDOLD" in text and "-X KUBE-SEP-OLDOLDOLDOLDOLD" in text
+    assert "CNI-HOSTPORT-DNAT" not in text
+    assert result.rules["nat"] > 0 and p.applied is not None
+
+
+def test_endpoint_change_is_a_partial_sync_of_that_service_only():
+    kernel = FakeKernel()
+    p = proxier(kernel)
+    services = [("svc%d" % i, "10.96.0.%d" % (10 + i), ["10.244.1.%d" % (2 + i)]) for i in range(20)]
+    t = tracker_with(services)
+    p.sync(t.take())
+    t.update_slice(k8s.endpoint_slice("svc3", [("10.244.1.5", "node1"), ("10.244.2.9", "node1")],
+                                      [{"name": "http", "port": 8080}]))
+    result = p.sync(t.take())
+    text = kernel.restores[-1]
+    assert not result.full and result.changed == 1
+    svc = ipt.service_chain(next(n for n in t.take().state.service_ports if n.name == "svc3"))
+    assert ":%s - [0:0]" % svc in text
+    assert "KUBE-SERVICES" not in text          # the dispatch chain is untouched
+    assert text.count(":KUBE-SVC-") == 1
+
+
+def test_nothing_changed_writes_nothing():
+    kernel = FakeKernel()
+    p = proxier(kernel)
+    t = tracker_with([("web", "10.96.0.10", ["10.244.1.2"])])
+    p.sync(t.take())
+    n = len(kernel.restores)
+    result = p.sync(t.take())
+    assert len(kernel.restores) == n and result.restore_bytes == 0
+
+
+def test_a_failed_restore_forgets_what_is_applied():
+    kernel = FakeKernel()
+    p = proxier(kernel)
+    t = tracker_with([("web", "10.96.0.10", ["10.244.1.2"])])
+    p.sync(t.take())
+    kernel.fail = True
+    t.update_slice(k8s.endpoint_slice("web", [("10.244.1.3", "node1")], [{"name": "http", "port": 8080}]))
+    with pytest.raises(Exception):
+        p.sync(t.take())
+    assert p.applied is None
+    kernel.fail = False
+    result = p.sync(t.take())       # the next one is full and reads the kernel again
+    assert result.full
+
+
+def test_cleanup_removes_jumps_and_every_chain_of_ours():
+    kernel = FakeKernel({"filter": ":INPUT ACCEPT [0:0]\n:KUBE-FORWARD - [0:0]\n:OTHER - [0:0]\n"
+                                   '-A INPUT -m comment --comment "kubernetes health check service ports" '
+                                   "-j KUBE-NODEPORTS\n",
+                         "nat": ":KUBE-SERVICES - [0:0]\n:KUBE-SVC-AAAAAAAAAAAAAAAA - [0:0]\n"})
+    proxier(kernel).cleanup()
+    text = "".join(kernel.restores)
+    assert '-D INPUT -m comment --comment "kubernetes health check service ports" -j KUBE-NODEPORTS' in text
+    assert "-X KUBE-FORWARD" in text and "-X KUBE-SERVICES" in text and "-X KUBE-SVC-AAAAAAAAAAAAAAAA" in text
+    assert "OTHER" not in text
+
+
+def test_udp_flows_to_removed_endpoints_are_selected(monkeypatch):
+    deleted = []
+
+    def fake_delete(predicate, family=0):
+        flows = [Flow(2, 17, "10.244.1.9", "10.96.0.53", 4000, 53, "10.244.2.2", 8081, b""),    # removed ep
+                 Flow(2, 17, "10.244.1.9", "10.96.0.53", 4001, 53, "10.244.1.5", 8081, b""),    # kept ep
+                 Flow(2, 6, "10.244.1.9", "10.96.0.53", 4002, 53, "10.244.2.2", 8081, b""),     # TCP
+                 Flow(2, 17, "192.168.50.9", "192.168.50.1", 4003, 30053, "10.244.2.2", 8081, b"")]  # NodePort
+        chosen = [f for f in flows if predicate(f)]
+        deleted.extend(chosen)
+        return len(chosen)
+    from podnet.net import conntrack
+    monkeypatch.setattr(conntrack, "delete_flows", fake_delete)
+    kernel = FakeKernel()
+    p = proxier(kernel)
+    t = ChangeTracker(hostname="node1", min_sync_period=0)
+    udp = {"name": "dns", "port": 53, "targetPort": 8081, "protocol": "UDP", "nodePort": 30053}
+    t.replace("Service", [k8s.service("dns", "10.96.0.53", [udp], type="NodePort")])
+    eps = {"name": "dns", "port": 8081, "protocol": "UDP"}
+    t.replace("EndpointSlice", [k8s.endpoint_slice("dns", [("10.244.1.5", "n"), ("10.244.2.2", "n")], [eps])])
+    first = p.sync(t.take())
+    # a UDP Service that gets its first endpoints: flows to it (answered by REJECT so far) go
+    assert first.conntrack_deleted == 2 and {f.sport for f in deleted} == {4000, 4001}
+    deleted.clear()
+    t.update_slice(k8s.endpoint_slice("dns", [("10.244.1.5", "n")], [eps]))
+    result = p.sync(t.take())
+    assert result.conntrack_deleted == 2
+    assert sorted(f.sport for f in deleted) == [4000, 4003]
+
+
+def test_metrics_text_and_health():
+    now = [1000.0]
+    m = km.Metrics(health_timeout=60, clock=lambda: now[0])
+    assert m.health()[0]            # just started
+    m.queued()
+    m.synced(ipt.SyncResult(full=True, seconds=0.003, rules={"nat": 12, "filter": 3}), 2, 4)
+    m.synced(ipt.SyncResult(full=False, seconds=0.5, changed=1, rules={"nat": 14, "filter": 3}), 2, 5)
+    text = m.render()
+    assert "kubeproxy_sync_proxy_rules_duration_seconds_count 2" in text
+    assert 'kubeproxy_sync_proxy_rules_duration_seconds_bucket{le="0.004"} 1' in text
+    assert "kubeproxy_sync_full_proxy_rules_duration_seconds_count 1" in text
+    assert 'kubeproxy_sync_proxy_rules_iptables_total{table="nat"} 14' in text
+    assert "kubeproxy_sync_proxy_rules_last_timestamp_seconds 1000.0" in text
+    m.queued()
+    now[0] += 61                    # a change waiting longer than the timeout: unhealthy
+    healthy, body = m.health()
+    assert not healthy and '"lastUpdated": "1970-01-01T00:16:40Z"' in body
+
+
+def test_durations_and_addresses():
+    assert server.parse_duration("1s") == 1.0
+    assert server.parse_duration("500ms") == 0.5
+    assert server.parse_duration("1m30s") == 90.0
+    assert server.parse_duration("2") == 2.0
+    with pytest.raises(argparse.ArgumentTypeError):
+        server.parse_duration("10 parsecs")
+    assert km.parse_address("127.0.0.1:10249", 1) == ("127.0.0.1", 10249)
+    assert km.parse_address(":9000", 1) == ("0.0.0.0", 9000)
+    assert km.parse_address("[::1]:9000", 1) == ("::1", 9000)
+    assert km.parse_address("", 1) is None
+
+
+def test_flags_are_kube_proxys():
+    opts = server.build_parser().parse_args(
+        ["--proxy-mode", "iptables", "--cluster-cidr", "10.244.0.0/16", "--masquerade-all",
+         "--iptables-min-sync-period", "2s", "--nodeport-addresses", "192.168.0.0/16", "--manifests", "/tmp/x",
+         "--hostname-override", "node1", "-v", "4"])
+    assert opts.cluster_cidr == ("10.244.0.0/16",) and opts.masquerade_all and opts.min_sync_period == 2.0
+    with pytest.raises(SystemExit):
+        server.build_parser().parse_args(["--manifests", "/tmp/x", "--kubeconfig", "/tmp/k"])
