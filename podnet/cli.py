@@ -75,6 +75,7 @@ def cmd_demo(opts):
 DAEMONS = {
     "flanneld": "flanneld.daemon",
     "kube-proxy": "kube_proxy.server",
+    "ingress": "kube_proxy.ingress.controller",
 }
 
 
@@ -111,6 +112,7 @@ def main(argv=None):
 
     sub.add_parser("flanneld", help="run the overlay daemon (flannel's flags; see podnet flanneld --help)")
     sub.add_parser("kube-proxy", help="run the Service proxy (kube-proxy's flags; see podnet kube-proxy --help)")
+    sub.add_parser("ingress", help="run the Ingress controller on nginx (see podnet ingress --help)")
 
     p = sub.add_parser("demo", help="build a cluster in network namespaces, attach pods, check connectivity")
     p.add_argument("--nodes", type=int, default=3)

@@ -13,6 +13,7 @@ wire format of kube-apiserver (v1.30-era JSON): list responses are
 continue token is an HTTP 410 with a `Status` body. The client side is the
 real `kubernetes` package (kubeconfig loading, request building, urllib3).
 """
+import base64
 import http.server
 import json
 import logging
@@ -508,3 +509,203 @@ def test_kubeapi_module_does_not_import_kubernetes_until_used():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.stdout.split() == ["False", "False"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the Ingress controller's kinds: Ingress, IngressClass, TLS Secret (asked for explicitly)
+# ---------------------------------------------------------------------------------------------
+
+from kube_proxy.sources import INGRESS_KINDS, KINDS  # noqa: E402
+
+CRT_B64 = "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCk1JSUIKLS0tLS1FTkQgQ0VSVElGSUNBVEUtLS0tLQo="
+KEY_B64 = "LS0tLS1CRUdJTiBQUklWQVRFIEtFWS0tLS0tCk1JSUUKLS0tLS1FTkQgUFJJVkFURSBLRVktLS0tLQo="
+
+INGRESS_YAML = """\
+apiVersion: networking.k8s.io/v1
+kind: IngressList
+items:
+- apiVersion: networking.k8s.io/v1
+  kind: Ingress
+  metadata: {name: web, namespace: shop}
+  spec:
+    ingressClassName: podnet
+    rules:
+    - host: web.example.com
+      http:
+        paths:
+        - {path: /, pathType: Prefix, backend: {service: {name: web, port: {number: 80}}}}
+---
+apiVersion: networking.k8s.io/v1
+kind: IngressClass
+metadata:
+  name: podnet
+  namespace: ignored-for-a-cluster-scoped-kind
+  annotations: {ingressclass.kubernetes.io/is-default-class: "true"}
+spec: {controller: podnet.io/ingress-nginx}
+---
+apiVersion: v1
+kind: Secret
+type: kubernetes.io/tls
+metadata:
+  name: web-tls
+  namespace: shop
+  annotations: {kubectl.kubernetes.io/last-applied-configuration: "{...the whole secret...}"}
+  labels: {app: web}
+data:
+  tls.crt: %s
+  tls.key: %s
+  ca.crt: %s
+---
+apiVersion: v1
+kind: Secret
+type: Opaque
+metadata: {name: password, namespace: shop}
+data: {password: aHVudGVyMg==}
+---
+apiVersion: v1
+kind: SecretList
+items:
+- apiVersion: v1
+  kind: Secret
+  type: kubernetes.io/tls
+  metadata: {name: typed-in, namespace: shop}
+  stringData: {tls.crt: "-----BEGIN CERTIFICATE-----", tls.key: "-----BEGIN PRIVATE KEY-----"}
+""" % (CRT_B64, KEY_B64, CRT_B64)
+
+
+def test_manifests_default_kinds_ignore_ingress_objects(mdir):
+    write(mdir / "ingress.yaml", INGRESS_YAML, age=100)
+    events, emit = collect()
+    ManifestSource(str(mdir), emit).scan()
+    assert [(e.type, e.kind, names(e)) for e in events] == [
+        ("RELIST", "Service", ["dns", "web"]), ("RELIST", "EndpointSlice", ["web-x1"])]
+
+
+def test_manifests_ingress_kinds(mdir):
+    write(mdir / "ingress.yaml", INGRESS_YAML, age=100)
+    events, emit = collect()
+    src = ManifestSource(str(mdir), emit, kinds=INGRESS_KINDS)
+    src.scan()
+    assert [(e.type, e.kind, names(e)) for e in events] == [
+        ("RELIST", "Service", ["dns", "web"]), ("RELIST", "EndpointSlice", ["web-x1"]),
+        ("RELIST", "Ingress", ["web"]), ("RELIST", "IngressClass", ["podnet"]),
+        ("RELIST", "Secret", ["typed-in", "web-tls"])]         # the Opaque Secret is not read
+    secrets = {s["metadata"]["name"]: s for s in events[4].obj}
+    assert secrets["web-tls"] == {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+                                  "metadata": {"name": "web-tls", "namespace": "shop"},
+                                  "data": {"tls.crt": CRT_B64, "tls.key": KEY_B64}}
+    assert base64.b64decode(secrets["typed-in"]["data"]["tls.key"]) == b"-----BEGIN PRIVATE KEY-----"
+    events.clear()
+    write(mdir / "ingress.yaml", INGRESS_YAML.replace("podnet.io/ingress-nginx", "podnet.io/other"))
+    src.scan()
+    assert [(e.type, e.kind, names(e)) for e in events] == [("MODIFIED", "IngressClass", "podnet")]
+
+
+def test_unknown_kinds_are_refused():
+    with pytest.raises(ValueError, match="unknown kind"):
+        ManifestSource("/nowhere", lambda e: None, kinds=["Service", "Pod"])
+    with pytest.raises(ValueError, match="unknown kind"):
+        KubeApiSource(lambda e: None, api_client=object(), kinds=["Gateway"])
+    assert KubeApiSource(lambda e: None, api_client=object()).kinds == KINDS
+
+
+INGRESSES = "/apis/networking.k8s.io/v1/ingresses"
+CLASSES = "/apis/networking.k8s.io/v1/ingressclasses"
+SECRETS = "/api/v1/secrets"
+
+
+def _ingress(name, ns, host, rv, service="web"):
+    return {"metadata": {"name": name, "namespace": ns, "uid": "1d2e3f40-0000-4000-8000-000000000001",
+                         "resourceVersion": rv, "generation": 1, "creationTimestamp": "2026-11-20T09:14:03Z",
+                         "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"},
+                         "managedFields": [{"manager": "kubectl-client-side-apply", "operation": "Update",
+                                            "apiVersion": "networking.k8s.io/v1", "time": "2026-11-20T09:14:03Z",
+                                            "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {}}}]},
+            "spec": {"ingressClassName": "podnet",
+                     "rules": [{"host": host, "http": {"paths": [
+                         {"path": "/", "pathType": "Prefix",
+                          "backend": {"service": {"name": service, "port": {"number": 80}}}}]}}]},
+            "status": {"loadBalancer": {}}}
+
+
+def _ingress_class(name, rv, default=False):
+    meta = {"name": name, "uid": "1d2e3f40-0000-4000-8000-000000000002", "resourceVersion": rv, "generation": 1,
+            "creationTimestamp": "2026-11-20T09:14:03Z"}
+    if default:
+        meta["annotations"] = {"ingressclass.kubernetes.io/is-default-class": "true"}
+    return {"metadata": meta, "spec": {"controller": "podnet.io/ingress-nginx"}}
+
+
+def _secret(name, ns, rv):
+    return {"metadata": {"name": name, "namespace": ns, "uid": "1d2e3f40-0000-4000-8000-000000000003",
+                         "resourceVersion": rv, "creationTimestamp": "2026-11-20T09:14:03Z",
+                         "labels": {"app": "web"},
+                         "annotations": {"kubectl.kubernetes.io/last-applied-configuration":
+                                         '{"data":{"tls.key":"%s"}}' % KEY_B64},
+                         "managedFields": [{"manager": "kubectl-client-side-apply", "operation": "Update",
+                                            "apiVersion": "v1", "time": "2026-11-20T09:14:03Z",
+                                            "fieldsType": "FieldsV1", "fieldsV1": {"f:data": {}}}]},
+            "data": {"ca.crt": CRT_B64, "tls.crt": CRT_B64, "tls.key": KEY_B64},
+            "type": "kubernetes.io/tls"}
+
+
+def _list(kind, api, items, rv):
+    return {"kind": kind, "apiVersion": api, "metadata": {"resourceVersion": rv}, "items": items}
+
+
+NET = "networking.k8s.io/v1"
+
+
+def test_api_ingress_kinds_list_watch_and_secrets_are_trimmed(api, tmp_path):
+    api.add(INGRESSES, "list", ("json", 200, _list("IngressList", NET, [_ingress("web", "shop", "web.example.com",
+                                                                                    "200")], "210")))
+    api.add(INGRESSES, "watch", ("watch", [event("ADDED", _ingress("api", "shop", "api.example.com", "211"),
+                                                 "Ingress", NET),
+                                           event("MODIFIED", _ingress("web", "shop", "www.example.com", "212"),
+                                                 "Ingress", NET),
+                                           bookmark("215", "Ingress", NET)], True))
+    api.add(CLASSES, "list", ("json", 200, _list("IngressClassList", NET, [_ingress_class("podnet", "100", True)],
+                                                 "210")))
+    api.add(SECRETS, "list", ("json", 200, _list("SecretList", "v1", [_secret("web-tls", "shop", "205")], "210")))
+    api.add(SECRETS, "watch", ("watch", [event("MODIFIED", _secret("web-tls", "shop", "213"), "Secret"),
+                                         event("DELETED", _secret("web-tls", "shop", "214"), "Secret")], True))
+    events = []
+    src = make_source(api, tmp_path, events, kinds=["Ingress", "IngressClass", "Secret"])
+    src.start()
+    try:
+        wait_for(lambda: len(events) >= 7)
+        wait_for(lambda: src.resource_versions.get("Ingress") == "215")
+    finally:
+        src.stop()
+    by_kind = {}
+    for e in events:
+        by_kind.setdefault(e.kind, []).append((e.type, names(e)))
+    assert by_kind == {"Ingress": [("RELIST", ["web"]), ("ADDED", "api"), ("MODIFIED", "web")],
+                       "IngressClass": [("RELIST", ["podnet"])],
+                       "Secret": [("RELIST", ["web-tls"]), ("MODIFIED", "web-tls"), ("DELETED", "web-tls")]}
+    relisted = {e.kind: e.obj for e in events if e.type == "RELIST"}
+    assert relisted["Ingress"][0]["kind"] == "Ingress" and relisted["Ingress"][0]["apiVersion"] == NET
+    assert relisted["IngressClass"][0]["metadata"]["annotations"] == {
+        "ingressclass.kubernetes.io/is-default-class": "true"}
+    for secret in [relisted["Secret"][0]] + [e.obj for e in events if e.kind == "Secret" and e.type != "RELIST"]:
+        assert secret["data"] == {"tls.crt": CRT_B64, "tls.key": KEY_B64}
+        assert set(secret["metadata"]) == {"name", "namespace", "resourceVersion", "uid", "creationTimestamp"}
+        assert KEY_B64 not in json.dumps(secret["metadata"])
+    # Secrets are asked for by type; the other kinds are not filtered
+    secret_queries = [q for p, m, q in api.requests if p == SECRETS]
+    assert secret_queries and all(q.get("fieldSelector") == "type=kubernetes.io/tls" for q in secret_queries)
+    assert all("fieldSelector" not in q for p, m, q in api.requests if p in (INGRESSES, CLASSES))
+    assert [q["resourceVersion"] for p, m, q in api.requests if p == INGRESSES and m == "watch"][:1] == ["210"]
+
+
+def test_api_default_kinds_do_not_touch_ingress_resources(api, tmp_path):
+    api.add(SERVICES, "list", ("json", 200, service_list([], "1")))
+    api.add(SLICES, "list", ("json", 200, slice_list([], "1")))
+    events = []
+    src = make_source(api, tmp_path, events)
+    src.start()
+    try:
+        wait_for(lambda: len(events) >= 2)
+    finally:
+        src.stop()
+    assert {p for p, m, q in api.requests} == {SERVICES, SLICES}

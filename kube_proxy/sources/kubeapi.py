@@ -1,4 +1,4 @@
-"""Services and EndpointSlices from the Kubernetes API: list + watch, as client-go's reflector.
+"""Objects from the Kubernetes API: list + watch, as client-go's reflector.
 
 Uses the official `kubernetes` client (imported lazily: ~0.3 s) for what it
 is good at: kubeconfig / in-cluster configuration, TLS, authentication,
@@ -7,7 +7,9 @@ parsed as plain JSON dicts, because the model works on the API's JSON shapes
 and deserialising 10,000 Services into generated classes would cost seconds
 for nothing.
 
-Per kind (Service, EndpointSlice) one thread runs the reflector loop:
+Per kind asked for (default Service and EndpointSlice; also Ingress,
+IngressClass and TLS Secret, see kube_proxy.sources.RESOURCES) one thread
+runs the reflector loop:
 1. list all namespaces, paged (`limit` / `continue`), and emit one RELIST
    with every object; remember the list's resourceVersion;
 2. watch from that resourceVersion with `allowWatchBookmarks`; emit ADDED /
@@ -20,6 +22,9 @@ Per kind (Service, EndpointSlice) one thread runs the reflector loop:
 5. other failures (connection refused, 5xx, a read timeout on a dead
    connection): back off exponentially (0.8 s doubling to 30 s) and watch
    again from the last resourceVersion, or list again if there is none.
+
+Secrets are listed and watched with the field selector type=kubernetes.io/tls
+and trimmed (kube_proxy.sources.keep) before they are emitted.
 """
 import json
 import logging
@@ -27,15 +32,9 @@ import os
 import random
 import threading
 
-from kube_proxy.sources import ADDED, DELETED, MODIFIED, RELIST, Event
+from kube_proxy.sources import ADDED, DELETED, MODIFIED, RELIST, RESOURCES, Event, check_kinds, keep
 
 log = logging.getLogger("kube_proxy.sources.kubeapi")
-
-# kind -> (API class, list function, apiVersion of the objects)
-RESOURCES = {
-    "Service": ("CoreV1Api", "list_service_for_all_namespaces", "v1"),
-    "EndpointSlice": ("DiscoveryV1Api", "list_endpoint_slice_for_all_namespaces", "discovery.k8s.io/v1"),
-}
 
 
 class Gone(Exception):
@@ -84,7 +83,7 @@ class KubeApiSource:
         self.watch_timeout = watch_timeout          # (min, max) seconds asked of the server
         self.connect_timeout = connect_timeout
         self.backoff = backoff
-        self.kinds = tuple(kinds or RESOURCES)
+        self.kinds = check_kinds(kinds)
         self.resource_versions = {}                 # kind -> last resourceVersion seen
         self.relists = {kind: 0 for kind in self.kinds}
         self._stop = threading.Event()
@@ -96,17 +95,20 @@ class KubeApiSource:
 
     @property
     def client(self):
-        if self._client is None:
-            self._client = make_api_client(self.kubeconfig, self.context)
-        return self._client
+        with self._lock:                        # one client for every kind's thread
+            if self._client is None:
+                self._client = make_api_client(self.kubeconfig, self.context)
+            return self._client
 
     def _func(self, kind):
         import kubernetes.client
-        api_class, name, _ = RESOURCES[kind]
-        return getattr(getattr(kubernetes.client, api_class)(self.client), name)
+        res = RESOURCES[kind]
+        return getattr(getattr(kubernetes.client, res.api_class)(self.client), res.list_func)
 
     def _call(self, kind, **kw):
         from kubernetes.client.rest import ApiException
+        if RESOURCES[kind].field_selector:
+            kw["field_selector"] = RESOURCES[kind].field_selector
         try:
             return self._func(kind)(_preload_content=False, **kw)
         except ApiException as e:
@@ -116,7 +118,7 @@ class KubeApiSource:
 
     def list(self, kind):
         """Every object of `kind` (paged) -> (objects, resourceVersion)."""
-        _, _, api_version = RESOURCES[kind]
+        api_version = RESOURCES[kind].api_version
         items, token = [], None
         while True:
             kw = {"limit": self.page_size, "_request_timeout": (self.connect_timeout, 120)}
@@ -131,7 +133,9 @@ class KubeApiSource:
                 if isinstance(item, dict):
                     item.setdefault("kind", kind)           # list items carry neither
                     item.setdefault("apiVersion", api_version)
-                    items.append(item)
+                    item = keep(kind, item)
+                    if item is not None:
+                        items.append(item)
             meta = data.get("metadata") or {}
             token = meta.get("continue")
             if not token:
@@ -169,7 +173,9 @@ class KubeApiSource:
                 if etype == "BOOKMARK":
                     pass
                 elif etype in (ADDED, MODIFIED, DELETED) and isinstance(obj, dict):
-                    self.emit(Event(etype, kind, obj))
+                    kept = keep(kind, obj)
+                    if kept is not None:
+                        self.emit(Event(etype, kind, kept))
                 else:
                     log.warning("%s watch: ignoring event type %r", kind, etype)
                 if new_rv:
@@ -193,7 +199,7 @@ class KubeApiSource:
                     items, rv = self.list(kind)
                     self.resource_versions[kind] = rv
                     self.relists[kind] += 1
-                    log.info("listed %d %ss at resourceVersion %s", len(items), kind, rv)
+                    log.info("listed %d %s at resourceVersion %s", len(items), _plural(kind), rv)
                     self.emit(Event(RELIST, kind, items))
                 rv = self.watch(kind, rv)
                 delay = self.backoff[0]
@@ -230,6 +236,10 @@ class KubeApiSource:
                 pass
         for thread in self._threads:
             thread.join(timeout)
+
+
+def _plural(kind):
+    return kind + ("es" if kind.endswith("s") else "s")
 
 
 def _status_message(body):

@@ -1,10 +1,14 @@
-"""Services and EndpointSlices from a directory of manifests, watched for changes.
+"""Kubernetes objects from a directory of manifests, watched for changes.
 
 For standalone use and tests: `*.yaml`, `*.yml` and `*.json` files in one
 directory (optionally its subdirectories), multi-document YAML, each document
-a Service, an EndpointSlice, or a List of them (`kind: List`, `ServiceList`,
-`EndpointSliceList`); other kinds are ignored. A missing namespace means
-"default", as with kubectl.
+an object of a kind the consumer asked for (default Service and
+EndpointSlice; also Ingress, IngressClass, Secret), or a List of them
+(`kind: List`, `ServiceList`, `IngressList`, ...); other kinds are ignored.
+A missing namespace means "default", as with kubectl (IngressClasses are
+cluster-scoped: no namespace). Secrets other than type kubernetes.io/tls are
+ignored and TLS ones trimmed (kube_proxy.sources.keep); a manifest's
+`stringData` is folded into `data` as the API server would.
 
 Watching is polling: every `interval` seconds each file's (size, mtime,
 ctime, inode) is compared with the last scan and only changed files are
@@ -28,12 +32,12 @@ import os
 import threading
 import time
 
-from kube_proxy.sources import ADDED, DELETED, KINDS, MODIFIED, RELIST, Event
+from kube_proxy.sources import ADDED, DELETED, KINDS, MODIFIED, RELIST, RESOURCES, Event, check_kinds, keep
 
 log = logging.getLogger("kube_proxy.sources.manifests")
 
 SUFFIXES = (".yaml", ".yml", ".json")
-LIST_KINDS = {"List": None, "ServiceList": "Service", "EndpointSliceList": "EndpointSlice"}
+LIST_KINDS = dict([("List", None)] + [(res.list_kind, kind) for kind, res in RESOURCES.items()])
 RECENT = 2.0        # seconds: files modified this recently are hashed on every scan
 
 
@@ -56,8 +60,9 @@ def parse_documents(text, name="<text>"):
         raise ValueError("%s: not valid YAML: %s" % (name, str(e).replace("\n", " "))) from None
 
 
-def objects_of(documents, name="<text>"):
-    """Documents -> [(kind, object)] for Services and EndpointSlices, Lists unpacked."""
+def objects_of(documents, name="<text>", kinds=KINDS):
+    """Documents -> [(kind, object)] for objects of `kinds`, Lists unpacked, Secrets
+    filtered and trimmed (kube_proxy.sources.keep)."""
     out = []
 
     def visit(doc, where, list_kind=None):
@@ -72,8 +77,12 @@ def objects_of(documents, name="<text>"):
                 return
             for i, item in enumerate(items):
                 visit(item, "%s items[%d]" % (where, i), LIST_KINDS[kind])
-        elif kind in KINDS:
-            out.append((kind, doc))
+        elif kind in kinds:
+            kept = keep(kind, doc)
+            if kept is None:
+                log.debug("%s: ignoring a %s the consumer does not need", where, kind)
+            else:
+                out.append((kind, kept))
         else:
             log.debug("%s: ignoring kind %r", where, kind)
     for i, doc in enumerate(documents):
@@ -85,7 +94,7 @@ def _key(kind, obj):
     meta = obj.get("metadata")
     if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or not meta["name"]:
         return None
-    namespace = meta.get("namespace") or "default"
+    namespace = (meta.get("namespace") or "default") if RESOURCES[kind].namespaced else ""
     return (kind, namespace if isinstance(namespace, str) else repr(namespace), meta["name"])
 
 
@@ -99,8 +108,9 @@ class _File:
 class ManifestSource:
     """Polls `directory`; `scan()` does one pass, `start()` runs passes in a thread."""
 
-    def __init__(self, directory, emit, interval=1.0, recursive=False, clock=time.time):
+    def __init__(self, directory, emit, interval=1.0, recursive=False, clock=time.time, kinds=None):
         self.directory = directory
+        self.kinds = check_kinds(kinds)
         self.emit = emit
         self.interval = interval
         self.recursive = recursive
@@ -153,7 +163,7 @@ class ManifestSource:
                 old.stat = stat
                 continue
             try:
-                objects = objects_of(parse_documents(data.decode("utf-8"), path), path)
+                objects = objects_of(parse_documents(data.decode("utf-8"), path), path, self.kinds)
             except (ValueError, UnicodeDecodeError) as e:
                 log.warning("%s; keeping what it held before", e)
                 if old is not None:
@@ -189,7 +199,7 @@ class ManifestSource:
                 owner[key] = path
         events = []
         if not self._listed:
-            for kind in KINDS:
+            for kind in self.kinds:
                 events.append(Event(RELIST, kind, [o for k, o in current.items() if k[0] == kind]))
             self._listed = True
         else:
