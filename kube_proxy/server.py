@@ -150,7 +150,8 @@ class ProxyServer:
         log.info("%s sync (%s): %d service ports changed, %d service ports, %s rules, %.3f s%s",
                  "full" if result.full else "partial", sync.reason, result.changed, len(state.service_ports),
                  "/".join("%s %d" % kv for kv in sorted(result.rules.items())), result.seconds,
-                 ", %d UDP flows cleared" % result.conntrack_deleted if result.conntrack_deleted else "")
+                 (", %d UDP flows cleared" % result.conntrack_deleted if result.conntrack_deleted else "")
+                 + (", %d chains differed in the kernel" % result.drift if result.drift else ""))
         return result
 
     def run(self):

@@ -72,7 +72,7 @@ def test_first_sync_deletes_our_stale_chains_and_never_names_others():
     text = kernel.restores[-1]
     assert result.full and "-X KUBE-SVC-OLDOLDOLDOLDOLD" in text and "-X KUBE-SEP-OLDOLDOLDOLDOLD" in text
     assert "CNI-HOSTPORT-DNAT" not in text
-    assert result.rules["nat"] > 0 and p.applied is not None
+    assert result.rules["nat"] > 0 and p.synced
 
 
 def test_endpoint_change_is_a_partial_sync_of_that_service_only():
@@ -102,7 +102,7 @@ def test_nothing_changed_writes_nothing():
     assert len(kernel.restores) == n and result.restore_bytes == 0
 
 
-def test_a_failed_restore_forgets_what_is_applied():
+def test_a_failed_restore_makes_the_next_sync_full_and_read_the_kernel():
     kernel = FakeKernel()
     p = proxier(kernel)
     t = tracker_with([("web", "10.96.0.10", ["10.244.1.2"])])
@@ -111,7 +111,7 @@ def test_a_failed_restore_forgets_what_is_applied():
     t.update_slice(k8s.endpoint_slice("web", [("10.244.1.3", "node1")], [{"name": "http", "port": 8080}]))
     with pytest.raises(Exception):
         p.sync(t.take())
-    assert p.applied is None
+    assert not p.synced
     kernel.fail = False
     result = p.sync(t.take())       # the next one is full and reads the kernel again
     assert result.full
@@ -199,3 +199,76 @@ def test_flags_are_kube_proxys():
     assert opts.cluster_cidr == ("10.244.0.0/16",) and opts.masquerade_all and opts.min_sync_period == 2.0
     with pytest.raises(SystemExit):
         server.build_parser().parse_args(["--manifests", "/tmp/x", "--kubeconfig", "/tmp/k"])
+
+
+def test_partial_syncs_keep_rule_counts_and_chains_exact():
+    """After any mix of partial syncs, what the proxier believes is in the kernel equals a
+    fresh render of the state."""
+    kernel = FakeKernel()
+    p = proxier(kernel)
+    t = tracker_with([("svc%d" % i, "10.96.0.%d" % (10 + i), ["10.244.1.%d" % (2 + i)]) for i in range(30)])
+    p.sync(t.take())
+    t.update_slice(k8s.endpoint_slice("svc1", [("10.244.9.1", "n"), ("10.244.9.2", "node1")],
+                                      [{"name": "http", "port": 8080}]))
+    t.delete_service(("default", "svc2"))
+    t.update_service(k8s.service("new", "10.96.1.1", [HTTP]))        # no endpoints yet: REJECT in filter
+    t.delete_slice(("default", "svc3-abcde"))                         # svc3 loses its endpoints
+    result = p.sync(t.take())
+    assert not result.full and result.changed == 4
+    text = kernel.restores[-1]
+    # the removed Service: its dispatch rule goes before its chains do
+    assert text.index("-D KUBE-SERVICES -d 10.96.0.12/32") < text.index("-X KUBE-SVC-")
+    assert '-I KUBE-SERVICES 1 -d 10.96.1.1/32 -p tcp -m comment --comment "default/new:http has no endpoints"' \
+        in text
+    expected = ipt.render(t.take().state, p.config)
+    assert p.rules == ipt.rules_count(expected)
+    assert p.chains["nat"] == set(expected["nat"])
+
+
+def test_full_sync_stream_is_restore_input_reordered():
+    t = tracker_with([("svc%d" % i, "10.96.%d.%d" % (i // 200, i % 200), ["10.244.1.%d" % (i % 250), "10.244.2.%d" % (i % 250)])
+                      for i in range(300)])
+    state = t.take().state
+    out = {}
+    known = {"nat": {"KUBE-SVC-GONEGONEGONEGONE"}, "filter": set()}
+    text = "".join(ipt.full_sync_stream(state, CONFIG, {}, known, out))
+    reference = ipt.restore_input(ipt.render(state, CONFIG), None, [("nat", "KUBE-SVC-GONEGONEGONEGONE")])
+    assert sorted(text.splitlines()) == sorted(reference.splitlines())
+    assert out["ruleset"] == ipt.render(state, CONFIG)
+    # nothing is jumped to before it is declared
+    declared = set(ipt.NAT_BASE) | set(ipt.FILTER_BASE)
+    for line in text.splitlines():
+        if line.startswith(":"):
+            declared.add(line[1:].split()[0])
+        elif line.startswith("-A") and " -j KUBE-" in line:
+            assert line.split(" -j ")[1].split()[0] in declared, line
+    assert text.index("-X KUBE-SVC-GONEGONEGONEGONE") > text.index("-A KUBE-SERVICES")
+
+
+CONFIG = ipt.Config(cluster_cidr=("10.244.0.0/16",))
+
+
+def test_full_sync_over_populated_kernel_rewrites_only_what_differs():
+    t = tracker_with([("svc%d" % i, "10.96.0.%d" % (10 + i), ["10.244.1.%d" % (2 + i)]) for i in range(10)])
+    state = t.take().state
+    desired = ipt.render(state, CONFIG)
+    # the kernel as an earlier run left it: everything right except one SEP chain (drift),
+    # KUBE-SERVICES in another order (partial syncs insert at the top), and a stale chain
+    saved = {}
+    for table in ("filter", "nat"):
+        chains = dict(desired[table])
+        if table == "nat":
+            chains["KUBE-SERVICES"] = tuple(reversed(chains["KUBE-SERVICES"][:-1])) + chains["KUBE-SERVICES"][-1:]
+            sep = next(c for c in chains if c.startswith("KUBE-SEP-"))
+            chains[sep] = chains[sep][:1]
+            chains["KUBE-SVC-STALESTALESTALE"] = ("-A KUBE-SVC-STALESTALESTALE -j KUBE-MARK-MASQ",)
+        saved[table] = "\n".join([":%s - [0:0]" % c for c in chains] +
+                                 [r for rules in chains.values() for r in rules] +
+                                 ["-A %s %s" % (c, r) for tb, c, r in ipt.BUILTIN_JUMPS if tb == table]) + "\n"
+    kernel = FakeKernel(saved)
+    p = proxier(kernel)
+    result = p.sync(t.take())
+    text = kernel.restores[-1]
+    assert result.full and result.drift == 2
+    assert text.count(":KUBE-") == 2 and ":%s - [0:0]" % sep in text and "-X KUBE-SVC-STALESTALESTALE" in text
+    assert "KUBE-SERVICES" not in text

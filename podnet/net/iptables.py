@@ -39,6 +39,38 @@ def restore(text, ipv6=False, noflush=True):
         raise IptablesError("%s failed: %s" % (argv[0], proc.stderr.decode(errors="replace").strip()))
 
 
+def restore_stream(chunks, ipv6=False, noflush=True):
+    """Like restore(), fed chunk by chunk while `chunks` (an iterable of str) is being
+    produced, so that iptables-restore parses while the caller renders. Returns the
+    number of bytes written. If producing a chunk raises, the process is killed
+    before its COMMIT: nothing is applied."""
+    import subprocess
+    argv = [_tool("iptables-restore", ipv6), "-w"] + (["--noflush"] if noflush else [])
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    written = 0
+    try:
+        try:
+            for chunk in chunks:
+                data = chunk.encode()
+                proc.stdin.write(data)
+                written += len(data)
+            proc.stdin.close()
+        except BrokenPipeError:         # it stopped reading: an error, reported below
+            try:
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    err = proc.stderr.read().decode(errors="replace").strip()
+    proc.stderr.close()
+    if proc.wait() != 0:
+        raise IptablesError("%s failed: %s" % (argv[0], err))
+    return written
+
+
 def quote(text):
     """Quote a value (e.g. a comment) as iptables-save does."""
     return '"%s"' % text.replace("\\", "\\\\").replace('"', '\\"')
