@@ -35,6 +35,7 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from kube_proxy import model
+from kube_proxy.proxier import Config, SyncResult, clear_stale_udp_flows  # noqa: F401  (Config: re-exported)
 from podnet.net.iptables import quote
 
 MASQ_MARK = 0x4000
@@ -76,23 +77,6 @@ BUILTIN_JUMPS = (
     (NAT, "OUTPUT", '-m comment --comment "kubernetes service portals" -j KUBE-SERVICES'),
     (NAT, "POSTROUTING", '-m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING'),
 )
-
-
-@dataclass(frozen=True)
-class Config:
-    """kube-proxy's flags that shape the rules."""
-    cluster_cidr: tuple = ()            # --cluster-cidr: traffic from elsewhere is masqueraded
-    masquerade_all: bool = False        # --masquerade-all
-    nodeport_addresses: tuple = ()      # --nodeport-addresses resolved to this node's IPs; (): all local
-    localhost_nodeports: bool = True    # --iptables-localhost-nodeports (IPv4 only)
-    node_ip: str = ""                   # for loadBalancerSourceRanges that contain the node
-    random_fully: bool = True           # MASQUERADE --random-fully
-    family: int = 4
-    conntrack_tcp_liberal: bool = False
-
-    @property
-    def local_detector(self):
-        return bool(self.cluster_cidr)
 
 
 # ---- names ---------------------------------------------------------------------------------
@@ -625,17 +609,6 @@ def rules_count(ruleset):
     return {table: sum(len(rules) for rules in chains.values()) for table, chains in ruleset.items()}
 
 
-@dataclass
-class SyncResult:
-    full: bool
-    seconds: float = 0.0
-    changed: int = 0                    # service ports rewritten
-    restore_bytes: int = 0
-    rules: dict = field(default_factory=dict)   # {table: rules}
-    conntrack_deleted: int = 0
-    drift: object = None                # full syncs over a populated kernel: chains found different
-
-
 # Where each ServicePortRules field lives.
 SHARED_FIELDS = (("nat_services", NAT, "KUBE-SERVICES"), ("nat_nodeports", NAT, "KUBE-NODEPORTS"),
                  ("filter_services", FILTER, "KUBE-SERVICES"),
@@ -768,7 +741,7 @@ class IptablesProxier:
             self.synced = False
             raise
         self.synced = True
-        deleted = self._clear_udp_flows(sync)
+        deleted = clear_stale_udp_flows(sync, self.ipv6)
         return SyncResult(full, time.monotonic() - started, len(sync.changed), written, dict(self.rules), deleted,
                           self.drift if full else None)
 
@@ -824,43 +797,3 @@ class IptablesProxier:
         for table, n in counts.items():
             self.rules[table] += n
         return text
-
-    def _clear_udp_flows(self, sync):
-        """Conntrack entries of UDP flows to removed endpoints (and to Services that had no
-        endpoints before) would keep sending datagrams nowhere: delete them, as kube-proxy does."""
-        doomed_dst, doomed_via = set(), set()
-        for name in sync.changed:
-            if name.protocol != "UDP":
-                continue
-            old_port, old_eps = sync.previous.get(name, (None, ()))
-            new_port = sync.state.service_ports.get(name)
-            new_eps = {(e.ip, e.port) for e in sync.state.endpoints_for(name)} if new_port else set()
-            if old_port is not None:
-                frontends = [(ip, old_port.port) for ip in (old_port.cluster_ip,) + old_port.external_ips
-                             + old_port.load_balancer_ips]
-                if old_port.node_port:
-                    frontends.append((None, old_port.node_port))
-                for ep in old_eps:
-                    if (ep.ip, ep.port) not in new_eps:
-                        doomed_via.update((front, (ep.ip, ep.port)) for front in frontends)
-            if new_port is not None and new_eps and not old_eps:
-                doomed_dst.update((ip, new_port.port) for ip in (new_port.cluster_ip,) + new_port.external_ips
-                                  + new_port.load_balancer_ips)
-        if not doomed_dst and not doomed_via:
-            return 0
-
-        def doomed(flow):
-            if flow.proto != 17:
-                return False
-            if (flow.dst, flow.dport) in doomed_dst:
-                return True
-            backend = (flow.reply_src, flow.reply_sport)
-            return ((flow.dst, flow.dport), backend) in doomed_via or ((None, flow.dport), backend) in doomed_via
-
-        from podnet.net import conntrack
-        try:
-            return conntrack.delete_flows(doomed, 10 if self.ipv6 else 2)
-        except OSError as e:
-            import logging
-            logging.getLogger("kube_proxy.iptables").warning("could not clear stale UDP conntrack entries: %s", e)
-            return 0

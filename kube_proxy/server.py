@@ -28,9 +28,10 @@ import sys
 import threading
 import time
 
+from kube_proxy.proxier import MODES, Config, make_proxier
+
 log = logging.getLogger("kube_proxy")
 
-MODES = ("iptables",)
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -202,18 +203,10 @@ def build_parser():
     return p
 
 
-def make_proxier(mode, config):
-    if mode == "iptables":
-        from kube_proxy.iptables import IptablesProxier
-        return IptablesProxier(config)
-    raise ValueError("unknown proxy mode %r" % mode)
-
-
 def main(argv=None):
     opts = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.DEBUG if opts.verbosity >= 4 else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from kube_proxy.iptables import Config
     if opts.cleanup:
         for mode in MODES:
             make_proxier(mode, Config()).cleanup()

@@ -108,13 +108,18 @@ def services(env):
     }
 
 
-@pytest.fixture(scope="module")
-def env(netns_usable):
+# The same Service tests for every proxy mode this kernel can run.
+MODES = ["iptables"]
+
+
+@pytest.fixture(scope="module", params=MODES)
+def env(request, netns_usable):
     if not netns_usable:
         pytest.skip("needs root and network namespaces (run as root)")
     with Lab() as lab:
         cluster = Cluster(lab, nodes=2).start()
         e = Env(lab, cluster)
+        e.mode = request.param
         for node in cluster.nodes:
             for suffix in ("a", "b"):
                 pod = cluster.add_pod(node, "%s-%s" % (node.role, suffix))
@@ -128,7 +133,7 @@ def env(netns_usable):
         for filename, objects in services(e).items():
             k8s.write(e.manifests, filename, *objects)
         for node in cluster.nodes:
-            cluster.start_kube_proxy(node, e.manifests)
+            cluster.start_kube_proxy(node, e.manifests, ["--proxy-mode", e.mode])
         wait_until(lambda: all(e.syncs(n) for n in cluster.nodes), TIMEOUT, "the first sync on every node")
         for pod in e.pods.values():     # every echo server answers
             wait_until(lambda: e.get(e.node1, "%s:8080" % pod.ip)["answers"], TIMEOUT, "%s to serve" % pod.name)
@@ -293,7 +298,7 @@ def test_restart_keeps_running_streams_and_rules(env):
     syncs = {n.role: env.syncs(n) for n in env.cluster.nodes}
     logged = {n.role: len(env.log(n)) for n in env.cluster.nodes}
     for n in env.cluster.nodes:
-        env.cluster.start_kube_proxy(n, env.manifests)
+        env.cluster.start_kube_proxy(n, env.manifests, ["--proxy-mode", env.mode])
     wait_until(lambda: all(env.syncs(n) > syncs[n.role] for n in env.cluster.nodes), TIMEOUT,
                "the first sync after the restart")
     time.sleep(1.0)
