@@ -697,7 +697,7 @@ class IptablesProxier:
         self.chains = {NAT: set(), FILTER: set()}      # our chains in the kernel, as of the last sync
         self.rules = {NAT: 0, FILTER: 0}
         self.comments = None
-        self.drift = None           # chains the last full sync found different in the kernel
+        self.chains_written = None  # by the last full sync: what it found different in the kernel
 
     def _read_kernel(self):
         return {table: self._save(table) for table in (FILTER, NAT)}
@@ -743,7 +743,7 @@ class IptablesProxier:
         self.synced = True
         deleted = clear_stale_udp_flows(sync, self.ipv6)
         return SyncResult(full, time.monotonic() - started, len(sync.changed), written, dict(self.rules), deleted,
-                          self.drift if full else None)
+                          self.chains_written if full else None)
 
     def _full(self, state, changed):
         """Read our chains back from the kernel, and rewrite those that differ from the
@@ -764,14 +764,14 @@ class IptablesProxier:
             known = {t: set(kernel[t]) for t in (FILTER, NAT)}
             written = self._restore_stream(full_sync_stream(state, self.config, self.port_rules, known, out))
             new = out["ruleset"]
-            self.drift = None
+            self.chains_written = sum(len(chains) for chains in new.values()) + sum(map(len, known.values()))
         else:
             new = render(state, self.config, self.port_rules)
             text = restore_input(new, kernel)
             if text:
                 self._restore(text)
             written = len(text)
-            self.drift = sum(len(d) + sum(1 for c in w if c not in kernel[t] or _edits(t, c, kernel[t][c], new[t][c])
+            self.chains_written = sum(len(d) + sum(1 for c in w if c not in kernel[t] or _edits(t, c, kernel[t][c], new[t][c])
                                           != []) for t, (w, d) in diff(kernel, new).items())
         self.chains = {t: set(new[t]) for t in (FILTER, NAT)}
         self.rules = rules_count(new)

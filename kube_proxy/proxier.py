@@ -37,7 +37,7 @@ class SyncResult:
     restore_bytes: int = 0
     rules: dict = field(default_factory=dict)   # {table: rules}
     conntrack_deleted: int = 0
-    drift: object = None                # full syncs over a populated kernel: chains found different
+    chains_written: object = None       # full syncs: chains (re)written or deleted (0: the kernel was right)
 
 
 def clear_stale_udp_flows(sync, ipv6=False):

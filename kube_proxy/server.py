@@ -152,7 +152,7 @@ class ProxyServer:
                  "full" if result.full else "partial", sync.reason, result.changed, len(state.service_ports),
                  "/".join("%s %d" % kv for kv in sorted(result.rules.items())), result.seconds,
                  (", %d UDP flows cleared" % result.conntrack_deleted if result.conntrack_deleted else "")
-                 + (", %d chains differed in the kernel" % result.drift if result.drift else ""))
+                 + (", %d chains written" % result.chains_written if result.chains_written is not None else ""))
         return result
 
     def run(self):

@@ -4,13 +4,22 @@ etcd runs in its own namespace on the underlay; every node runs `flanneld`
 (vxlan by default) which leases it a subnet and programs the overlay; pods
 are attached by the stock 10-flannel conflist (flannel -> bridge ->
 host-local, then portmap) run through podnet's conflist executor, as a
-container runtime would. Then every pod pings every other pod on every node,
-and the result is printed. Everything lives in namespaces the Lab created and
-is removed at the end.
+container runtime would. Then every pod pings every other pod on every node;
+every pod runs a small HTTP server that answers with its name, a Service over
+all of them (ClusterIP and NodePort) is written as manifests, `podnet
+kube-proxy` runs on every node, and the Service is asked from a pod and from
+an outside client on the underlay: the answers must come from every pod.
+Everything lives in namespaces the Lab created and is removed at the end.
 """
+import os
+import re
 import time
 
+from podnet import kubeobjects as k8s
 from podnet.cluster import Cluster, Lab
+
+SERVICE_IP, SERVICE_PORT, NODE_PORT, POD_PORT = "10.96.0.10", 80, 30080, 8080
+OUTSIDE_CLIENT = "192.168.50.100"
 
 
 def _step(text):
@@ -40,13 +49,78 @@ def run_demo(nodes=3, backend="vxlan", pods_per_node=1, keep=False):
             row = ["%s %s" % (b, "ok" if ok else "FAIL") for (a, b), ok in matrix.items() if a == pod.name]
             _step("%s -> %s" % (pod.name, ", ".join(row)))
         failures = [pair for pair, ok in matrix.items() if not ok]
+        service_failures = _service_check(lab, cluster)
+        pod_count = len(cluster.pods)
 
         if keep:
             input("cluster is up; press Enter to tear it down ")
         for pod in list(cluster.pods):
             cluster.remove_pod(pod)
-    print("RESULT: %s (%.1f s)" % (
+    print("RESULT: %s; %s (%.1f s)" % (
         "all %d pod pairs across %d nodes reach each other" % (len(matrix), nodes) if not failures
         else "%d of %d pod pairs FAILED: %s" % (len(failures), len(matrix), failures),
+        "the Service answers from all %d pods, by ClusterIP and by NodePort on every node" % pod_count
+        if not service_failures else "Service FAILED: %s" % "; ".join(service_failures),
         time.monotonic() - started))
-    return 0 if not failures else 1
+    return 0 if not failures and not service_failures else 1
+
+
+def _service_check(lab, cluster):
+    """A Service over every pod, proxied by `podnet kube-proxy` on every node; returns failures."""
+    pods = list(cluster.pods)
+    names = {p.name for p in pods}
+    print("Service default/hello: ClusterIP %s:%d, NodePort %d, over %d pods (podnet kube-proxy, iptables mode):"
+          % (SERVICE_IP, SERVICE_PORT, NODE_PORT, len(pods)))
+    for pod in pods:
+        cluster.start_echo(pod, port=POD_PORT)
+    manifests = os.path.join(lab.workdir, "manifests")
+    http = {"name": "http", "port": SERVICE_PORT, "targetPort": POD_PORT, "nodePort": NODE_PORT}
+    k8s.write(manifests, "hello.json",
+              k8s.service("hello", SERVICE_IP, [http], type="NodePort"),
+              k8s.endpoint_slice("hello", [(p.ip, p.node.role) for p in pods], [{"name": "http", "port": POD_PORT}]))
+    for node in cluster.nodes:
+        cluster.start_kube_proxy(node, manifests)
+    outside = lab.namespace("outside")
+    cluster.underlay.attach(outside, OUTSIDE_CLIENT)
+    _wait_for(lambda: all(_synced(cluster, n) for n in cluster.nodes), 20)
+    _wait_for(lambda: all(_answers(cluster, pods[0].node, "%s:%d" % (p.ip, POD_PORT), 1)[0] for p in pods), 20)
+    failures = []
+    for node in cluster.nodes:
+        _step("%s: %s" % (node.role, _last_sync(cluster, node)))
+    checks = [("pod %s -> %s:%d" % (pods[0].name, SERVICE_IP, SERVICE_PORT), pods[0].ns,
+               "%s:%d" % (SERVICE_IP, SERVICE_PORT), 20 * len(pods))]
+    checks += [("outside %s -> %s:%d" % (OUTSIDE_CLIENT, n.underlay_ip, NODE_PORT), outside,
+                "%s:%d" % (n.underlay_ip, NODE_PORT), 10 * len(pods)) for n in cluster.nodes]
+    for label, ns, url, count in checks:
+        answers, errors = _answers(cluster, ns, url, count)
+        _step("%s, %d requests: %s%s" % (label, count, ", ".join("%s %d" % kv for kv in sorted(answers.items())),
+                                        "; errors %s" % errors if errors else ""))
+        if set(answers) != names or errors:
+            failures.append("%s: answers from %s, errors %s" % (label, sorted(answers), errors))
+    return failures
+
+
+def _answers(cluster, ns, url, count):
+    out = cluster.echo(ns, "get", url, "--count", count, "--timeout", 2)
+    return out["answers"], out["errors"]
+
+
+def _synced(cluster, node):
+    return _last_sync(cluster, node) is not None
+
+
+def _last_sync(cluster, node):
+    try:
+        with open(cluster.kube_proxy_log(node)) as f:
+            found = re.findall(r"INFO kube_proxy: ((?:full|partial) sync .*)", f.read())
+    except FileNotFoundError:
+        return None
+    return found[-1] if found else None
+
+
+def _wait_for(predicate, timeout):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the Service did not come up within %d s" % timeout)
+        time.sleep(0.1)

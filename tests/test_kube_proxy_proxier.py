@@ -269,6 +269,6 @@ def test_full_sync_over_populated_kernel_rewrites_only_what_differs():
     p = proxier(kernel)
     result = p.sync(t.take())
     text = kernel.restores[-1]
-    assert result.full and result.drift == 2
+    assert result.full and result.chains_written == 2
     assert text.count(":KUBE-") == 2 and ":%s - [0:0]" % sep in text and "-X KUBE-SVC-STALESTALESTALE" in text
     assert "KUBE-SERVICES" not in text
