@@ -29,6 +29,7 @@ import threading
 import time
 
 from kube_proxy.proxier import MODES, Config, make_proxier
+from kube_proxy.sources import drain
 
 log = logging.getLogger("kube_proxy")
 
@@ -117,21 +118,15 @@ class ProxyServer:
         self.events.put(event)
 
     def _drain(self, timeout):
+        drain(self.events, timeout, self._take)
+
+    def _take(self, event):
         try:
-            event = self.events.get(timeout=max(0.0, timeout))
-        except queue.Empty:
-            return
-        while True:
-            try:
-                self.tracker.apply(event)
-            except Exception:       # a bug shown by one object must not stop the proxy
-                log.exception("skipping %s %s event", event.type, event.kind)
-            if self.metrics:
-                self.metrics.queued()
-            try:
-                event = self.events.get_nowait()
-            except queue.Empty:
-                return
+            self.tracker.apply(event)
+        except Exception:       # a bug shown by one object must not stop the proxy
+            log.exception("skipping %s %s event", event.type, event.kind)
+        if self.metrics:
+            self.metrics.queued()
 
     def sync_once(self):
         sync = self.tracker.take()

@@ -59,7 +59,7 @@ import urllib.request
 
 from kube_proxy import model as kp_model
 from kube_proxy.ingress import model, render
-from kube_proxy.sources import DELETED, INGRESS_KINDS, RELIST
+from kube_proxy.sources import DELETED, INGRESS_KINDS, RELIST, drain
 
 log = logging.getLogger("kube_proxy.ingress")
 
@@ -369,17 +369,11 @@ class IngressController:
         self.events.put(event)
 
     def _drain(self, timeout):
-        try:
-            event = self.events.get(timeout=max(0.0, timeout))
-        except queue.Empty:
-            return
-        while True:
-            if self.store.apply(event) and self._dirty_since is None:
-                self._dirty_since = self.clock()
-            try:
-                event = self.events.get_nowait()
-            except queue.Empty:
-                return
+        drain(self.events, timeout, self._take)
+
+    def _take(self, event):
+        if self.store.apply(event) and self._dirty_since is None:
+            self._dirty_since = self.clock()
 
     # ---- desired state ----
 

@@ -67,7 +67,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 
-from kube_proxy.model import InvalidObject, ServicePortName, _short, object_key
+from kube_proxy.model import _IANA_SVC_NAME, InvalidObject, ServicePortName, _short, object_key
 from kube_proxy.model import _get as _model_get
 
 log = logging.getLogger("kube_proxy.ingress.model")
@@ -81,7 +81,6 @@ PATH_TYPES = ("Exact", "Prefix", "ImplementationSpecific")
 _LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 _DNS_LABEL = re.compile(r"^%s$" % _LABEL)
 _DNS_SUBDOMAIN = re.compile(r"^%s(\.%s)*$" % (_LABEL, _LABEL))
-_IANA_SVC_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 _PATH_CHARS = re.compile(r"[A-Za-z0-9/._~!$&'()*+,;=:@-]*")
 _CONTROLLER = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9._/-]+$")
 

@@ -95,3 +95,20 @@ def trim_secret(obj):
     out = {"apiVersion": obj.get("apiVersion", "v1"), "kind": "Secret", "metadata": out_meta,
            "type": TLS_SECRET_TYPE, "data": data}
     return out
+
+
+def drain(events, timeout, handle):
+    """Wait up to `timeout` s for one event on queue `events`, then hand it and every
+    event already queued behind it to handle(event): what sources emitted from their
+    threads reaches the single-threaded consumer in order, a burst at a time."""
+    import queue
+    try:
+        event = events.get(timeout=max(0.0, timeout))
+    except queue.Empty:
+        return
+    while True:
+        handle(event)
+        try:
+            event = events.get_nowait()
+        except queue.Empty:
+            return
