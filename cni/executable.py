@@ -15,6 +15,7 @@ PLUGINS = {
     "portmap": "cni.plugins.portmap",
     "host-local": "ipam.host_local",
     "flannel": "cni.plugins.flannel",
+    "calico": "cni.plugins.calico",
 }
 
 MARKER = "# podnet-cni-plugin "

@@ -73,7 +73,7 @@ RTAX_MTU, RTAX_ADVMSS = 2, 8
 RT_TABLE_MAIN = 254
 RTPROT_KERNEL, RTPROT_BOOT, RTPROT_STATIC = 2, 3, 4
 RT_SCOPE_UNIVERSE, RT_SCOPE_LINK, RT_SCOPE_HOST, RT_SCOPE_NOWHERE = 0, 253, 254, 255
-RTN_UNICAST, RTN_LOCAL = 1, 2
+RTN_UNICAST, RTN_LOCAL, RTN_BLACKHOLE = 1, 2, 6
 RTNH_F_ONLINK = 4
 
 # neighbour attributes and values
@@ -499,10 +499,14 @@ class Netlink:
 
     def add_route(self, dst, gateway=None, oif=0, table=RT_TABLE_MAIN, protocol=RTPROT_BOOT,
                   scope=None, onlink=False, priority=0, mtu=0, advmss=0, prefsrc=None,
-                  replace=False, append=False):
-        """Add (or with replace=True, add-or-update) a unicast route; dst is an IPNet."""
+                  replace=False, append=False, rtype=RTN_UNICAST):
+        """Add (or with replace=True, add-or-update) a route; dst is an IPNet.
+
+        rtype: RTN_UNICAST, or e.g. RTN_BLACKHOLE (6) for a route without a
+        next hop (give scope=RT_SCOPE_UNIVERSE, as `ip route add blackhole` does).
+        """
         body = self._route_msg(dst, gateway, oif, table, protocol, scope, onlink, priority,
-                               mtu, advmss, prefsrc)
+                               mtu, advmss, prefsrc, rtype)
         flags = F_CREATE | (F_REPLACE if replace else (F_APPEND if append else F_EXCL))
         self.request(RTM_NEWROUTE, flags, body)
 
