@@ -54,7 +54,8 @@ def parse_pcap(path):
       - for VXLAN (a payload with the I flag): vni and the inner frame's
         inner_src, inner_dst, inner_proto;
       - for a payload that is exactly one bare IPv4 packet (flannel's udp
-        backend): payload_src, payload_dst, payload_proto."""
+        backend): payload_src, payload_dst, payload_proto;
+      and for IP-in-IP (protocol 4): inner_src, inner_dst, inner_proto."""
     with open(path, "rb") as f:
         data = f.read()
     magic, = struct.unpack_from("<I", data)
@@ -79,6 +80,8 @@ def parse_pcap(path):
                 pkt["vni"] = int.from_bytes(payload[4:7], "big")
                 if payload[8 + 12:8 + 14] == b"\x08\x00":
                     pkt["inner_src"], pkt["inner_dst"], pkt["inner_proto"], _ = _ipv4(payload, 8 + 14)
+        elif proto == 4 and len(frame) >= l4 + 20:         # IP-in-IP
+            pkt["inner_src"], pkt["inner_dst"], pkt["inner_proto"], _ = _ipv4(frame, l4)
         out.append(pkt)
     return out
 

@@ -68,7 +68,7 @@ def _short_hash(text):
 def cmd_demo(opts):
     from podnet.demo import run_demo
     return run_demo(nodes=opts.nodes, backend=opts.backend, pods_per_node=opts.pods_per_node,
-                    keep=opts.keep)
+                    keep=opts.keep, mode=opts.mode)
 
 
 # Subcommands that are whole daemons with their own flag parsers: name -> module with main(argv).
@@ -76,6 +76,7 @@ DAEMONS = {
     "flanneld": "flanneld.daemon",
     "kube-proxy": "kube_proxy.server",
     "ingress": "kube_proxy.ingress.controller",
+    "calico": "calico_lite.agent",
 }
 
 
@@ -113,10 +114,13 @@ def main(argv=None):
     sub.add_parser("flanneld", help="run the overlay daemon (flannel's flags; see podnet flanneld --help)")
     sub.add_parser("kube-proxy", help="run the Service proxy (kube-proxy's flags; see podnet kube-proxy --help)")
     sub.add_parser("ingress", help="run the Ingress controller on nginx (see podnet ingress --help)")
+    sub.add_parser("calico", help="calico_lite: `agent` (BGP + routes), `reflector`, `bird-config`")
 
     p = sub.add_parser("demo", help="build a cluster in network namespaces, attach pods, check connectivity")
     p.add_argument("--nodes", type=int, default=3)
-    p.add_argument("--backend", choices=["vxlan", "host-gw", "udp"], default="vxlan")
+    p.add_argument("--mode", choices=["flannel", "calico"], default="flannel",
+                   help="flannel: an overlay (see --backend); calico: BGP routes via a route reflector")
+    p.add_argument("--backend", choices=["vxlan", "host-gw", "udp"], default="vxlan", help="flannel's backend")
     p.add_argument("--pods-per-node", type=int, default=1)
     p.add_argument("--keep", action="store_true", help="leave the lab up until Enter is pressed")
     p.set_defaults(func=cmd_demo)

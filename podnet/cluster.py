@@ -574,13 +574,21 @@ class Cluster:
         return os.path.join(self.node_dir(node), "subnet.env")
 
     def add_node(self, name, extra=()):
-        node = self.lab.node(name, self.underlay, ip_forward=True)
+        node = self._new_node(name, self.underlay)
+        self.start_flanneld(node, extra)
+        return node
+
+    def _new_node(self, name, underlay, gateway=None):
+        node = self.lab.node(name, underlay, ip_forward=True)
         # Real nodes have a default route; without one, traffic to a Service IP that is
         # not DNATed (a Service without endpoints) dies in routing ("network unreachable")
-        # before kube-proxy's REJECT can answer it. On-link: it only ever ARPs on our underlay.
-        node.ip("route", "add", "default", "dev", node.underlay_if)
+        # before kube-proxy's REJECT can answer it. On-link (without a gateway): it only
+        # ever ARPs on our underlay.
+        if gateway:
+            node.ip("route", "add", "default", "via", gateway)
+        else:
+            node.ip("route", "add", "default", "dev", node.underlay_if)
         self.nodes.append(node)
-        self.start_flanneld(node, extra)
         return node
 
     def start_flanneld(self, node, extra=()):
@@ -734,3 +742,120 @@ def _wait(predicate, timeout, what, on_timeout=None):
         time.sleep(0.1)
     detail = on_timeout() if on_timeout else ""
     raise TimeoutError("timed out after %ss waiting for %s\n%s" % (timeout, what, detail))
+
+
+class CalicoCluster(Cluster):
+    """A cluster in calico_lite mode: pure L3, no bridge and no overlay.
+
+    etcd holds the calico-lite datastore; every node runs `podnet calico agent`
+    (BGP speaker + kernel routes) and attaches pods with the `calico` CNI
+    plugin (a veth and a /32 route per pod). With route_reflector=True one
+    extra node runs the agent as a route reflector and the node-to-node mesh is
+    off. With two underlay subnets, a router namespace joins them (nodes route
+    everything else through it), and IPIP (`ipip`: always / cross-subnet /
+    never) carries pod traffic between the subnets.
+    """
+
+    def __init__(self, lab, nodes=3, pool="10.65.0.0/16", block_size=26, ipip="cross-subnet",
+                 route_reflector=True, subnets=("192.168.50.0/24",), hold_time=9, python=None):
+        super().__init__(lab, nodes=nodes, network=pool, underlay=subnets[0], python=python)
+        self.block_size = block_size
+        self.ipip = ipip
+        self.route_reflector = route_reflector
+        self.hold_time = hold_time
+        self.agents = {}            # node role -> Popen
+        self.underlays = [self.underlay]
+        self.gateways = [None]
+        self.router = None
+        if len(subnets) > 1:
+            self.router = lab.namespace("router", ip_forward=True)
+            self.gateways = []
+            for i, subnet in enumerate(subnets):
+                underlay = self.underlay if i == 0 else lab.underlay(subnet, name="underlay%d" % (i + 1))
+                if i:
+                    self.underlays.append(underlay)
+                gateway = str(underlay.subnet.broadcast_address - 2)
+                underlay.attach(self.router, gateway, "eth%d" % i)
+                self.gateways.append(gateway)
+
+    def network_config(self):
+        return json.dumps({"asNumber": 64512, "nodeToNodeMesh": not self.route_reflector,
+                           "ipipMode": self.ipip, "poolCIDR": self.network, "blockSize": self.block_size})
+
+    def put_network_config(self, text=None):
+        self.etcdctl("put", "/calico-lite/v1/config", text or self.network_config())
+
+    def start_etcd(self):
+        super().start_etcd()
+        if self.router is not None:
+            self.etcd_ns.ip("route", "add", "default", "via", self.gateways[0])
+
+    def add_node(self, name, extra=(), subnet_index=0, role="node"):
+        node = self._new_node(name, self.underlays[subnet_index], self.gateways[subnet_index])
+        self.start_agent(node, role, extra)
+        return node
+
+    def start_agent(self, node, role="node", extra=()):
+        argv = [self.python, "-m", "podnet.cli", "calico", "agent", "--etcd-endpoints", self.etcd_url,
+                "--node-name", node.role, "--iface", node.underlay_if, "--role", role,
+                "--blocks-file", self.blocks_file(node), "--hold-time", str(self.hold_time),
+                "--route-grace", "2"] + list(extra)
+        with open(self.agent_log(node), "a") as log:
+            self.agents[node.role] = node.popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=_SOURCE_ROOT,
+                                                env=dict(os.environ, PYTHONPATH=_SOURCE_ROOT))
+        node.calico_role = role
+        return self.agents[node.role]
+
+    def stop_agent(self, node, timeout=10):
+        _stop_one(node, self.agents.pop(node.role), timeout)
+
+    def agent_log(self, node):
+        return os.path.join(self.node_dir(node), "calico-agent.log")
+
+    def blocks_file(self, node):
+        return os.path.join(self.node_dir(node), "blocks")
+
+    def workers(self):
+        return [n for n in self.nodes if getattr(n, "calico_role", "node") == "node"]
+
+    def start(self):
+        from cni.executable import install
+        install(self.bin_dir, "/usr/bin/python3")
+        self.start_etcd()
+        self.put_network_config()
+        if self.route_reflector:
+            self.add_node("rr1", role="route-reflector")
+        for i in range(1, self.node_count + 1):
+            self.add_node("node%d" % i, subnet_index=(i - 1) % len(self.underlays))
+        self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout=40):
+        """Until every worker has its block and a route to every other worker's block."""
+        workers = self.workers()
+        _wait(lambda: all(os.path.exists(self.blocks_file(n)) for n in workers), timeout,
+              "every node to claim a block", self._logs)
+        _wait(lambda: all(len(self.routes_via_bgp(n)) >= len(workers) - 1 for n in workers), timeout,
+              "every node to learn every other node's block over BGP", self._logs)
+
+    def routes_via_bgp(self, node):
+        """The node's routes installed by the agent from BGP (not its own blackholes)."""
+        return [r for r in node.ip_json("route", "show", "proto", "78") if r.get("type") != "blackhole"]
+
+    def conflist(self, node):
+        d = self.node_dir(node)
+        mtu = 1500 - 20 if self.ipip != "never" else 1500
+        return {"name": "k8s-pod-network", "cniVersion": "1.0.0", "plugins": [
+            {"type": "calico", "mtu": mtu, "nodeBlocksFile": self.blocks_file(node),
+             "ipam": {"type": "host-local", "subnet": "useNodeBlock", "dataDir": os.path.join(d, "ipam")}},
+            {"type": "portmap", "capabilities": {"portMappings": True}},
+        ]}
+
+    def _logs(self):
+        text = []
+        for node in self.nodes:
+            path = self.agent_log(node)
+            if os.path.exists(path):
+                with open(path) as f:
+                    text.append("--- %s calico-agent.log ---\n%s" % (node.role, f.read()[-3000:]))
+        return "\n".join(text)

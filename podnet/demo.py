@@ -16,7 +16,7 @@ import re
 import time
 
 from podnet import kubeobjects as k8s
-from podnet.cluster import Cluster, Lab
+from podnet.cluster import CalicoCluster, Cluster, Lab
 
 SERVICE_IP, SERVICE_PORT, NODE_PORT, POD_PORT = "10.96.0.10", 80, 30080, 8080
 OUTSIDE_CLIENT = "192.168.50.100"
@@ -26,19 +26,27 @@ def _step(text):
     print("  " + text, flush=True)
 
 
-def run_demo(nodes=3, backend="vxlan", pods_per_node=1, keep=False):
+def run_demo(nodes=3, backend="vxlan", pods_per_node=1, keep=False, mode="flannel"):
     started = time.monotonic()
     with Lab() as lab:
-        print("podnet demo: %d nodes, flannel backend %s (lab %s)" % (nodes, backend, lab.prefix))
-        cluster = Cluster(lab, nodes=nodes, backend=backend)
+        if mode == "calico":
+            print("podnet demo: %d nodes in calico mode: BGP via a route reflector, no overlay (lab %s)"
+                  % (nodes, lab.prefix))
+            cluster = CalicoCluster(lab, nodes=nodes)
+        else:
+            print("podnet demo: %d nodes, flannel backend %s (lab %s)" % (nodes, backend, lab.prefix))
+            cluster = Cluster(lab, nodes=nodes, backend=backend)
         cluster.start()
         _step("etcd at %s; network config %s" % (cluster.etcd_url, cluster.network_config()))
-        for node in cluster.nodes:
-            with open(cluster.subnet_file(node)) as f:
-                env = dict(line.split("=", 1) for line in f.read().split())
-            _step("%s (underlay %s): flanneld leased %s, MTU %s"
-                  % (node.role, node.underlay_ip, env["FLANNEL_SUBNET"], env["FLANNEL_MTU"]))
-        for node in cluster.nodes:
+        if mode == "calico":
+            _show_calico_nodes(cluster)
+        else:
+            for node in cluster.nodes:
+                with open(cluster.subnet_file(node)) as f:
+                    env = dict(line.split("=", 1) for line in f.read().split())
+                _step("%s (underlay %s): flanneld leased %s, MTU %s"
+                      % (node.role, node.underlay_ip, env["FLANNEL_SUBNET"], env["FLANNEL_MTU"]))
+        for node in (cluster.workers() if mode == "calico" else cluster.nodes):
             for i in range(1, pods_per_node + 1):
                 pod = cluster.add_pod(node, "%s-pod%d" % (node.role, i))
                 _step("pod %s on %s: %s" % (pod.name, node.role, pod.ip))
@@ -65,6 +73,18 @@ def run_demo(nodes=3, backend="vxlan", pods_per_node=1, keep=False):
     return 0 if not failures and not service_failures else 1
 
 
+def _show_calico_nodes(cluster):
+    for node in cluster.nodes:
+        if getattr(node, "calico_role", "node") == "route-reflector":
+            _step("%s (underlay %s): route reflector for every node" % (node.role, node.underlay_ip))
+            continue
+        with open(cluster.blocks_file(node)) as f:
+            blocks = f.read().split()
+        learned = ["%s via %s" % (r["dst"], r["gateway"]) for r in cluster.routes_via_bgp(node)]
+        _step("%s (underlay %s): block %s; BGP-learned routes: %s"
+              % (node.role, node.underlay_ip, ", ".join(blocks), "; ".join(learned)))
+
+
 def _service_check(lab, cluster):
     """A Service over every pod, proxied by `podnet kube-proxy` on every node; returns failures."""
     pods = list(cluster.pods)
@@ -78,19 +98,20 @@ def _service_check(lab, cluster):
     k8s.write(manifests, "hello.json",
               k8s.service("hello", SERVICE_IP, [http], type="NodePort"),
               k8s.endpoint_slice("hello", [(p.ip, p.node.role) for p in pods], [{"name": "http", "port": POD_PORT}]))
-    for node in cluster.nodes:
+    nodes = cluster.workers() if isinstance(cluster, CalicoCluster) else cluster.nodes
+    for node in nodes:
         cluster.start_kube_proxy(node, manifests)
     outside = lab.namespace("outside")
     cluster.underlay.attach(outside, OUTSIDE_CLIENT)
-    _wait_for(lambda: all(_synced(cluster, n) for n in cluster.nodes), 20)
+    _wait_for(lambda: all(_synced(cluster, n) for n in nodes), 20)
     _wait_for(lambda: all(_answers(cluster, pods[0].node, "%s:%d" % (p.ip, POD_PORT), 1)[0] for p in pods), 20)
     failures = []
-    for node in cluster.nodes:
+    for node in nodes:
         _step("%s: %s" % (node.role, _last_sync(cluster, node)))
     checks = [("pod %s -> %s:%d" % (pods[0].name, SERVICE_IP, SERVICE_PORT), pods[0].ns,
                "%s:%d" % (SERVICE_IP, SERVICE_PORT), 20 * len(pods))]
     checks += [("outside %s -> %s:%d" % (OUTSIDE_CLIENT, n.underlay_ip, NODE_PORT), outside,
-                "%s:%d" % (n.underlay_ip, NODE_PORT), 10 * len(pods)) for n in cluster.nodes]
+                "%s:%d" % (n.underlay_ip, NODE_PORT), 10 * len(pods)) for n in nodes]
     for label, ns, url, count in checks:
         answers, errors = _answers(cluster, ns, url, count)
         _step("%s, %d requests: %s%s" % (label, count, ", ".join("%s %d" % kv for kv in sorted(answers.items())),
