@@ -1,0 +1,477 @@
+"""A BGP speaker: sessions, RIBs and route reflection, driven by the node agent.
+
+    speaker = Speaker(64512, "192.168.50.2")
+    speaker.subscribe(lambda prefix, route: ...)      # Loc-RIB best-path changes
+    await speaker.start()                            # listen; connect to peers
+    speaker.add_peer(PeerConfig("192.168.50.1", 64512))
+    speaker.announce("10.65.3.0/26")                 # next hop: our address on each session
+    speaker.withdraw("10.65.3.0/26")
+    await speaker.stop()
+
+Callbacks run in the speaker's event loop, once per changed prefix, with the
+new best Route or None (the prefix is gone). Loss of a session withdraws its
+routes at once; damping or a grace delay is the agent's business. Nothing here
+touches the kernel: the agent installs routes from the callbacks.
+
+The speaker advertises only its best path per prefix. Towards iBGP peers
+it follows RFC 4456: a peer configured rr_client=True is a route reflector
+client; routes from clients go to every other peer, routes from non-clients
+only to clients, and without any client iBGP routes are not re-advertised
+to iBGP peers (split horizon).
+
+Every public method may be called from another thread once the loop runs
+(e.g. after start_in_thread()): it is then handed to the loop thread.
+"""
+import asyncio
+import logging
+import socket
+import threading
+
+from calico_lite.bgp.messages import (
+    AFI_IPV4, AS_SEQUENCE, CEASE_PEER_DECONFIGURED, MALFORMED_AS_PATH, ORIGIN_IGP, SAFI_UNICAST, UPDATE_ERROR,
+    BGPError, PathAttributes, encode_update, ip_to_bytes, normalize_prefix, pack_updates)
+from calico_lite.bgp.rib import (ExportPolicy, Rib, Route, Source, export_attributes, import_attributes,
+                                 local_source)
+from calico_lite.bgp.session import ESTABLISHED, PeerConfig, Session, set_md5
+
+log = logging.getLogger("calico_lite.bgp")
+
+__all__ = ["Speaker", "PeerConfig", "Route", "PathAttributes"]
+
+END_OF_RIB = encode_update()     # an UPDATE with nothing in it (RFC 4724 §2)
+_ANNOUNCE_ATTRS = {"origin", "med", "local_pref", "as_path", "atomic_aggregate", "aggregator"}
+
+
+class _Peer:
+    """What the speaker keeps per configured peer."""
+    __slots__ = ("config", "session", "source", "policy", "adj_out", "pending", "end_of_rib")
+
+    def __init__(self, config, session):
+        self.config = config
+        self.session = session
+        self.source = None      # rib.Source of the current established session
+        self.policy = None      # rib.ExportPolicy for it
+        self.adj_out = {}       # prefix -> PathAttributes last advertised
+        self.pending = set()    # prefixes whose advertisement must be re-evaluated
+        self.end_of_rib = False     # End-of-RIB still to follow the initial table
+
+
+class _SessionEvents:
+    """The handler a Session reports to, kept off the Speaker's public surface."""
+    __slots__ = ("established", "down", "update", "refresh_requested", "state_changed")
+
+    def __init__(self, speaker):
+        self.established = speaker._on_established
+        self.down = speaker._on_down
+        self.update = speaker._on_update
+        self.refresh_requested = speaker._on_refresh_request
+        self.state_changed = speaker._on_state_change
+
+
+class Speaker:
+    def __init__(self, local_as, router_id, listen_address="0.0.0.0", port=179, cluster_id=None,
+                 on_best_change=None):
+        """local_as: our AS (1..2^32-1); router_id: our BGP identifier (dotted quad).
+        listen_address/port: where peers connect to us (port=None: do not listen,
+        port=0: any free port, see .port after start()).
+        cluster_id: the route reflector CLUSTER_ID (default: router_id).
+        on_best_change: optional first subscriber, see subscribe()."""
+        if not 1 <= int(local_as) <= 0xFFFFFFFF:
+            raise ValueError("AS %r out of range" % local_as)
+        ip_to_bytes(router_id)
+        if cluster_id is not None:
+            ip_to_bytes(cluster_id)
+        self.local_as = int(local_as)
+        self.router_id = router_id
+        self.cluster_id = cluster_id
+        self.listen_address = listen_address
+        self.port = port
+        self.rib = Rib()
+        self._local = local_source(router_id, self.local_as)
+        self._peers = {}                # address -> _Peer
+        self._retiring = {}             # Session -> _Peer removed but not yet closed
+        self._subscribers = []
+        self._session_subscribers = []
+        if on_best_change is not None:
+            self._subscribers.append(on_best_change)
+        self._loop = None
+        self._server = None
+        self._listen_sock = None
+        self._flush_scheduled = False
+        self._encoded = {}              # (PathAttributes, four_octet) -> bytes, for one flush
+        self._thread = None
+
+    # ---- life cycle ----------------------------------------------------------------
+
+    async def start(self):
+        """Open the listening socket and start every configured session."""
+        self._loop = asyncio.get_running_loop()
+        if self.port is not None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((self.listen_address, self.port))
+                sock.listen(128)
+                sock.setblocking(False)
+                for peer in self._peers.values():
+                    if peer.config.md5_password:
+                        set_md5(sock, peer.config.address, peer.config.md5_password)
+            except BaseException:
+                sock.close()
+                raise
+            self._listen_sock = sock
+            self.port = sock.getsockname()[1]
+            self._server = await asyncio.start_server(self._accepted, sock=sock)
+        for peer in self._peers.values():
+            peer.session.start()
+        log.info("BGP speaker AS %d router id %s %s", self.local_as, self.router_id,
+                 "listening on %s:%d" % (self.listen_address, self.port) if self._server else "not listening")
+
+    async def stop(self):
+        """Cease every session (administrative shutdown) and stop listening."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        await asyncio.gather(*(p.session.stop() for p in self._peers.values()), return_exceptions=True)
+        if self._listen_sock is not None:
+            self._listen_sock.close()
+            self._listen_sock = None
+
+    def start_in_thread(self, timeout=10):
+        """Run the speaker in its own event loop in a daemon thread (for agents that are not asyncio)."""
+        started = threading.Event()
+        failure = []
+
+        def run():
+            loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(self.start())
+            except BaseException as e:
+                failure.append(e)
+                started.set()
+                return
+            started.set()
+            loop.run_forever()
+            loop.run_until_complete(self.stop())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="bgp-speaker", daemon=True)
+        self._thread.start()
+        started.wait(timeout)
+        if failure:
+            raise failure[0]
+
+    def stop_thread(self, timeout=10):
+        if self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _accepted(self, reader, writer):
+        """A TCP connection on our port: hand it to the session of the peer with that address."""
+        peername = writer.get_extra_info("peername")
+        peer = self._peers.get(peername[0]) if peername else None
+        if peer is None:
+            log.info("connection from %s refused: not a configured peer", peername and peername[0])
+            writer.close()
+            return
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer.session.accept(reader, writer)
+
+    def _in_loop(self, func, *args):
+        """Run func now if we are in the loop's thread (or there is no loop yet), else hand it over."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return func(*args)
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            return func(*args)
+        loop.call_soon_threadsafe(func, *args)
+        return None
+
+    # ---- peers ---------------------------------------------------------------------
+
+    def add_peer(self, config):
+        """Configure a peer (PeerConfig); started at once if the speaker runs."""
+        if not isinstance(config, PeerConfig):
+            raise TypeError("add_peer wants a PeerConfig")
+        if config.address in self._peers:
+            raise ValueError("peer %s is already configured" % config.address)
+        return self._in_loop(self._add_peer, config)
+
+    def _add_peer(self, config):
+        peer = _Peer(config, Session(config, self.local_as, self.router_id, _SessionEvents(self)))
+        self._peers[config.address] = peer
+        if self._listen_sock is not None and config.md5_password:
+            set_md5(self._listen_sock, config.address, config.md5_password)
+        if self._loop is not None:
+            peer.session.start()
+
+    def remove_peer(self, address):
+        """Cease the session (peer de-configured) and forget the peer; its routes are withdrawn.
+
+        In the loop's thread this returns an awaitable that finishes when the
+        session is closed."""
+        return self._in_loop(self._remove_peer, address)
+
+    def _remove_peer(self, address):
+        peer = self._peers.pop(address, None)
+        if peer is None:
+            raise KeyError("no peer %s" % address)
+        if self._listen_sock is not None and peer.config.md5_password:
+            set_md5(self._listen_sock, address, None)
+        if self._loop is None:
+            return None
+        self._retiring[peer.session] = peer
+        peer.pending = set()
+
+        async def retire():
+            try:
+                await peer.session.stop(CEASE_PEER_DECONFIGURED)
+            finally:
+                self._retiring.pop(peer.session, None)
+        return self._loop.create_task(retire())
+
+    def peers(self):
+        """[PeerConfig] configured."""
+        return [p.config for p in self._peers.values()]
+
+    def peer_status(self):
+        """One dict per peer: address, state, remote_as, router_id, rr_client, since (epoch
+        seconds, when Established), flaps, last_error, received, advertised (prefix counts)."""
+        out = []
+        for address, peer in self._peers.items():
+            s = peer.session
+            up = s.state == ESTABLISHED
+            out.append({
+                "address": address, "state": s.state, "remote_as": peer.config.remote_as,
+                "router_id": s.peer_open.router_id if up else None, "rr_client": peer.config.rr_client,
+                "since": s.established_at if up else None, "flaps": s.flaps, "last_error": s.last_error,
+                "received": self.rib.prefix_count(peer.source) if up and peer.source else 0,
+                "advertised": len(peer.adj_out),
+            })
+        return out
+
+    def state(self, address):
+        return self._peers[address].session.state
+
+    def established_count(self):
+        return sum(1 for p in self._peers.values() if p.session.state == ESTABLISHED)
+
+    # ---- our own routes ------------------------------------------------------------
+
+    def announce(self, prefix, next_hop=None, **attrs):
+        """Originate `prefix` ("10.65.3.0/26"). next_hop None: our address on each session.
+        attrs: origin, med, local_pref, as_path (list of AS numbers), atomic_aggregate,
+        aggregator ((asn, address)). Announcing again replaces the previous attributes."""
+        unknown = set(attrs) - _ANNOUNCE_ATTRS
+        if unknown:
+            raise TypeError("unknown route attributes: %s" % ", ".join(sorted(unknown)))
+        prefix = normalize_prefix(prefix)
+        if next_hop is not None:
+            ip_to_bytes(next_hop)
+        path = attrs.pop("as_path", None)
+        attributes = PathAttributes(origin=attrs.pop("origin", ORIGIN_IGP), next_hop=next_hop,
+                                    as_path=((AS_SEQUENCE, tuple(path)),) if path else (), **attrs)
+        return self._in_loop(self._update_local, Route(prefix, attributes, self._local))
+
+    def withdraw(self, prefix):
+        """Stop originating `prefix` (no-op if we did not)."""
+        return self._in_loop(self._withdraw_local, normalize_prefix(prefix))
+
+    def _update_local(self, route):
+        self._propagate([self.rib.update(route)])
+
+    def _withdraw_local(self, prefix):
+        self._propagate([self.rib.remove(self._local, prefix)])
+
+    # ---- the Loc-RIB ---------------------------------------------------------------
+
+    def subscribe(self, callback):
+        """callback(prefix, route_or_None) on every Loc-RIB best-path change; returns an unsubscribe function."""
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback) if callback in self._subscribers else None
+
+    def subscribe_sessions(self, callback):
+        """callback(address, old_state, new_state, reason) on every session state change."""
+        self._session_subscribers.append(callback)
+        return lambda: self._session_subscribers.remove(callback) if callback in self._session_subscribers else None
+
+    def best(self, prefix):
+        return self.rib.best(normalize_prefix(prefix))
+
+    def best_routes(self):
+        """{prefix: Route}: the Loc-RIB now (e.g. for an agent's full resync)."""
+        return self.rib.best_routes()
+
+    def adj_rib_in(self, address):
+        peer = self._peers.get(address)
+        return self.rib.adj_rib_in(peer.source) if peer and peer.source else {}
+
+    def adj_rib_out(self, address):
+        """{prefix: PathAttributes} last advertised to the peer."""
+        peer = self._peers.get(address)
+        return dict(peer.adj_out) if peer else {}
+
+    def refresh(self, address):
+        """Ask the peer to re-send its routes (ROUTE-REFRESH), if it supports it."""
+        self._in_loop(self._peers[address].session.request_refresh)
+
+    # ---- what sessions report (through _SessionEvents) ---------------------------------
+
+    def _peer_of(self, session):
+        peer = self._peers.get(session.address)
+        if peer is not None and peer.session is session:
+            return peer
+        return self._retiring.get(session)
+
+    def _reflecting_cluster_id(self):
+        # CLUSTER_LIST loop detection applies when we reflect (RFC 4456 §8).
+        if self.cluster_id is not None:
+            return self.cluster_id
+        if any(p.config.rr_client for p in self._peers.values()):
+            return self.router_id
+        return None
+
+    def _on_established(self, session):
+        peer = self._peer_of(session)
+        if peer is None:
+            return
+        cfg = peer.config
+        peer.source = Source(cfg.address, session.peer_open.router_id, cfg.remote_as, session.ibgp, cfg.rr_client)
+        peer.adj_out = {}
+        peer.policy = None      # without IPv4 unicast in common nothing is sent to it
+        if session.peer_open.ipv4_unicast:
+            peer.policy = ExportPolicy(peer.source, session.ibgp, cfg.rr_client, cfg.remote_as,
+                                       session.local_address, cfg.next_hop_self)
+            peer.pending = set(self.rib.prefixes())
+            # RFC 4724 §2 recommends End-of-RIB after the initial table even without graceful
+            # restart; it also wakes BIRD, which otherwise holds its own first UPDATE back until
+            # something arrives from us (seconds, with an empty table here).
+            peer.end_of_rib = True
+            self._schedule_flush()
+
+    def _on_down(self, session, reason):
+        peer = self._peer_of(session)
+        if peer is None:
+            return
+        source, peer.source, peer.policy = peer.source, None, None
+        peer.adj_out = {}
+        peer.pending = set()
+        if source is not None:
+            self._propagate(self.rib.remove_source(source))
+
+    def _on_update(self, session, update):
+        peer = self._peer_of(session)
+        if peer is None or peer.source is None:
+            return
+        source = peer.source
+        rib = self.rib
+        announced = update.announced()
+        if announced and not session.ibgp and update.attrs.neighbour_as != peer.config.remote_as:
+            # RFC 4271 §6.3: an external peer's path must start with its own AS (checked before
+            # anything of the message touches the RIB)
+            raise BGPError(UPDATE_ERROR, MALFORMED_AS_PATH,
+                           reason="AS_PATH does not start with the peer's AS %d" % peer.config.remote_as)
+        changes = [rib.remove(source, prefix) for prefix in update.withdrawn]
+        if announced:
+            cluster_id = self._reflecting_cluster_id()
+            imported = {}
+            for prefix, attrs in announced:
+                kept = imported.get(attrs, False)
+                if kept is False:
+                    kept = imported[attrs] = import_attributes(attrs, source, self.local_as, self.router_id,
+                                                               cluster_id)
+                if kept is None:
+                    changes.append(rib.remove(source, prefix))
+                else:
+                    changes.append(rib.update(Route(prefix, kept, source)))
+        self._propagate(changes)
+
+    def _on_refresh_request(self, session, message):
+        peer = self._peer_of(session)
+        if peer is None or peer.policy is None or message.subtype != 0 \
+                or (message.afi, message.safi) != (AFI_IPV4, SAFI_UNICAST):
+            return
+        peer.adj_out = {}
+        peer.pending = set(self.rib.prefixes())
+        self._schedule_flush()
+
+    def _on_state_change(self, session, old, new):
+        for callback in list(self._session_subscribers):
+            try:
+                callback(session.address, old, new, session.last_error)
+            except Exception:
+                log.exception("session callback failed")
+
+    # ---- propagation ---------------------------------------------------------------
+
+    def _propagate(self, changes):
+        changed = False
+        for change in changes:
+            if change is None:
+                continue
+            changed = True
+            for callback in list(self._subscribers):
+                try:
+                    callback(change.prefix, change.new)
+                except Exception:
+                    log.exception("best-path callback failed for %s", change.prefix)
+            for peer in self._peers.values():
+                if peer.policy is not None:
+                    peer.pending.add(change.prefix)
+        if changed:
+            self._schedule_flush()
+
+    def _schedule_flush(self):
+        # One flush per loop iteration: a burst of changes (a full table from a
+        # new peer) goes out as few, full UPDATE messages.
+        if not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self):
+        self._flush_scheduled = False
+        exported = {}           # (route, export class, is the peer's own route) -> attributes
+        self._encoded = {}
+        for peer in self._peers.values():
+            if peer.policy is None or not (peer.pending or peer.end_of_rib):
+                peer.pending.clear()
+                continue
+            policy = peer.policy
+            klass = policy.cache_key()
+            withdrawn, announce = [], {}
+            for prefix in sorted(peer.pending):
+                best = self.rib.best(prefix)
+                new = None
+                if best is not None:
+                    key = (best, klass, best.source is policy.source)
+                    if key in exported:
+                        new = exported[key]
+                    else:
+                        new = exported[key] = export_attributes(best, policy, self.local_as, self.router_id,
+                                                                self.cluster_id)
+                old = peer.adj_out.get(prefix)
+                if new == old:
+                    continue
+                if new is None:
+                    del peer.adj_out[prefix]
+                    withdrawn.append(prefix)
+                else:
+                    peer.adj_out[prefix] = new
+                    announce.setdefault(new, []).append(prefix)
+            peer.pending.clear()
+            messages = pack_updates(withdrawn, announce, peer.session.four_octet, self._encoded) \
+                if withdrawn or announce else []
+            if peer.end_of_rib:
+                peer.end_of_rib = False
+                messages.append(END_OF_RIB)
+            if messages:
+                peer.session.send(b"".join(messages))
+        self._encoded = {}
