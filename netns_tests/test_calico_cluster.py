@@ -28,12 +28,15 @@ def wait_until(predicate, timeout, what, interval=0.1):
     return time.monotonic() - start
 
 
-@pytest.fixture(scope="module", params=["route-reflector", "mesh"])
+@pytest.fixture(scope="module", params=["route-reflector", "mesh", "bird-reflector"])
 def cluster(request, netns_usable):
+    """Our agents with our reflector, in a full mesh, or as clients of BIRD 2 reflecting
+    (configured by `podnet calico bird-config` from the same datastore)."""
     if not netns_usable:
         pytest.skip("needs root and network namespaces (run as root)")
     with Lab() as lab:
-        c = CalicoCluster(lab, nodes=3, route_reflector=request.param == "route-reflector", hold_time=6)
+        c = CalicoCluster(lab, nodes=3, route_reflector=request.param != "mesh", hold_time=6,
+                          reflector="bird" if request.param == "bird-reflector" else "agent")
         c.start()
         for node in c.workers():
             for i in (1, 2):
@@ -68,6 +71,16 @@ def test_route_reflector_or_mesh_sessions(cluster):
             assert peers == {rr.underlay_ip}, peers
         else:
             assert peers == {n.underlay_ip for n in cluster.workers() if n is not node}, peers
+    if cluster.reflector == "bird":
+        # BIRD (configured from the datastore) has a session with every agent and every block
+        # (ORIGINATOR_ID / CLUSTER_LIST on what it reflects: netns_tests/test_bgp_interop.py)
+        text = cluster.birdc("show", "route", "all")
+        for node in cluster.workers():
+            with open(cluster.blocks_file(node)) as f:
+                block = f.read().split()[0]
+            assert block in text and node.underlay_ip in text, text
+        protocols = cluster.birdc("show", "protocols")
+        assert protocols.count("Established") == len(cluster.workers()), protocols
 
 
 def test_killed_agent_is_withdrawn_and_comes_back(cluster):

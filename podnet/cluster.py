@@ -757,8 +757,13 @@ class CalicoCluster(Cluster):
     """
 
     def __init__(self, lab, nodes=3, pool="10.65.0.0/16", block_size=26, ipip="cross-subnet",
-                 route_reflector=True, subnets=("192.168.50.0/24",), hold_time=9, python=None):
+                 route_reflector=True, subnets=("192.168.50.0/24",), hold_time=9, python=None,
+                 reflector="agent"):
+        """reflector: what runs on the route-reflector node: "agent" (`podnet calico agent
+        --role route-reflector`) or "bird" (BIRD 2 with the config calico_lite renders)."""
         super().__init__(lab, nodes=nodes, network=pool, underlay=subnets[0], python=python)
+        self.reflector = reflector
+        self.bird = None
         self.block_size = block_size
         self.ipip = ipip
         self.route_reflector = route_reflector
@@ -823,12 +828,42 @@ class CalicoCluster(Cluster):
         install(self.bin_dir, "/usr/bin/python3")
         self.start_etcd()
         self.put_network_config()
-        if self.route_reflector:
+        if self.route_reflector and self.reflector == "agent":
             self.add_node("rr1", role="route-reflector")
+        elif self.route_reflector:
+            rr = self._new_node("rr1", self.underlays[0], self.gateways[0])
+            rr.calico_role = "route-reflector"
+            self.etcdctl("put", "/calico-lite/v1/nodes/rr1", json.dumps(
+                {"ip": "%s/%d" % (rr.underlay_ip, self.underlay.subnet.prefixlen), "role": "route-reflector"}))
         for i in range(1, self.node_count + 1):
             self.add_node("node%d" % i, subnet_index=(i - 1) % len(self.underlays))
+        if self.route_reflector and self.reflector == "bird":
+            workers = self.workers()
+            _wait(lambda: all(os.path.exists(self.blocks_file(n)) for n in workers), 30,
+                  "every node to register and claim a block", self._logs)
+            self.start_bird(next(n for n in self.nodes if n.role == "rr1"))
         self.wait_ready()
         return self
+
+    def start_bird(self, node):
+        """BIRD 2 on `node` with the configuration calico_lite renders for it from the datastore."""
+        # rendered where etcd is reachable (its namespace), by the command operators use
+        text = self.etcd_ns.run([self.python, "-m", "podnet.cli", "calico", "bird-config", "--etcd-endpoints",
+                                 "http://127.0.0.1:%d" % self.ETCD_PORT, "--node", node.role,
+                                 "--iface", node.underlay_if], env=dict(os.environ, PYTHONPATH=_SOURCE_ROOT)).stdout
+        d = self.node_dir(node)
+        conf, sock, pid = (os.path.join(d, n) for n in ("bird.conf", "bird.ctl", "bird.pid"))
+        with open(conf, "w") as f:
+            f.write(text)
+        with open(os.path.join(d, "bird.log"), "a") as log:
+            self.bird = node.popen(["bird", "-c", conf, "-s", sock, "-P", pid, "-f"], stdout=log,
+                                   stderr=subprocess.STDOUT)
+        self.bird_socket = sock
+        return self.bird
+
+    def birdc(self, *args):
+        node = next(n for n in self.nodes if n.role == "rr1")
+        return node.run(["birdc", "-s", self.bird_socket] + list(args), check=False).stdout
 
     def wait_ready(self, timeout=40):
         """Until every worker has its block and a route to every other worker's block."""
