@@ -20,7 +20,6 @@ Flags are kube-proxy's where they apply (--proxy-mode, --cluster-cidr,
 """
 import argparse
 import logging
-import os
 import queue
 import signal
 import socket

@@ -27,6 +27,7 @@ import time
 
 from cni import errors
 from cni.errors import CNIError
+from cni.container import container_netlink, kernel_error, open_container_netns
 from cni.invoke import delegate
 from cni.iptables_names import chain_name
 from podnet.net import sysctl
@@ -117,28 +118,6 @@ def _check_mac(mac):
         raise CNIError(errors.INVALID_NETCONF, "invalid MAC address %r" % mac)
 
 
-def _open_container_netns(path):
-    try:
-        return open_netns(path)
-    except FileNotFoundError:
-        raise CNIError(errors.UNKNOWN_CONTAINER, "failed to open netns %r: no such file" % path) from None
-    except OSError as e:
-        raise CNIError(errors.INVALID_ENV, "failed to open netns %r: %s" % (path, e.strerror)) from None
-
-
-def _container_netlink(ns_fd, path):
-    try:
-        return Netlink(netns=ns_fd)
-    except OSError as e:
-        if e.errno == 22:   # EINVAL from setns: e.g. a regular file
-            raise CNIError(errors.INVALID_ENV, "%r is not a network namespace" % path) from None
-        raise CNIError(errors.INVALID_ENV, "failed to open netns %r: %s" % (path, e.strerror)) from None
-
-
-def _kernel_error(what, e):
-    return CNIError(errors.KERNEL, "%s: %s" % (what, e.strerror or e))
-
-
 # ---- masquerade -------------------------------------------------------------
 
 def _comment(network, container_id):
@@ -215,7 +194,7 @@ def _ensure_bridge(host, conf):
         created = True
     except NetlinkError as e:
         if e.errno != _EEXIST:
-            raise _kernel_error("could not add %r" % conf.bridge, e) from None
+            raise kernel_error("could not add %r" % conf.bridge, e) from None
     br = host.link(conf.bridge)
     if br is None:
         raise CNIError(errors.KERNEL, "could not look up %r" % conf.bridge)
@@ -239,7 +218,7 @@ def _create_veth(host, cont, ns_fd, conf, ifname):
             return host_name
         except NetlinkError as e:
             if e.errno != _EEXIST:
-                raise _kernel_error("failed to create veth pair", e) from None
+                raise kernel_error("failed to create veth pair", e) from None
             if cont.link(ifname) is not None:
                 raise CNIError(errors.INVALID_ENV, "container veth name provided (%s) already exists" % ifname)
             # else: the random host-side name collided; draw another one
@@ -302,7 +281,7 @@ def _configure_container(cont, ns_fd, ifname, result, conf):
             cont.add_addr(link.index, net, nodad=not conf.enable_dad)
         except NetlinkError as e:
             if e.errno != _EEXIST:
-                raise _kernel_error("failed to add IP addr %s to %r" % (net, ifname), e) from None
+                raise kernel_error("failed to add IP addr %s to %r" % (net, ifname), e) from None
         if ipc.get("gateway"):
             gw.setdefault(net.family, parse_ip(ipc["gateway"]))
     cont.set_link(link.index, up=True)
@@ -316,7 +295,7 @@ def _configure_container(cont, ns_fd, ifname, result, conf):
                            advmss=route.get("advmss") or 0, priority=route.get("priority") or 0)
         except NetlinkError as e:
             if e.errno != _EEXIST:
-                raise _kernel_error("failed to add route %s via %s" % (dst, via), e) from None
+                raise kernel_error("failed to add route %s via %s" % (dst, via), e) from None
     return link
 
 
@@ -353,7 +332,7 @@ def _ensure_addr(host, link, net, force):
         host.add_addr(link.index, net, nodad=True)
     except NetlinkError as e:
         if e.errno != _EEXIST:
-            raise _kernel_error("could not add IP address to %r" % link.name, e) from None
+            raise kernel_error("could not add IP address to %r" % link.name, e) from None
     # Pin the bridge MAC: otherwise it follows the lowest port MAC as ports come and go.
     host.set_link(link.index, mac=link.mac)
 
@@ -387,10 +366,10 @@ def _tag_port(host, index, conf):
 
 def cmd_add(args):
     conf = NetConf(args)
-    ns_fd = _open_container_netns(args.netns)
+    ns_fd = open_container_netns(args.netns)
     undo = []
     try:
-        cont = _container_netlink(ns_fd, args.netns)
+        cont = container_netlink(ns_fd, args.netns)
         host = Netlink()
         br, br_created = _ensure_bridge(host, conf)
         if br_created:
@@ -452,7 +431,7 @@ def cmd_add(args):
         undo.clear()
         return result
     except NetlinkError as e:
-        raise _kernel_error("bridge ADD failed", e) from None
+        raise kernel_error("bridge ADD failed", e) from None
     finally:
         for action in reversed(undo):
             try:
@@ -500,7 +479,7 @@ def cmd_del(args):
             raise CNIError(errors.INVALID_ENV, "failed to open netns %r: %s" % (args.netns, e.strerror)) from None
         if ns_fd is not None:
             try:
-                cont = _container_netlink(ns_fd, args.netns)
+                cont = container_netlink(ns_fd, args.netns)
                 link = cont.link(args.ifname)
                 if link is not None:
                     nets = [a.net for a in cont.addrs(link.index) if a.scope != 253]
@@ -509,7 +488,7 @@ def cmd_del(args):
                 cont.close()
             except NetlinkError as e:
                 if e.errno != 19:
-                    raise _kernel_error("failed to delete %r" % args.ifname, e) from None
+                    raise kernel_error("failed to delete %r" % args.ifname, e) from None
             finally:
                 os.close(ns_fd)
     if conf.ipam_type:
@@ -524,7 +503,7 @@ def cmd_del(args):
 def cmd_check(args):
     from cni.types import from_version
     conf = NetConf(args)
-    ns_fd = _open_container_netns(args.netns)
+    ns_fd = open_container_netns(args.netns)
     try:
         if conf.ipam_type:
             delegate(conf.ipam_type, "CHECK", args)
@@ -533,7 +512,7 @@ def cmd_check(args):
             raise CNIError(errors.INVALID_NETCONF, "Required prevResult missing")
         result = from_version(prev, args.version)
         host = Netlink()
-        cont = _container_netlink(ns_fd, args.netns)
+        cont = container_netlink(ns_fd, args.netns)
         by_name = {i.get("name"): i for i in result["interfaces"]}
         br_if = by_name.get(conf.bridge)
         if br_if is None or br_if.get("sandbox"):

@@ -39,11 +39,12 @@ import os
 
 from cni import errors
 from cni.errors import CNIError
+from cni.container import container_netlink, kernel_error, open_container_netns
 from cni.invoke import delegate
 from podnet.net import sysctl
 from podnet.net.ip import AF_INET, AF_INET6, IPNet, parse_cidr, parse_ip
 from podnet.net.netlink import RT_SCOPE_LINK, Netlink, NetlinkError
-from podnet.net.netns import entered, open_netns
+from podnet.net.netns import entered
 
 HOST_MAC = "ee:ee:ee:ee:ee:ee"
 GATEWAY4 = "169.254.1.1"
@@ -161,28 +162,6 @@ def ipam_netconf(conf, args, need_blocks):
 
 # ---- helpers ---------------------------------------------------------------------
 
-def _open_container_netns(path):
-    try:
-        return open_netns(path)
-    except FileNotFoundError:
-        raise CNIError(errors.UNKNOWN_CONTAINER, "failed to open netns %r: no such file" % path) from None
-    except OSError as e:
-        raise CNIError(errors.INVALID_ENV, "failed to open netns %r: %s" % (path, e.strerror)) from None
-
-
-def _container_netlink(ns_fd, path):
-    try:
-        return Netlink(netns=ns_fd)
-    except OSError as e:
-        if e.errno == 22:   # EINVAL from setns: e.g. a regular file
-            raise CNIError(errors.INVALID_ENV, "%r is not a network namespace" % path) from None
-        raise CNIError(errors.INVALID_ENV, "failed to open netns %r: %s" % (path, e.strerror)) from None
-
-
-def _kernel_error(what, e):
-    return CNIError(errors.KERNEL, "%s: %s" % (what, e.strerror or e))
-
-
 def _pair(host, cont, host_name, ifname):
     """(host link, container link) if host_name and the container's ifname are one veth pair."""
     h = host.link(host_name)
@@ -233,7 +212,7 @@ def _configure_pod(cont, ns_fd, ifname, nets):
             cont.add_addr(link.index, net, nodad=True)
         except NetlinkError as e:
             if e.errno != _EEXIST:
-                raise _kernel_error("failed to add %s to %s" % (net, ifname), e) from None
+                raise kernel_error("failed to add %s to %s" % (net, ifname), e) from None
     if not link.up:
         cont.set_link(link.index, up=True)
     routes = []
@@ -254,10 +233,10 @@ def cmd_add(args):
     conf = NetConf(args)
     ipam_conf = ipam_netconf(conf, args, need_blocks=True)
     host_name = host_veth_name(args.container_id, args.ifname)
-    ns_fd = _open_container_netns(args.netns)
+    ns_fd = open_container_netns(args.netns)
     undo, sockets = [], []
     try:
-        cont = _container_netlink(ns_fd, args.netns)
+        cont = container_netlink(ns_fd, args.netns)
         sockets.append(cont)
         host = Netlink()
         sockets.append(host)
@@ -272,7 +251,7 @@ def cmd_add(args):
             try:
                 host.add_veth(host_name, args.ifname, peer_netns_fd=ns_fd, mtu=conf.mtu)
             except NetlinkError as e:
-                raise _kernel_error("failed to create veth pair %s/%s" % (host_name, args.ifname), e) from None
+                raise kernel_error("failed to create veth pair %s/%s" % (host_name, args.ifname), e) from None
             undo.append(lambda: _delete_link(host, host_name))
         ipam = delegate(conf.ipam_type, "ADD", args, ipam_conf)
         # A rerun got back the address the running pod holds: never release it on failure.
@@ -300,7 +279,7 @@ def cmd_add(args):
         undo.clear()
         return result
     except NetlinkError as e:
-        raise _kernel_error("calico ADD failed", e) from None
+        raise kernel_error("calico ADD failed", e) from None
     finally:
         for action in reversed(undo):
             try:
@@ -328,7 +307,7 @@ def cmd_del(args):
         _delete_link(host, host_name)       # its peer and the /32 route go with it
     except NetlinkError as e:
         if e.errno != _ENODEV:
-            raise _kernel_error("failed to delete %s" % host_name, e) from None
+            raise kernel_error("failed to delete %s" % host_name, e) from None
     finally:
         host.close()
     delegate(conf.ipam_type, "DEL", args, ipam_netconf(conf, args, need_blocks=False))
@@ -340,7 +319,7 @@ def cmd_del(args):
 def cmd_check(args):
     from cni.types import from_version
     conf = NetConf(args)
-    ns_fd = _open_container_netns(args.netns)
+    ns_fd = open_container_netns(args.netns)
     try:
         delegate(conf.ipam_type, "CHECK", args, ipam_netconf(conf, args, need_blocks=False))
         prev = args.conf.get("prevResult")
@@ -348,7 +327,7 @@ def cmd_check(args):
             raise CNIError(errors.INVALID_NETCONF, "Required prevResult missing")
         result = from_version(prev, args.version)
         host_name = host_veth_name(args.container_id, args.ifname)
-        cont = _container_netlink(ns_fd, args.netns)
+        cont = container_netlink(ns_fd, args.netns)
         host = Netlink()
         pair = _pair(host, cont, host_name, args.ifname)
         if pair is None:

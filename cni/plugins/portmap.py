@@ -58,8 +58,6 @@ How it differs from the reference, deliberately:
   iptables refuses).
 - masqAll (added after 1.1.1) is not supported.
 """
-import os
-
 from cni import errors
 from cni.errors import CNIError
 from cni.iptables_names import chain_name

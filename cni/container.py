@@ -1,0 +1,35 @@
+"""Reaching into the container's network namespace, with the CNI errors the spec asks for.
+
+Shared by the plugins that create interfaces in a container (bridge, calico):
+a missing netns path is "unknown container" (code 3), anything else that is
+not a usable network namespace is "invalid environment" (code 4), and a
+kernel refusal becomes code 101 with the operation named.
+"""
+from cni import errors
+from cni.errors import CNIError
+from podnet.net.netlink import Netlink
+from podnet.net.netns import open_netns
+
+
+def open_container_netns(path):
+    """An fd of the container's network namespace (close-on-exec)."""
+    try:
+        return open_netns(path)
+    except FileNotFoundError:
+        raise CNIError(errors.UNKNOWN_CONTAINER, "failed to open netns %r: no such file" % path) from None
+    except OSError as e:
+        raise CNIError(errors.INVALID_ENV, "failed to open netns %r: %s" % (path, e.strerror)) from None
+
+
+def container_netlink(ns_fd, path):
+    """A Netlink socket living in the container's namespace."""
+    try:
+        return Netlink(netns=ns_fd)
+    except OSError as e:
+        if e.errno == 22:   # EINVAL from setns: e.g. a regular file
+            raise CNIError(errors.INVALID_ENV, "%r is not a network namespace" % path) from None
+        raise CNIError(errors.INVALID_ENV, "failed to open netns %r: %s" % (path, e.strerror)) from None
+
+
+def kernel_error(what, e):
+    return CNIError(errors.KERNEL, "%s: %s" % (what, e.strerror or e))
