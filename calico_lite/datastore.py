@@ -21,8 +21,8 @@ Key layout (prefix default /calico-lite/v1; values are JSON objects):
         transaction, so a block can never be given to two nodes.
 
 Pure parts (dataclasses, key names, block arithmetic, choosing a free block)
-need no etcd. `Datastore` is the small store on top of etcd3gw, the client
-flanneld uses, talking to etcd's JSON gateway:
+need no etcd. `Datastore` is the small store on top of podnet.etcd.EtcdClient
+(etcd3gw over etcd's JSON gateway, the same layer flanneld uses):
 
     ds = Datastore(["http://10.0.0.1:2379"])
     ds.put_config(ClusterConfig(pool="10.65.0.0/16", ipip_mode="cross-subnet"))
@@ -40,8 +40,8 @@ import json
 import logging
 import re
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
+from podnet.etcd import EtcdClient, EtcdError, cmp_absent, cmp_value, net_from_key, net_key_name, op_delete, op_put
 from podnet.net.ip import AF_INET, IP, IPNet, parse_cidr, parse_ip
 
 log = logging.getLogger("calico_lite.datastore")
@@ -59,10 +59,6 @@ _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
 
 class DataError(ValueError):
     """A value in the datastore (or given to it) is malformed."""
-
-
-class EtcdError(RuntimeError):
-    """etcd could not be reached, refused the request, or answered nonsense."""
 
 
 class PoolExhaustedError(RuntimeError):
@@ -222,17 +218,13 @@ def node_key(name, prefix=DEFAULT_PREFIX):
 
 
 def block_key(block, prefix=DEFAULT_PREFIX):
-    return "%s/blocks/%s-%d" % (_prefix(prefix), block.network, block.prefixlen)
+    return "%s/blocks/%s" % (_prefix(prefix), net_key_name(block))
 
 
 def block_from_key(key):
     """'.../blocks/10.65.3.64-26' -> IPNet; DataError if malformed."""
-    tail = key.rsplit("/", 1)[-1]
-    addr, sep, plen = tail.rpartition("-")
     try:
-        if not sep:
-            raise ValueError
-        net = parse_cidr("%s/%s" % (addr, plen))
+        net = net_from_key(key)
     except ValueError:
         raise DataError("%s is not a block key (want .../blocks/<network>-<prefixlen>)" % key) from None
     if net.ip != net.network:
@@ -306,132 +298,52 @@ def _dumps(obj):
 
 # ---- the store ------------------------------------------------------------------------
 
-def _b64(data):
-    import base64
-    return base64.b64encode(data.encode() if isinstance(data, str) else data).decode("ascii")
-
-
-def _unb64(text):
-    import base64
-    return base64.b64decode(text or "")
-
-
-def _prefix_end(prefix):
-    b = bytearray(prefix.encode())
-    b[-1] += 1
-    return bytes(b)
-
-
 class Datastore:
     """calico-lite's data in one etcd cluster (endpoints tried in turn)."""
 
     def __init__(self, endpoints, prefix=DEFAULT_PREFIX, timeout=5.0, cafile=None, certfile=None,
                  keyfile=None):
-        if isinstance(endpoints, str):
-            endpoints = endpoints.split(",")
-        self.endpoints = []
-        for url in filter(None, (e.strip() for e in endpoints)):
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ValueError("etcd endpoint %r must look like http://HOST:PORT" % url)
-            self.endpoints.append((parts.scheme, parts.hostname, parts.port or 2379))
-        if not self.endpoints:
-            raise ValueError("no etcd endpoints given")
+        self.etcd = EtcdClient(endpoints, cafile=cafile, certfile=certfile, keyfile=keyfile, timeout=timeout)
+        self.endpoints = [e[:3] for e in self.etcd.endpoints]      # [(scheme, host, port)]
         self.prefix = _prefix(prefix)
         self.timeout = timeout
-        self.tls = (cafile, certfile, keyfile)
-        self._clients = {}
-        self._current = 0
 
     def __repr__(self):
         return "Datastore(%s %s)" % (",".join("%s://%s:%d" % e for e in self.endpoints), self.prefix)
 
-    # ---- transport ----
-    def _client(self, index):
-        client = self._clients.get(index)
-        if client is None:
-            import etcd3gw
-            import requests
-            scheme, host, port = self.endpoints[index]
-            session = requests.Session()
-            session.trust_env = False       # no proxies or CA bundles from the environment
-            cafile, certfile, keyfile = self.tls
-            if scheme == "https":
-                session.verify = cafile or True
-                if certfile:
-                    session.cert = (certfile, keyfile)
-            client = self._clients[index] = etcd3gw.client(host=host, port=port, protocol=scheme,
-                                                           timeout=self.timeout, session=session)
-        return client
-
-    def _post(self, path, body):
-        from etcd3gw.exceptions import ConnectionFailedError, ConnectionTimeoutError, Etcd3Exception
-        import requests
-        errors = []
-        n = len(self.endpoints)
-        for i in range(n):
-            index = (self._current + i) % n
-            client = self._client(index)
-            try:
-                resp = client.post(client.get_url(path), json=body)
-            except (ConnectionFailedError, ConnectionTimeoutError, requests.exceptions.ConnectionError) as e:
-                errors.append("%s://%s:%d: %s" % (self.endpoints[index] + (e,)))
-                continue
-            except (Etcd3Exception, requests.exceptions.RequestException, ValueError) as e:
-                raise EtcdError("%s://%s:%d: %s" % (self.endpoints[index] + (
-                    getattr(e, "detail_text", None) or e,))) from None
-            self._current = index
-            return resp
-        raise EtcdError("etcd unreachable: " + "; ".join(errors))
-
-    def _range(self, key, range_end=None):
-        body = {"key": _b64(key)}
-        if range_end is not None:
-            body["range_end"] = _b64(range_end)
-        resp = self._post("/kv/range", body)
-        kvs = [(_unb64(kv["key"]).decode("utf-8", "replace"), _unb64(kv.get("value")),
-                int(kv.get("mod_revision", 0))) for kv in resp.get("kvs", [])]
-        return kvs, int(resp["header"]["revision"])
-
-    def _txn(self, compare, success):
-        return bool(self._post("/kv/txn", {"compare": compare, "success": success,
-                                           "failure": []}).get("succeeded"))
-
-    def _put(self, key, value):
-        self._post("/kv/put", {"key": _b64(key), "value": _b64(value)})
-
-    def _delete(self, key):
-        resp = self._post("/kv/deleterange", {"key": _b64(key)})
-        return int(resp.get("deleted", 0)) > 0
+    def _get(self, key):
+        """The JSON object at `key`, or None if there is no such key."""
+        kv, _ = self.etcd.get(key)
+        return _json(kv.key, kv.value) if kv is not None else None
 
     # ---- config and nodes ----
     def get_config(self):
         """The ClusterConfig, or None if none was written yet (DataError if malformed)."""
-        kvs, _ = self._range(config_key(self.prefix))
-        return ClusterConfig.from_dict(_json(kvs[0][0], kvs[0][1])) if kvs else None
+        d = self._get(config_key(self.prefix))
+        return ClusterConfig.from_dict(d) if d is not None else None
 
     def put_config(self, config):
-        self._put(config_key(self.prefix), _dumps(config.to_dict()))
+        self.etcd.put(config_key(self.prefix), _dumps(config.to_dict()))
 
     def put_node(self, node):
-        self._put(node_key(node.name, self.prefix), _dumps(node.to_dict()))
+        self.etcd.put(node_key(node.name, self.prefix), _dumps(node.to_dict()))
 
     def get_node(self, name):
-        kvs, _ = self._range(node_key(name, self.prefix))
-        return Node.from_dict(name, _json(kvs[0][0], kvs[0][1])) if kvs else None
+        d = self._get(node_key(name, self.prefix))
+        return Node.from_dict(name, d) if d is not None else None
 
     def delete_node(self, name, release_blocks=True):
         """Remove a node (and, by default, the affinities of its blocks)."""
         if release_blocks:
             for block in self.snapshot().blocks_of(name):
                 self.release_block(block, name)
-        return self._delete(node_key(name, self.prefix))
+        return self.etcd.delete(node_key(name, self.prefix))
 
     # ---- reading everything ----
     def snapshot(self):
         """Config, nodes and blocks at one revision (one range request)."""
-        kvs, revision = self._range(self.prefix + "/", _prefix_end(self.prefix + "/"))
-        return parse_snapshot(self.prefix, [(k, v) for k, v, _ in kvs], revision)
+        kvs, revision = self.etcd.get_prefix(self.prefix + "/")
+        return parse_snapshot(self.prefix, [(kv.key, kv.value) for kv in kvs], revision)
 
     def list_nodes(self):
         return self.snapshot().nodes
@@ -460,8 +372,7 @@ class Datastore:
                 raise PoolExhaustedError("pool %s is full: all %d /%d blocks have an affinity"
                                          % (snap.config.pool, block_count(snap.config), snap.config.block_size))
             key = block_key(block, self.prefix)
-            if self._txn([{"key": _b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": 0}],
-                         [{"request_put": {"key": _b64(key), "value": _b64(_dumps({"node": node_name}))}}]):
+            if self.etcd.txn([cmp_absent(key)], [op_put(key, _dumps({"node": node_name}))]):
                 log.info("block %s now has affinity to %s", block, node_name)
                 return block
             log.info("block %s was taken under us (attempt %d): retrying", block, attempt + 1)
@@ -470,19 +381,12 @@ class Datastore:
     def release_block(self, block, node_name):
         """Drop `node_name`'s affinity to `block`; False if the block is not (or no longer) its."""
         key = block_key(block, self.prefix)
-        return self._txn([{"key": _b64(key), "target": "VALUE", "result": "EQUAL",
-                           "value": _b64(_dumps({"node": node_name}))}],
-                         [{"request_delete_range": {"key": _b64(key)}}])
+        return self.etcd.txn([cmp_value(key, _dumps({"node": node_name}))], [op_delete(key)])
 
     # ---- change notification ----
     def wait_for_change(self, revision, timeout):
         """Block until a key under the prefix changes after `revision`, or `timeout`
-        seconds pass; True if something changed. For a level-triggered loop:
-        snapshot(), act on it, wait_for_change(snap.revision, ...), repeat."""
-        from etcd3gw.exceptions import WatchTimedOut
-        client = self._client(self._current)
-        try:
-            client.watch_prefix_once(self.prefix + "/", timeout=timeout, start_revision=revision + 1)
-            return True
-        except WatchTimedOut:
-            return False
+        seconds pass; True if something changed (or may have: a compacted `revision`).
+        For a level-triggered loop: snapshot(), act on it, wait_for_change(snap.revision,
+        ...), repeat. EtcdError if etcd cannot be reached."""
+        return self.etcd.watch_once(self.prefix + "/", revision + 1, timeout)

@@ -13,6 +13,8 @@ from cni import executable
 from podnet import cluster
 from podnet.cluster import Lab
 
+from helpers import EtcdServer
+
 SKIP_REASON = "needs root and network namespaces (run as root)"
 REFERENCE_PLUGINS = "/usr/lib/cni"      # Debian containernetworking-plugins 1.1.1
 PYTHON = "/usr/bin/python3"
@@ -82,3 +84,15 @@ def run_cni():
     """podnet.cluster.run_cni(namespace, plugin_path, command, container_id,
     netns_path, ifname, conf, cni_path, extra_env=None) -> CniOutcome."""
     return cluster.run_cni
+
+
+@pytest.fixture
+def etcd(tmp_path):
+    """A fresh etcd member on loopback (helpers.EtcdServer, data in tmp_path), stopped by
+    PID however the test ends. Tests using it should be marked helpers.requires_etcd."""
+    server = EtcdServer(str(tmp_path))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()

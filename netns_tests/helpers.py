@@ -1,18 +1,30 @@
-"""Helpers shared by the netns tests: underlay captures and parallel pings.
+"""Helpers shared by the netns tests: underlay captures, parallel pings, a test etcd.
 
 Captures run tcpdump inside one of a lab's namespaces (usually the underlay
 switch, on br0, which sees every frame between nodes) into a pcap file in the
 lab's workdir; `parse_pcap` turns it into plain dicts so a test can assert on
 the outer and inner headers of what really crossed the wire.
+
+`EtcdServer` is one etcd member on loopback for the etcd client tests
+(flanneld's subnet manager, calico-lite's datastore); the `etcd` fixture in
+conftest.py starts one per test and kills it by PID however the test ends.
 """
 import os
 import re
 import signal
+import socket
 import struct
 import subprocess
 import time
+import urllib.request
+
+import pytest
 
 from podnet.cluster import exec_argv
+
+ETCD = "/usr/bin/etcd"
+requires_etcd = pytest.mark.skipif(not os.access(ETCD, os.X_OK),
+                                   reason="needs etcd 3.4 at %s (Debian package etcd-server)" % ETCD)
 
 
 class Capture:
@@ -111,3 +123,77 @@ def ping_many(pairs, count=2, interval=0.2, wait=2, timeout=30):
         if proc.returncode != 0 or " 0% packet loss" not in out:
             failed[key] = out
     return failed
+
+
+# ---- a test etcd ---------------------------------------------------------------------------
+
+def free_port():
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class EtcdServer:
+    """One etcd member on 127.0.0.1 (free ports, data in `workdir`), optionally with TLS
+    (`tls`: paths of ca.crt, server.crt, server.key; client certificates required).
+    stop()/start() keep ports and data (a restart)."""
+
+    def __init__(self, workdir, tls=None):
+        self.workdir = workdir
+        self.datadir = os.path.join(workdir, "etcd-data")
+        self.tls = tls
+        self.client_port, self.peer_port = free_port(), free_port()
+        self.url = "%s://127.0.0.1:%d" % ("https" if tls else "http", self.client_port)
+        self.proc = None
+
+    def start(self):
+        peer = "http://127.0.0.1:%d" % self.peer_port
+        args = [ETCD, "--name", "test", "--data-dir", self.datadir,
+                "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
+                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                "--initial-cluster", "test=" + peer, "--logger", "zap", "--log-level", "warn"]
+        if self.tls:
+            args += ["--cert-file", self.tls["server.crt"], "--key-file", self.tls["server.key"],
+                     "--trusted-ca-file", self.tls["ca.crt"], "--client-cert-auth"]
+        log = open(os.path.join(self.workdir, "etcd.log"), "ab")
+        # A clean environment: no ETCD_* variable of the host may change what this member does.
+        self.proc = subprocess.Popen(args, stdout=log, stderr=log, env={"PATH": "/usr/bin:/bin"})
+        log.close()
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self):
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("etcd exited with %s; see %s/etcd.log" % (self.proc.returncode, self.workdir))
+            try:
+                if self.tls:
+                    # The TCP port is enough here: the first client call waits for the leader anyway.
+                    socket.create_connection(("127.0.0.1", self.client_port), 0.2).close()
+                    time.sleep(0.2)
+                    return
+                with urllib.request.urlopen(self.url + "/health", timeout=0.5) as r:
+                    if b'"true"' in r.read():
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("etcd did not become ready; see %s/etcd.log" % self.workdir)
+
+    def stop(self):
+        """SIGTERM (SIGKILL after 5 s) to the process this object started, by its PID."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def client(self):
+        """A raw etcd3gw client for test setup (writes behind the code under test's back)."""
+        import etcd3gw
+        return etcd3gw.client(host="127.0.0.1", port=self.client_port, timeout=5)

@@ -1,64 +1,25 @@
 """calico_lite.datastore.Datastore against a real etcd 3.4 on loopback.
 
-As netns_tests/test_etcd_subnet.py: each test starts its own etcd (free ports
-on 127.0.0.1, data in tmp_path) and kills it by PID however the test ends.
+As netns_tests/test_etcd_subnet.py: each test starts its own etcd (the `etcd`
+fixture: helpers.EtcdServer on free ports of 127.0.0.1, data in tmp_path) and
+kills it by PID however the test ends.
 """
-import os
-import signal
-import socket
-import subprocess
 import threading
 import time
-import urllib.request
 
 import pytest
 
 from calico_lite.datastore import (ClusterConfig, DataError, Datastore, EtcdError, Node,
                                    PoolExhaustedError)
+from helpers import free_port, requires_etcd
 from podnet.net.ip import parse_cidr
 
-ETCD = "/usr/bin/etcd"
-pytestmark = pytest.mark.skipif(not os.access(ETCD, os.X_OK),
-                                reason="needs etcd 3.4 at %s (Debian package etcd-server)" % ETCD)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = requires_etcd
 
 
 @pytest.fixture
-def etcd_url(tmp_path):
-    client, peer = free_port(), free_port()
-    url, peer_url = "http://127.0.0.1:%d" % client, "http://127.0.0.1:%d" % peer
-    log = open(tmp_path / "etcd.log", "ab")
-    proc = subprocess.Popen([ETCD, "--name", "t", "--data-dir", str(tmp_path / "data"),
-                             "--listen-client-urls", url, "--advertise-client-urls", url,
-                             "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
-                             "--initial-cluster", "t=" + peer_url, "--log-level", "warn", "--logger", "zap"],
-                            stdout=log, stderr=log, env={"PATH": "/usr/bin:/bin"})
-    log.close()
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            assert proc.poll() is None, "etcd exited; see %s" % (tmp_path / "etcd.log")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=0.5) as r:
-                    if b'"true"' in r.read():
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "etcd did not become ready"
-            time.sleep(0.05)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def etcd_url(etcd):
+    return etcd.url
 
 
 @pytest.fixture

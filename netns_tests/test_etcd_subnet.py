@@ -1,112 +1,31 @@
 """EtcdSubnetManager against a real etcd 3.4 on loopback.
 
-Each test starts its own etcd (free ports on 127.0.0.1, data dir in tmp_path)
-and kills it by PID at the end, however the test ends. Several managers in one
-process stand in for several nodes: what tells nodes apart is the public IP.
+Each test starts its own etcd (the `etcd` fixture: helpers.EtcdServer on free
+ports of 127.0.0.1, data dir in tmp_path) and kills it by PID at the end,
+however the test ends. Several managers in one process stand in for several
+nodes: what tells nodes apart is the public IP.
 """
 import logging
 import os
 import queue
 import shutil
-import signal
-import socket
 import subprocess
 import threading
 import time
-import urllib.request
 
 import pytest
 
 from flanneld.config import ConfigError
 from flanneld.subnet import Lease, parse_lease
+from helpers import EtcdServer, requires_etcd
 from podnet.net.ip import parse_ip
 
-ETCD = "/usr/bin/etcd"
-pytestmark = pytest.mark.skipif(not os.access(ETCD, os.X_OK),
-                                reason="needs etcd 3.4 at %s (Debian package etcd-server)" % ETCD)
+pytestmark = requires_etcd
 
 PREFIX = "/coreos.com/network"
 CONFIG = '{"Network": "10.244.0.0/16", "SubnetLen": 24, "Backend": {"Type": "vxlan"}}'
 # 10.5.0.0/28 in /30s: 4 subnets, the first skipped -> room for exactly three nodes.
 SMALL = '{"Network": "10.5.0.0/28", "SubnetLen": 30, "Backend": {"Type": "host-gw"}}'
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class EtcdServer:
-    """One etcd member on loopback. stop()/start() keep ports and data (a restart)."""
-
-    def __init__(self, workdir, tls=None):
-        self.workdir = workdir
-        self.datadir = os.path.join(workdir, "etcd-data")
-        self.tls = tls
-        self.client_port, self.peer_port = free_port(), free_port()
-        self.url = "%s://127.0.0.1:%d" % ("https" if tls else "http", self.client_port)
-        self.proc = None
-
-    def start(self):
-        peer = "http://127.0.0.1:%d" % self.peer_port
-        args = [ETCD, "--name", "test", "--data-dir", self.datadir,
-                "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
-                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                "--initial-cluster", "test=" + peer, "--logger", "zap", "--log-level", "warn"]
-        if self.tls:
-            args += ["--cert-file", self.tls["server.crt"], "--key-file", self.tls["server.key"],
-                     "--trusted-ca-file", self.tls["ca.crt"], "--client-cert-auth"]
-        log = open(os.path.join(self.workdir, "etcd.log"), "ab")
-        # A clean environment: no ETCD_* variable of the host may change what this member does.
-        self.proc = subprocess.Popen(args, stdout=log, stderr=log, env={"PATH": "/usr/bin:/bin"})
-        log.close()
-        self._wait_ready()
-        return self
-
-    def _wait_ready(self):
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("etcd exited with %s; see %s/etcd.log" % (self.proc.returncode, self.workdir))
-            try:
-                if self.tls:
-                    # The TCP port is enough here: the first manager call waits for the leader anyway.
-                    socket.create_connection(("127.0.0.1", self.client_port), 0.2).close()
-                    time.sleep(0.2)
-                    return
-                with urllib.request.urlopen(self.url + "/health", timeout=0.5) as r:
-                    if b'"true"' in r.read():
-                        return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError("etcd did not become ready; see %s/etcd.log" % self.workdir)
-
-    def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def client(self):
-        """A raw etcd3gw client for test setup (puts behind the manager's back)."""
-        import etcd3gw
-        return etcd3gw.client(host="127.0.0.1", port=self.client_port, timeout=5)
-
-
-@pytest.fixture
-def etcd(tmp_path):
-    server = EtcdServer(str(tmp_path))
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
 
 
 def make_certs(d):

@@ -8,7 +8,8 @@ flannel's etcd layout (kept, so operators' tools and habits apply):
 """
 import json
 
-from podnet.net.ip import IPNet, parse_cidr, parse_ip
+from podnet.etcd import net_from_key, net_key_name
+from podnet.net.ip import IPNet, parse_ip
 
 DEFAULT_PREFIX = "/coreos.com/network"
 DEFAULT_TTL = 24 * 3600
@@ -53,17 +54,13 @@ class LeaseError(ValueError):
 
 
 def subnet_key(prefix, subnet):
-    return "%s/subnets/%s-%d" % (prefix.rstrip("/"), subnet.network, subnet.prefixlen)
+    return "%s/subnets/%s" % (prefix.rstrip("/"), net_key_name(subnet))
 
 
 def subnet_from_key(key):
-    """'/coreos.com/network/subnets/10.244.3.0-24' -> IPNet, or LeaseError."""
-    name = key.rsplit("/", 1)[-1]
-    addr, sep, plen = name.rpartition("-")
+    """'/coreos.com/network/subnets/10.244.3.0-24' -> IPNet (masked), or LeaseError."""
     try:
-        if not sep:
-            raise ValueError
-        return parse_cidr("%s/%s" % (addr, plen)).masked()
+        return net_from_key(key).masked()
     except ValueError:
         raise LeaseError("not a subnet key: %r" % key) from None
 
