@@ -106,7 +106,10 @@ class ServicePort:
 
     @property
     def uses_cluster_endpoints(self):
-        return not self.internal_policy_local or (self.externally_accessible and not self.external_policy_local)
+        """Cluster endpoints are needed for internal traffic under the Cluster policy, and
+        for any externally reachable port: even with externalTrafficPolicy Local, pod and
+        node traffic to its external addresses short-circuits to the Cluster chain."""
+        return not self.internal_policy_local or self.externally_accessible
 
     @property
     def uses_local_endpoints(self):

@@ -291,3 +291,12 @@ def test_many_dispatch_changes_rewrite_the_chain():
     few = ipt.render(state_of(103), CFG)
     text = ipt.restore_input(few, old)
     assert text.count("-I KUBE-SERVICES 1 ") == 3 and ":KUBE-SERVICES" not in text
+
+
+def test_both_policies_local_on_a_nodeport_still_has_the_cluster_chain():
+    """externalTrafficPolicy and internalTrafficPolicy Local: the EXT chain short-circuits pod
+    traffic to KUBE-SVC, which must exist (kube-proxy's UsesClusterEndpoints)."""
+    sp = port(type="NodePort", node_port=30001, external_policy_local=True, internal_policy_local=True)
+    r = ipt.render_service_port(sp, (ep("10.180.0.1", local=True), ep("10.180.0.2")), CFG)
+    jumped = {line.split(" -j ")[1].split()[0] for rules in r.chains.values() for line in rules if " -j " in line}
+    assert SVC in jumped and SVC in r.chains

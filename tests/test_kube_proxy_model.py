@@ -78,7 +78,8 @@ def test_nodeport_externalips_loadbalancer_and_policies():
     assert p.load_balancer_ips == ("198.51.100.7",)            # hostnames and ipMode Proxy skipped
     assert p.load_balancer_source_ranges == ("203.0.113.0/24", "10.0.0.0/8")
     assert p.external_policy_local and p.internal_policy_local and p.health_check_node_port == 32000
-    assert p.externally_accessible and p.uses_local_endpoints and not p.uses_cluster_endpoints
+    # Cluster endpoints too: pod traffic to its external addresses short-circuits to them
+    assert p.externally_accessible and p.uses_local_endpoints and p.uses_cluster_endpoints
 
 
 def test_external_policy_local_only_for_nodeport_and_loadbalancer():
