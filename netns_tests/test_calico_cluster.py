@@ -105,13 +105,14 @@ def test_killed_agent_is_withdrawn_and_comes_back(cluster):
 def test_ipip_cross_subnet_only_between_subnets(lab):
     """Two underlay subnets joined by a router: pod traffic between them is IP-in-IP,
     traffic within a subnet is plain."""
-    c = CalicoCluster(lab, nodes=3, subnets=("192.168.50.0/24", "192.168.60.0/24"), ipip="cross-subnet")
+    c = CalicoCluster(lab, nodes=3, subnets=("192.168.50.0/24", "192.168.60.0/24"), ipip="cross-subnet",
+                      ready_timeout=180)        # everything is ~10x slower under emulation
     c.start()
     pods = {n.role: c.add_pod(n, n.role + "-p") for n in c.workers()}
     # node1 and node3 on the first subnet, node2 on the second
     cap1 = Capture(c.underlay.switch, "br0", "ip", os.path.join(lab.workdir, "u1.pcap"))
     cap2 = Capture(c.underlays[1].switch, "br0", "ip", os.path.join(lab.workdir, "u2.pcap"))
-    matrix = c.ping_matrix()
+    matrix = c.ping_matrix(count=2, timeout=5)
     seen = cap1.stop() + cap2.stop()
     assert all(matrix.values()), [pair for pair, ok in matrix.items() if not ok]
     same = {pods["node1"].ip, pods["node3"].ip}

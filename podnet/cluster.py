@@ -537,7 +537,7 @@ class Cluster:
                  "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
                  "--initial-cluster", "etcd=http://127.0.0.1:2380"],
                 stdout=log, stderr=subprocess.STDOUT)
-        _wait(lambda: self.etcdctl("endpoint", "health", check=False).returncode == 0, 15, "etcd to start")
+        _wait(lambda: self.etcdctl("endpoint", "health", check=False).returncode == 0, 60, "etcd to start")
 
     def stop_etcd(self, timeout=10):
         """SIGTERM etcd (an outage); its data dir is kept for restart_etcd()."""
@@ -758,11 +758,12 @@ class CalicoCluster(Cluster):
 
     def __init__(self, lab, nodes=3, pool="10.65.0.0/16", block_size=26, ipip="cross-subnet",
                  route_reflector=True, subnets=("192.168.50.0/24",), hold_time=9, python=None,
-                 reflector="agent"):
+                 reflector="agent", ready_timeout=40):
         """reflector: what runs on the route-reflector node: "agent" (`podnet calico agent
         --role route-reflector`) or "bird" (BIRD 2 with the config calico_lite renders)."""
         super().__init__(lab, nodes=nodes, network=pool, underlay=subnets[0], python=python)
         self.reflector = reflector
+        self.ready_timeout = ready_timeout      # longer under emulation (the full-kernel lane)
         self.bird = None
         self.block_size = block_size
         self.ipip = ipip
@@ -839,7 +840,7 @@ class CalicoCluster(Cluster):
             self.add_node("node%d" % i, subnet_index=(i - 1) % len(self.underlays))
         if self.route_reflector and self.reflector == "bird":
             workers = self.workers()
-            _wait(lambda: all(os.path.exists(self.blocks_file(n)) for n in workers), 30,
+            _wait(lambda: all(os.path.exists(self.blocks_file(n)) for n in workers), self.ready_timeout,
                   "every node to register and claim a block", self._logs)
             self.start_bird(next(n for n in self.nodes if n.role == "rr1"))
         self.wait_ready()
@@ -865,8 +866,9 @@ class CalicoCluster(Cluster):
         node = next(n for n in self.nodes if n.role == "rr1")
         return node.run(["birdc", "-s", self.bird_socket] + list(args), check=False).stdout
 
-    def wait_ready(self, timeout=40):
+    def wait_ready(self, timeout=None):
         """Until every worker has its block and a route to every other worker's block."""
+        timeout = timeout or self.ready_timeout
         workers = self.workers()
         _wait(lambda: all(os.path.exists(self.blocks_file(n)) for n in workers), timeout,
               "every node to claim a block", self._logs)
