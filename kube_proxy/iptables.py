@@ -559,10 +559,23 @@ def restore_input(new, old=None, stale=()):
 
 # ---- the proxier ---------------------------------------------------------------------------------
 
-def jump_input(saved_by_table, remove=False):
+# The IPVS mode (kube_proxy/ipvs.py) has chains of these names too, and these same jumps to
+# them: while its own chains are in the kernel (a restart of it runs our cleanup), cleanup()
+# leaves them to it.
+IPVS_MODE_CHAINS = ("KUBE-NODE-PORT", "KUBE-LOAD-BALANCER", "KUBE-IPVS-FILTER")
+SHARED_WITH_IPVS = {NAT: ("KUBE-SERVICES", "KUBE-POSTROUTING", "KUBE-MARK-MASQ"),
+                    FILTER: ("KUBE-FORWARD", "KUBE-PROXY-FIREWALL")}
+SHARED_JUMPS = ((FILTER, "FORWARD", '-m comment --comment "kubernetes forwarding rules" -j KUBE-FORWARD'),
+                (NAT, "PREROUTING", '-m comment --comment "kubernetes service portals" -j KUBE-SERVICES'),
+                (NAT, "OUTPUT", '-m comment --comment "kubernetes service portals" -j KUBE-SERVICES'),
+                (NAT, "POSTROUTING", '-m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING'))
+
+
+def jump_input(saved_by_table, remove=False, keep=()):
     """Restore input that adds (or removes) the jumps from the built-in chains that are
     missing (or present), and declares our base chains that don't exist yet (declaring
-    an existing chain under --noflush would flush it). Empty when nothing is needed."""
+    an existing chain under --noflush would flush it). Empty when nothing is needed.
+    keep: jumps (BUILTIN_JUMPS entries) not to remove."""
     lines = []
     base = {FILTER: FILTER_BASE, NAT: NAT_BASE}
     for table in (FILTER, NAT):
@@ -575,7 +588,7 @@ def jump_input(saved_by_table, remove=False):
             if t != table:
                 continue
             line = "-A %s %s" % (chain, text)
-            if remove and line in present:
+            if remove and line in present and (t, chain, text) not in keep:
                 body.append("-D %s %s" % (chain, text))
             elif not remove and line not in present:
                 body.append("-I %s 1 %s" % (chain, text))
@@ -709,15 +722,30 @@ class IptablesProxier:
             self._restore(text)
 
     def cleanup(self):
-        """Remove every rule and chain of ours (kube-proxy --cleanup, or a switch to another mode)."""
+        """Remove every rule and chain of ours (kube-proxy --cleanup, or a switch to another mode).
+        While the IPVS mode's chains are there, the chains and jumps it shares with us stay,
+        only our rules in them go."""
         saved = self._read_kernel()
-        text = jump_input(saved, remove=True)
+        ipvs = any(c in IPVS_MODE_CHAINS for t in (FILTER, NAT) for c in chains_in(saved[t]))
+        keep = SHARED_WITH_IPVS if ipvs else {FILTER: (), NAT: ()}
+        doomed = {t: [c for c in chains_in(saved[t]) if (c in (FILTER_BASE if t == FILTER else NAT_BASE)
+                                                          or is_our_chain(c)) and c not in keep[t]]
+                  for t in (FILTER, NAT)}
+        text = jump_input(saved, remove=True, keep=SHARED_JUMPS if ipvs else ())
+        unlink = []
+        for table in (FILTER, NAT):       # our rules in the chains that stay (they jump to doomed ones)
+            gone = set(doomed[table])
+            rules = ["-D " + line[3:] for line in saved[table].splitlines() if line.startswith("-A ")
+                     and line.split(" ", 2)[1] in keep[table] and line.rsplit(" -j ", 1)[-1].split(" ")[0] in gone]
+            if rules:
+                unlink += ["*" + table] + rules + ["COMMIT"]
+        if unlink:
+            text += "\n".join(unlink) + "\n"
         if text:
             self._restore(text)
         lines = []
         for table in (FILTER, NAT):
-            base = FILTER_BASE if table == FILTER else NAT_BASE
-            ours = [c for c in chains_in(saved[table]) if c in base or is_our_chain(c)]
+            ours = doomed[table]
             if ours:
                 lines += ["*" + table] + [":%s - [0:0]" % c for c in ours] + ["-X %s" % c for c in ours] + ["COMMIT"]
         if lines:

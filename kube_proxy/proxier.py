@@ -24,6 +24,7 @@ class Config:
     random_fully: bool = True           # MASQUERADE --random-fully
     family: int = 4
     conntrack_tcp_liberal: bool = False
+    ipvs_scheduler: str = "rr"          # --ipvs-scheduler
 
     @property
     def local_detector(self):
@@ -81,11 +82,17 @@ def clear_stale_udp_flows(sync, ipv6=False):
         return 0
 
 
-MODES = ("iptables",)
+MODES = ("iptables", "ipvs", "nftables")
 
 
 def make_proxier(mode, config):
     if mode == "iptables":
         from kube_proxy.iptables import IptablesProxier
         return IptablesProxier(config)
+    if mode == "nftables":
+        from kube_proxy.nftables import NftablesProxier
+        return NftablesProxier(config)
+    if mode == "ipvs":
+        from kube_proxy.ipvs import IpvsProxier
+        return IpvsProxier(config)
     raise ValueError("unknown proxy mode %r (have: %s)" % (mode, ", ".join(MODES)))

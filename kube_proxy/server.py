@@ -101,6 +101,17 @@ def resolve_nodeport_addresses(spec, family=4):
     return tuple(sorted(chosen, key=lambda ip: ipaddress.ip_address(ip)))
 
 
+def cleanup_other_modes(mode, config):
+    """Remove what the other proxy modes left here (a switch of --proxy-mode), as kube-proxy
+    does when it starts. Never fatal: leftovers cost unused rules, not a node without Services."""
+    for other in MODES:
+        if other != mode:
+            try:
+                make_proxier(other, config).cleanup()
+            except Exception as e:
+                log.warning("could not remove what --proxy-mode %s left: %s", other, e)
+
+
 class ProxyServer:
     """The sync loop. `source_factory(emit)` returns an object with start()/stop()."""
 
@@ -192,6 +203,8 @@ def build_parser():
                    default=True, help="NodePorts also answer on 127.0.0.1 (default true)")
     p.add_argument("--metrics-bind-address", default="127.0.0.1:10249", help='("" disables)')
     p.add_argument("--healthz-bind-address", default="0.0.0.0:10256", help='("" disables)')
+    p.add_argument("--ipvs-scheduler", default="rr",
+                   help="IPVS scheduler for --proxy-mode ipvs: rr, lc, sh, wrr, ... (default rr)")
     p.add_argument("--cleanup", action="store_true", help="remove every rule of ours and exit")
     p.add_argument("-v", "--v", dest="verbosity", type=int, default=2, help="log verbosity (kube-proxy's -v)")
     return p
@@ -215,7 +228,7 @@ def main(argv=None):
     addrs = local_addresses()
     config = Config(cluster_cidr=opts.cluster_cidr, masquerade_all=opts.masquerade_all,
                     nodeport_addresses=nodeport_ips, localhost_nodeports=opts.iptables_localhost_nodeports,
-                    node_ip=addrs[0][0] if addrs else "")
+                    node_ip=addrs[0][0] if addrs else "", ipvs_scheduler=opts.ipvs_scheduler)
     hostname = opts.hostname_override or socket.gethostname()
 
     from kube_proxy.metrics import Metrics, parse_address, serve
@@ -245,6 +258,7 @@ def main(argv=None):
                 print("podnet kube-proxy: --%s %s: %s" % (flag.replace("_", "-"), getattr(opts, flag), e),
                       file=sys.stderr)
                 return 1
+    cleanup_other_modes(opts.proxy_mode, config)
     signal.signal(signal.SIGTERM, server.stop)
     signal.signal(signal.SIGINT, server.stop)
     log.info("kube-proxy (%s mode) for node %s; cluster CIDR %s; NodePorts on %s; source %s",

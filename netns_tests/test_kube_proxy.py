@@ -1,4 +1,4 @@
-"""kube_proxy in iptables mode on a real (netns) cluster, end to end (issue 5).
+"""kube_proxy on a real (netns) cluster, end to end, in every proxy mode this kernel runs (issue 5).
 
 Two flannel (vxlan) nodes, two pods on each running podnet.echo (HTTP on
 8080 and UDP on 8081, answering with the pod's name and the client address
@@ -109,7 +109,7 @@ def services(env):
 
 
 # The same Service tests for every proxy mode this kernel can run.
-MODES = ["iptables"]
+MODES = ["iptables", "nftables"]
 
 
 @pytest.fixture(scope="module", params=MODES)
@@ -210,9 +210,30 @@ def test_pod_reaches_itself_through_its_service(env):
     assert out["errors"] == {} and out["answers"] == {"node1-a": 10}, out
 
 
+def rules_text(env, node):
+    """What the proxy mode programmed in the node's kernel, as text: nft's listing of our
+    table in nftables mode, iptables-save's nat table otherwise."""
+    if env.mode == "nftables":
+        return node.run(["nft", "list", "table", "ip", "kube-proxy"]).stdout
+    return node.run(["iptables-save", "-t", "nat"]).stdout
+
+
 def test_headless_and_external_name_services_are_ignored(env):
-    saved = env.node1.run(["iptables-save", "-t", "nat"]).stdout
+    saved = rules_text(env, env.node1)
+    assert "default/web" in saved       # named in chain names (nft) or comments (iptables)
     assert "default/headless" not in saved and "default/external-name" not in saved
+
+
+def test_nftables_mode_has_one_table_and_no_iptables_chains(env):
+    if env.mode != "nftables":
+        pytest.skip("nftables mode only")
+    for node in env.cluster.nodes:
+        ruleset = node.run(["nft", "list", "ruleset"]).stdout
+        tables = re.findall(r"^table (\S+ \S+) \{", ruleset, re.M)
+        assert tables.count("ip kube-proxy") == 1 and "ip6 kube-proxy" not in tables, tables
+        assert not re.search(r"\bKUBE-", ruleset), ruleset[:3000]     # no iptables-mode leftovers
+        ours = ruleset[ruleset.index("table ip kube-proxy {"):]
+        assert "chain nat-prerouting" in ours and "vmap @service-ips" in ours, ours[:3000]
 
 
 def test_bad_objects_are_logged_and_skipped(env):
@@ -229,7 +250,10 @@ def test_metrics_and_healthz(env):
     metrics = env.node1.run(["curl", "-sf", "http://127.0.0.1:10249/metrics"]).stdout
     count = re.search(r"^kubeproxy_sync_proxy_rules_duration_seconds_count (\d+)$", metrics, re.M)
     assert count and int(count.group(1)) >= 1, metrics
-    assert re.search(r'^kubeproxy_sync_proxy_rules_iptables_total\{table="nat"\} [1-9]\d*$', metrics, re.M)
+    if env.mode == "nftables":
+        assert re.search(r'^podnet_sync_proxy_rules_total\{table="kube-proxy"\} [1-9]\d*$', metrics, re.M), metrics
+    else:
+        assert re.search(r'^kubeproxy_sync_proxy_rules_iptables_total\{table="nat"\} [1-9]\d*$', metrics, re.M)
     last = re.search(r"^kubeproxy_sync_proxy_rules_last_timestamp_seconds (\S+)$", metrics, re.M)
     assert last and abs(float(last.group(1)) - time.time()) < 3600
     health = env.node2.run(["curl", "-s", "-w", " %{http_code}", "http://127.0.0.1:10256/healthz"]).stdout
@@ -267,8 +291,37 @@ def test_removed_endpoint_gets_no_more_traffic_after_the_sync(env):
         assert out["errors"] == {} and set(out["answers"]) == set(remaining), out
 
 
-def _rules(node):
+def _nft_rules(node):
+    return nft_lines(node.run(["nft", "list", "table", "ip", "kube-proxy"]).stdout)
+
+
+def nft_lines(listing):
+    """An nft table listing, order aside: one line per rule, chain and set header, and one
+    per set element (elements of the dynamic affinity sets, which expire, left out)."""
+    lines, where, dynamic, elements = [], None, False, None
+    for line in (raw.strip() for raw in listing.splitlines()):
+        if elements is not None:                # an element list continues over lines
+            elements += " " + line
+        elif line.startswith(("chain ", "set ", "map ")):
+            where, dynamic = line, False
+            lines.append(line)
+        elif line.startswith("flags") and "dynamic" in line:
+            dynamic = True
+        elif line.startswith("elements = {"):
+            elements = line[len("elements = {"):]
+        elif line and line != "}":
+            lines.append("%s %s" % (where, line))
+        if elements is not None and elements.endswith("}"):
+            if not dynamic:
+                lines += ["%s %s" % (where, e.strip()) for e in elements[:-1].split(",")]
+            elements = None
+    return sorted(lines)
+
+
+def _rules(node, mode="iptables"):
     """Our rules in the node's kernel, counters and order aside."""
+    if mode == "nftables":
+        return _nft_rules(node)
     lines = []
     for table in ("nat", "filter"):
         saved = node.run(["iptables-save", "-t", table]).stdout
@@ -291,7 +344,7 @@ def test_restart_keeps_running_streams_and_rules(env):
     thread = threading.Thread(target=reader, daemon=True)
     thread.start()
     wait_until(lambda: len(stamps) > 20, TIMEOUT, "the stream to flow")
-    before = {n.role: _rules(n) for n in env.cluster.nodes}
+    before = {n.role: _rules(n, env.mode) for n in env.cluster.nodes}
     restarted = time.monotonic()
     for n in env.cluster.nodes:
         env.cluster.stop_kube_proxy(n)
@@ -309,11 +362,103 @@ def test_restart_keeps_running_streams_and_rules(env):
     env.client.processes.remove(stream)
     assert stream.returncode in (-signal.SIGTERM, 0, 143), "the stream ended before we stopped it"
     assert len(during) > 50 and max(gaps) < 0.5, (len(during), max(gaps or [0]))
-    after = {n.role: _rules(n) for n in env.cluster.nodes}
+    after = {n.role: _rules(n, env.mode) for n in env.cluster.nodes}
     assert after == before
     # the new process read the rules back and found every chain as it would write it
     # (rendered text is iptables-save's canonical form): it rewrote nothing
+    # (nftables mode rewrites its table in one transaction instead: reading it back costs
+    # more than writing it)
+    written = r"full sync .*, 0 chains written" if env.mode == "iptables" else r"full sync .*, \d+ chains written"
     for n in env.cluster.nodes:
-        assert "chains differed" not in env.log(n)[logged[n.role]:], env.log(n)[logged[n.role]:]
+        assert re.search(written, env.log(n)[logged[n.role]:]), env.log(n)[logged[n.role]:]
     out = env.get(env.client, "%s:30080" % node.underlay_ip, count=10)
     assert out["errors"] == {}, out
+
+
+def _others(node):
+    """What other agents have in the node's netfilter: iptables rules not naming KUBE-
+    chains (counters aside), and the nftables tables other than ours."""
+    saved = node.run(["iptables-save"]).stdout
+    rules = sorted(re.sub(r"\[\d+:\d+\]", "", line) for line in saved.splitlines()
+                   if line.startswith(("-A", ":")) and "KUBE-" not in line)
+    tables = sorted(t for t in node.run(["nft", "list", "tables"]).stdout.splitlines() if "kube-proxy" not in t)
+    return rules, tables
+
+
+def test_cleanup_removes_everything_of_ours_and_nothing_else(env):
+    """The mode's cleanup (what `podnet kube-proxy --cleanup` runs) on node2, its proxy stopped.
+    Last in this module: node2 proxies nothing afterwards."""
+    node = env.node2
+    env.cluster.stop_kube_proxy(node)
+    before = _others(node)
+    source = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    node.run([env.cluster.python, "-c", "from kube_proxy.proxier import Config, make_proxier; "
+              "make_proxier(%r, Config()).cleanup()" % env.mode], env=dict(os.environ, PYTHONPATH=source))
+    assert "KUBE-" not in node.run(["iptables-save"]).stdout
+    assert "kube-proxy" not in node.run(["nft", "list", "tables"]).stdout
+    assert _others(node) == before
+
+
+def _random_objects(rng, drawn):
+    """Services of every kind and their slices, drawn at random: each of 8 Services keeps its
+    previous draw (in `drawn`) or, one time in four, is drawn anew (or removed)."""
+    for i in range(8):
+        if i in drawn and rng.random() < 0.75:
+            continue
+        drawn[i] = []
+        if rng.random() < 0.15:
+            continue                                    # this Service is gone (or not yet there)
+        objects = drawn[i]
+        kind = rng.choice(["ClusterIP", "NodePort", "LoadBalancer"])
+        ports = [dict(HTTP, targetPort=8080)] + ([dict(UDP)] if i % 3 == 0 else [])
+        if kind != "ClusterIP":
+            ports = [dict(p, nodePort=30000 + 10 * i + k) for k, p in enumerate(ports)]
+        lb = kind == "LoadBalancer"
+        objects.append(k8s.service(
+            "s%d" % i, "10.96.1.%d" % (i + 1), ports, type=kind,
+            external_ips=["172.30.1.%d" % i] if rng.random() < 0.3 else [],
+            load_balancer_ips=["172.30.2.%d" % i] if lb else [],
+            source_ranges=rng.choice([[], ["203.0.113.0/24", "192.168.50.0/24"]]) if lb else [],
+            external_traffic_policy=rng.choice([None, "Local"]) if kind != "ClusterIP" else None,
+            internal_traffic_policy=rng.choice([None, None, "Local"]),
+            session_affinity_timeout=rng.choice([0, 0, 60, 3600])))
+        eps = []
+        for j in range(rng.randint(0, 4)):
+            cond = rng.choice([{}, {}, {}, {"ready": False, "serving": True, "terminating": True},
+                               {"ready": False, "serving": False}])
+            eps.append(("10.244.%d.%d" % (rng.randint(1, 2), rng.randint(2, 9)), rng.choice(["node1", "node2"]),
+                        cond))
+        objects.append(k8s.endpoint_slice("s%d" % i, eps, [HTTP_EP, UDP_EP]))
+    return [obj for i in sorted(drawn) for obj in drawn[i]]
+
+
+def test_nftables_partial_syncs_leave_the_table_a_full_sync_writes(lab):
+    """In a real kernel: 25 random rounds of changes, each applied as a partial sync, leave the table
+    exactly as a fresh proxier's full sync of the same state writes it."""
+    import random
+    from kube_proxy import nftables as nk
+    from kube_proxy.tracker import ChangeTracker
+    from podnet.net.netns import entered
+
+    rng = random.Random(5)
+    config = nk.Config(cluster_cidr=("10.244.0.0/16",), node_ip="192.168.50.2")
+    partial_ns, full_ns = lab.namespace("nftpartial"), lab.namespace("nftfull")
+    tracker = ChangeTracker(hostname="node1", min_sync_period=0)
+    tracker.replace("Service", [])
+    tracker.replace("EndpointSlice", [])
+    proxier = nk.NftablesProxier(config)
+    partials, drawn = 0, {}
+    for step in range(25):
+        objects = _random_objects(rng, drawn)
+        tracker.replace("Service", [o for o in objects if o["kind"] == "Service"])
+        tracker.replace("EndpointSlice", [o for o in objects if o["kind"] == "EndpointSlice"])
+        sync = tracker.take()
+        with entered(partial_ns.path):
+            partials += not proxier.sync(sync).full
+            got = nft_lines(partial_ns.run(["nft", "list", "table", "ip", "kube-proxy"]).stdout)
+        with entered(full_ns.path):
+            nk.NftablesProxier(config).sync(sync)
+            want = nft_lines(full_ns.run(["nft", "list", "table", "ip", "kube-proxy"]).stdout)
+            full_ns.run(["nft", "delete", "table", "ip", "kube-proxy"])
+        assert got == want, (step, sorted(set(got) - set(want)), sorted(set(want) - set(got)))
+    assert partials == 24

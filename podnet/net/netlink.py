@@ -342,6 +342,14 @@ class Netlink:
             attrs += u32(IFLA_MTU, mtu)
         self._newlink(F_CREATE | F_EXCL, attrs=attrs)
 
+    def add_dummy(self, name, mtu=0):
+        """Create a dummy device (kube-proxy's kube-ipvs0 holds Service IPs on one, kept down);
+        raises NetlinkError(EEXIST) if the name is taken, EOPNOTSUPP if the kernel has no dummy."""
+        attrs = attr(IFLA_IFNAME, name) + nested(IFLA_LINKINFO, attr(IFLA_INFO_KIND, b"dummy"))
+        if mtu:
+            attrs += u32(IFLA_MTU, mtu)
+        self._newlink(F_CREATE | F_EXCL, attrs=attrs)
+
     def add_veth(self, name, peer_name, peer_netns_fd=None, mtu=0, peer_mac=None):
         """Create a veth pair here; the peer goes straight into peer_netns_fd if given."""
         peer = attr(IFLA_IFNAME, peer_name)
