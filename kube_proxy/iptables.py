@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from kube_proxy import model
 from kube_proxy.proxier import Config, SyncResult, clear_stale_udp_flows  # noqa: F401  (Config: re-exported)
-from podnet.net.iptables import quote
+from podnet.net.iptables import chain_rules, declared_chains, quote
 
 MASQ_MARK = 0x4000
 LARGE_CLUSTER_ENDPOINTS = 1000      # above: no per-endpoint comments (kube-proxy's largeClusterMode)
@@ -599,23 +599,13 @@ def jump_input(saved_by_table, remove=False, keep=()):
 
 def chains_in(saved):
     """Names of the chains an iptables-save text declares (built-in ones included)."""
-    return [line[1:].split(" ", 1)[0] for line in saved.splitlines() if line.startswith(":")]
+    return declared_chains(saved)
 
 
 def parse_saved(saved):
     """iptables-save text of one table -> {chain: (rules...)} of our chains only (the
     shape render() returns), for comparing the kernel with the desired state."""
-    chains = {}
-    for line in saved.splitlines():
-        if line.startswith(":"):
-            name = line[1:].split(" ", 1)[0]
-            if name in NAT_BASE or name in FILTER_BASE or is_our_chain(name):
-                chains[name] = []
-        elif line.startswith("-A "):
-            rules = chains.get(line[3:].split(" ", 1)[0])
-            if rules is not None:
-                rules.append(line)
-    return {name: tuple(rules) for name, rules in chains.items()}
+    return chain_rules(saved, lambda name: name in NAT_BASE or name in FILTER_BASE or is_our_chain(name))
 
 
 def rules_count(ruleset):

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from kube_proxy import model
 from kube_proxy.iptables import rule
 from kube_proxy.proxier import SyncResult, clear_stale_udp_flows
+from podnet.net.iptables import chain_rules, declared_chains
 
 log = logging.getLogger("kube_proxy.ipvs")
 
@@ -457,21 +458,11 @@ def rules_restore_input(new, old=None):
 def parse_saved(saved, table):
     """iptables-save text of one table -> {chain: (rules...)} of this mode's chains."""
     ours = NAT_CHAINS if table == NAT else FILTER_CHAINS
-    chains = {}
-    for line in saved.splitlines():
-        if line.startswith(":"):
-            name = line[1:].split(" ", 1)[0]
-            if name in ours:
-                chains[name] = []
-        elif line.startswith("-A "):
-            rules = chains.get(line[3:].split(" ", 1)[0])
-            if rules is not None:
-                rules.append(line)
-    return {name: tuple(rules) for name, rules in chains.items()}
+    return chain_rules(saved, ours.__contains__)
 
 
 def _declared(saved):
-    return {line[1:].split(" ", 1)[0] for line in saved.splitlines() if line.startswith(":")}
+    return set(declared_chains(saved))
 
 
 def jumps_input(saved_by_table):

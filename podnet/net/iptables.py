@@ -88,6 +88,27 @@ def rules_referencing(saved, chain):
     return out
 
 
+def declared_chains(saved):
+    """Names of the chains an iptables-save text of one table declares, in order (built-in ones too)."""
+    return [line[1:].split(" ", 1)[0] for line in saved.splitlines() if line.startswith(":")]
+
+
+def chain_rules(saved, wanted):
+    """iptables-save text of one table -> {chain: (rule lines...)} for the declared chains
+    whose name wanted(name) accepts (empty ones included)."""
+    chains = {}
+    for line in saved.splitlines():
+        if line.startswith(":"):
+            name = line[1:].split(" ", 1)[0]
+            if wanted(name):
+                chains[name] = []
+        elif line.startswith("-A "):
+            rules = chains.get(line[3:].split(" ", 1)[0])
+            if rules is not None:
+                rules.append(line)
+    return {name: tuple(rules) for name, rules in chains.items()}
+
+
 def chain_exists(saved, chain):
     return (":%s " % chain) in saved
 
