@@ -1,6 +1,7 @@
 """Reaching into the container's network namespace, with the CNI errors the spec asks for.
 
 Shared by the plugins that create interfaces in a container (bridge, calico):
+they also share the roll-back of a failed ADD.
 a missing netns path is "unknown container" (code 3), anything else that is
 not a usable network namespace is "invalid environment" (code 4), and a
 kernel refusal becomes code 101 with the operation named.
@@ -33,3 +34,13 @@ def container_netlink(ns_fd, path):
 
 def kernel_error(what, e):
     return CNIError(errors.KERNEL, "%s: %s" % (what, e.strerror or e))
+
+
+def roll_back(undo):
+    """Run a failed ADD's undo actions, newest first. Best effort: the caller reports the
+    original error, not a cleanup's."""
+    for action in reversed(undo):
+        try:
+            action()
+        except Exception:
+            pass

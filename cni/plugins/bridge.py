@@ -27,7 +27,7 @@ import time
 
 from cni import errors
 from cni.errors import CNIError
-from cni.container import container_netlink, kernel_error, open_container_netns
+from cni.container import container_netlink, kernel_error, open_container_netns, roll_back
 from cni.invoke import delegate
 from cni.iptables_names import chain_name
 from podnet.net import sysctl
@@ -433,11 +433,7 @@ def cmd_add(args):
     except NetlinkError as e:
         raise kernel_error("bridge ADD failed", e) from None
     finally:
-        for action in reversed(undo):
-            try:
-                action()
-            except Exception:   # best effort: report the original error, not the cleanup's
-                pass
+        roll_back(undo)
         os.close(ns_fd)
 
 

@@ -39,7 +39,7 @@ import os
 
 from cni import errors
 from cni.errors import CNIError
-from cni.container import container_netlink, kernel_error, open_container_netns
+from cni.container import container_netlink, kernel_error, open_container_netns, roll_back
 from cni.invoke import delegate
 from podnet.net import sysctl
 from podnet.net.ip import AF_INET, AF_INET6, IPNet, parse_cidr, parse_ip
@@ -281,11 +281,7 @@ def cmd_add(args):
     except NetlinkError as e:
         raise kernel_error("calico ADD failed", e) from None
     finally:
-        for action in reversed(undo):
-            try:
-                action()
-            except Exception:   # best effort: report the original error, not the cleanup's
-                pass
+        roll_back(undo)
         for sock in sockets:
             sock.close()
         os.close(ns_fd)
