@@ -27,6 +27,16 @@ requires_etcd = pytest.mark.skipif(not os.access(ETCD, os.X_OK),
                                    reason="needs etcd 3.4 at %s (Debian package etcd-server)" % ETCD)
 
 
+def wait_until(predicate, timeout, what, interval=0.05):
+    """Seconds it took for predicate() to hold; an AssertionError after `timeout`."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError("timed out after %ss waiting for %s" % (timeout, what))
+        time.sleep(interval)
+    return time.monotonic() - start
+
+
 class Capture:
     """tcpdump into a pcap file in namespace `ns` on `iface`, stopped by stop()."""
 

@@ -10,22 +10,12 @@ module, which this kernel lacks: that test runs in the full-kernel lane.
 """
 import os
 import signal
-import time
 
 import pytest
 
 from podnet.cluster import CalicoCluster, Lab
 
-from helpers import Capture
-
-
-def wait_until(predicate, timeout, what, interval=0.1):
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError("timed out after %ss waiting for %s" % (timeout, what))
-        time.sleep(interval)
-    return time.monotonic() - start
+from helpers import Capture, wait_until
 
 
 @pytest.fixture(scope="module", params=["route-reflector", "mesh", "bird-reflector"])

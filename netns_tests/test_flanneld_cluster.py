@@ -30,7 +30,7 @@ import pytest
 
 from podnet.cluster import Cluster, Lab, exec_argv
 
-from helpers import Capture, ping_many, ping_stats
+from helpers import Capture, ping_many, ping_stats, wait_until
 
 PREFIX = "/coreos.com/network"
 LEASE_ARGS = ["--subnet-lease-ttl", "20", "--subnet-lease-renew-margin", "0.25"]   # renew every ~5 s
@@ -77,16 +77,6 @@ def backends(values):
 
 
 # ---- helpers ----------------------------------------------------------------------
-
-def wait_until(predicate, timeout, what, interval=0.05):
-    """Seconds it took for predicate() to hold; fails after `timeout`."""
-    start = time.monotonic()
-    while True:
-        if predicate():
-            return time.monotonic() - start
-        if time.monotonic() - start > timeout:
-            raise AssertionError("timed out after %ss waiting for %s" % (timeout, what))
-        time.sleep(interval)
 
 
 def node_by_role(c, role):

@@ -8,7 +8,6 @@ of Service and EndpointSlice manifests (the stand-in for an API server:
 none can run here). Every request is a real TCP connection or UDP datagram
 through the node's netfilter; nothing is mocked.
 """
-import collections
 import json
 import os
 import re
@@ -22,6 +21,8 @@ import pytest
 from podnet import kubeobjects as k8s
 from podnet.cluster import Cluster, Lab
 
+from helpers import wait_until
+
 HTTP = {"name": "http", "port": 80, "targetPort": "web"}        # a named target port
 HTTP_EP = {"name": "http", "port": 8080}
 UDP = {"name": "dns", "port": 53, "targetPort": 8081, "protocol": "UDP"}
@@ -29,15 +30,6 @@ UDP_EP = {"name": "dns", "port": 8081, "protocol": "UDP"}
 EXTERNAL_IP, LB_IP = "172.30.0.10", "172.30.0.20"
 CLIENT_IP = "192.168.50.100"
 TIMEOUT = 20
-
-
-def wait_until(predicate, timeout, what, interval=0.05):
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError("timed out after %ss waiting for %s" % (timeout, what))
-        time.sleep(interval)
-    return time.monotonic() - start
 
 
 class Env:
