@@ -97,6 +97,21 @@ def parse_config(stdin, command=""):
     return conf
 
 
+_KIND_NAMES = {str: "string", bool: "boolean", int: "number", dict: "object", list: "array"}
+
+
+def conf_value(conf, key, kind, default):
+    """conf[key] if it has JSON type `kind` (null or missing: default), else the spec's
+    INVALID_NETCONF error. A boolean is not a number, as in Go's decoder."""
+    value = conf.get(key, default)
+    if value is None:
+        return default
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise CNIError(errors.INVALID_NETCONF, "failed to load netconf: %s must be a %s, not %r"
+                       % (key, _KIND_NAMES[kind], value))
+    return value
+
+
 def _only(text, allowed_extra):
     return all(c.isascii() and (c.isalnum() or c in allowed_extra) for c in text)
 

@@ -30,6 +30,7 @@ from cni.errors import CNIError
 from cni.container import container_netlink, kernel_error, open_container_netns, roll_back
 from cni.invoke import delegate
 from cni.iptables_names import chain_name
+from cni.skel import conf_value
 from podnet.net import sysctl
 from podnet.net.ip import AF_INET, AF_INET6, IPNet, parse_cidr, parse_ip
 from podnet.net.netlink import Netlink, NetlinkError
@@ -45,20 +46,20 @@ class NetConf:
     def __init__(self, args):
         c = args.conf
         self.name = c["name"]
-        self.bridge = _typed(c, "bridge", str, DEFAULT_BRIDGE)
-        self.is_default_gw = _typed(c, "isDefaultGateway", bool, False)
-        self.is_gw = _typed(c, "isGateway", bool, False) or self.is_default_gw
-        self.force_address = _typed(c, "forceAddress", bool, False)
-        self.ip_masq = _typed(c, "ipMasq", bool, False)
-        self.mtu = _typed(c, "mtu", int, 0)
-        self.hairpin = _typed(c, "hairpinMode", bool, False)
-        self.promisc = _typed(c, "promiscMode", bool, False)
-        self.vlan = _typed(c, "vlan", int, 0)
-        self.preserve_default_vlan = _typed(c, "preserveDefaultVlan", bool, True)
-        self.enable_dad = _typed(c, "enabledad", bool, False)
-        self.ipam = _typed(c, "ipam", dict, {})
-        self.ipam_type = _typed(self.ipam, "type", str, "")
-        self.dns = _typed(c, "dns", dict, {})
+        self.bridge = conf_value(c, "bridge", str, DEFAULT_BRIDGE)
+        self.is_default_gw = conf_value(c, "isDefaultGateway", bool, False)
+        self.is_gw = conf_value(c, "isGateway", bool, False) or self.is_default_gw
+        self.force_address = conf_value(c, "forceAddress", bool, False)
+        self.ip_masq = conf_value(c, "ipMasq", bool, False)
+        self.mtu = conf_value(c, "mtu", int, 0)
+        self.hairpin = conf_value(c, "hairpinMode", bool, False)
+        self.promisc = conf_value(c, "promiscMode", bool, False)
+        self.vlan = conf_value(c, "vlan", int, 0)
+        self.preserve_default_vlan = conf_value(c, "preserveDefaultVlan", bool, True)
+        self.enable_dad = conf_value(c, "enabledad", bool, False)
+        self.ipam = conf_value(c, "ipam", dict, {})
+        self.ipam_type = conf_value(self.ipam, "type", str, "")
+        self.dns = conf_value(c, "dns", dict, {})
         self.vlans = _vlan_trunk(c.get("vlanTrunk"))
         if not self.bridge or len(self.bridge) > 15 or any(ch in "/: " for ch in self.bridge):
             raise CNIError(errors.INVALID_NETCONF, "invalid bridge name %r" % self.bridge)
@@ -76,16 +77,6 @@ class NetConf:
         self.mac = (c.get("runtimeConfig") or {}).get("mac") or self.mac
         if self.mac:
             _check_mac(self.mac)
-
-
-def _typed(conf, key, kind, default):
-    value = conf.get(key, default)
-    if value is None:
-        return default
-    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
-        raise CNIError(errors.INVALID_NETCONF, "failed to load netconf: %s must be a %s, not %r"
-                       % (key, {str: "string", bool: "boolean", int: "number", dict: "object"}[kind], value))
-    return value
 
 
 def _vlan_trunk(trunk):

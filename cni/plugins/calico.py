@@ -41,6 +41,7 @@ from cni import errors
 from cni.errors import CNIError
 from cni.container import container_netlink, kernel_error, open_container_netns, roll_back
 from cni.invoke import delegate
+from cni.skel import conf_value
 from podnet.net import sysctl
 from podnet.net.ip import AF_INET, AF_INET6, IPNet, parse_cidr, parse_ip
 from podnet.net.netlink import RT_SCOPE_LINK, Netlink, NetlinkError
@@ -79,30 +80,20 @@ class NetConf:
     def __init__(self, args):
         c = args.conf
         self.name = c["name"]
-        self.mtu = _typed(c, "mtu", int, 0)
+        self.mtu = conf_value(c, "mtu", int, 0)
         if self.mtu and not 68 <= self.mtu <= 65535:
             raise CNIError(errors.INVALID_NETCONF, "invalid MTU %d (68 to 65535, or 0 for the default)" % self.mtu)
-        self.blocks_file = _typed(c, "nodeBlocksFile", str, DEFAULT_BLOCKS_FILE)
-        self.ipam = _typed(c, "ipam", dict, {})
-        self.ipam_type = _typed(self.ipam, "type", str, "")
+        self.blocks_file = conf_value(c, "nodeBlocksFile", str, DEFAULT_BLOCKS_FILE)
+        self.ipam = conf_value(c, "ipam", dict, {})
+        self.ipam_type = conf_value(self.ipam, "type", str, "")
         if not self.ipam_type:
             raise CNIError(errors.INVALID_NETCONF, "calico needs an IPAM plugin: ipam.type is missing")
-        self.dns = _typed(c, "dns", dict, {})
+        self.dns = conf_value(c, "dns", dict, {})
         subnet = self.ipam.get("subnet")
         self.use_node_block = subnet == USE_NODE_BLOCK or (
             self.ipam_type == "host-local" and not subnet and not self.ipam.get("ranges"))
         if self.use_node_block and self.ipam.get("ranges"):
             raise CNIError(errors.INVALID_NETCONF, "ipam: subnet %r and ranges cannot be used together" % subnet)
-
-
-def _typed(conf, key, kind, default):
-    value = conf.get(key, default)
-    if value is None:
-        return default
-    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
-        raise CNIError(errors.INVALID_NETCONF, "failed to load netconf: %s must be a %s, not %r"
-                       % (key, {str: "string", int: "number", dict: "object"}[kind], value))
-    return value
 
 
 def parse_blocks(text, path="blocks"):
