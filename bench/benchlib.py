@@ -10,6 +10,14 @@ import time
 from podnet.net.netns import open_netns, setns
 
 
+def bridge_config(data_dir, masq=False):
+    """The bridge + host-local config the CNI latency benches time (ours and the reference)."""
+    return {"cniVersion": "1.0.0", "name": "bench", "type": "bridge", "bridge": "cni0",
+            "isGateway": True, "ipMasq": masq,
+            "ipam": {"type": "host-local", "subnet": "10.88.0.0/16", "dataDir": data_dir,
+                     "routes": [{"dst": "0.0.0.0/0"}]}}
+
+
 def run_plugin(node_path, plugin, command, container_id, netns_path, stdin, cni_path):
     """Run one CNI plugin process inside the node netns; returns (ms, stdout).
 

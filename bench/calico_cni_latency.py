@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cni.executable import install  # noqa: E402
 from cni.fastjson import dumps  # noqa: E402
 from podnet.cluster import Lab  # noqa: E402
-from benchlib import run_plugin, summary  # noqa: E402
+from benchlib import bridge_config, run_plugin, summary  # noqa: E402
 
 REF_DIR = "/usr/lib/cni"
 
@@ -29,13 +29,6 @@ def calico_config(data_dir, blocks_file):
     return {"cniVersion": "1.0.0", "name": "bench", "type": "calico", "mtu": 1480,
             "nodeBlocksFile": blocks_file,
             "ipam": {"type": "host-local", "subnet": "useNodeBlock", "dataDir": data_dir}}
-
-
-def bridge_config(data_dir):
-    return {"cniVersion": "1.0.0", "name": "bench", "type": "bridge", "bridge": "cni0",
-            "isGateway": True, "ipMasq": False,
-            "ipam": {"type": "host-local", "subnet": "10.88.0.0/16", "dataDir": data_dir,
-                     "routes": [{"dst": "0.0.0.0/0"}]}}
 
 
 def main():

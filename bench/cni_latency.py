@@ -19,16 +19,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cni.executable import install  # noqa: E402
 from cni.fastjson import dumps  # noqa: E402
 from podnet.cluster import Lab  # noqa: E402
-from benchlib import run_plugin, summary  # noqa: E402
+from benchlib import bridge_config, run_plugin, summary  # noqa: E402
 
 REF_DIR = "/usr/lib/cni"
-
-
-def config(data_dir, masq):
-    return {"cniVersion": "1.0.0", "name": "bench", "type": "bridge", "bridge": "cni0",
-            "isGateway": True, "ipMasq": masq,
-            "ipam": {"type": "host-local", "subnet": "10.88.0.0/16", "dataDir": data_dir,
-                     "routes": [{"dst": "0.0.0.0/0"}]}}
 
 
 def main():
@@ -50,7 +43,7 @@ def main():
             "reference": (REF_DIR, lab.namespace("ref")),
         }
         for name, (bin_dir, node) in impls.items():
-            conf = dumps(config(os.path.join(lab.workdir, name), not opts.no_masq)).encode()
+            conf = dumps(bridge_config(os.path.join(lab.workdir, name), not opts.no_masq)).encode()
             impls[name] = (bin_dir, node, conf)
             results[name] = {"ADD": [], "DEL": [], "VERSION": []}
         for i in range(opts.runs):
