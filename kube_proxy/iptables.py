@@ -597,11 +597,6 @@ def jump_input(saved_by_table, remove=False, keep=()):
     return "\n".join(lines) + "\n" if lines else ""
 
 
-def chains_in(saved):
-    """Names of the chains an iptables-save text declares (built-in ones included)."""
-    return declared_chains(saved)
-
-
 def parse_saved(saved):
     """iptables-save text of one table -> {chain: (rules...)} of our chains only (the
     shape render() returns), for comparing the kernel with the desired state."""
@@ -716,9 +711,9 @@ class IptablesProxier:
         While the IPVS mode's chains are there, the chains and jumps it shares with us stay,
         only our rules in them go."""
         saved = self._read_kernel()
-        ipvs = any(c in IPVS_MODE_CHAINS for t in (FILTER, NAT) for c in chains_in(saved[t]))
+        ipvs = any(c in IPVS_MODE_CHAINS for t in (FILTER, NAT) for c in declared_chains(saved[t]))
         keep = SHARED_WITH_IPVS if ipvs else {FILTER: (), NAT: ()}
-        doomed = {t: [c for c in chains_in(saved[t]) if (c in (FILTER_BASE if t == FILTER else NAT_BASE)
+        doomed = {t: [c for c in declared_chains(saved[t]) if (c in (FILTER_BASE if t == FILTER else NAT_BASE)
                                                           or is_our_chain(c)) and c not in keep[t]]
                   for t in (FILTER, NAT)}
         text = jump_input(saved, remove=True, keep=SHARED_JUMPS if ipvs else ())
