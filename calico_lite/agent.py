@@ -17,7 +17,10 @@ Desired state from inputs, then diff, then apply: peers = f(datastore
 snapshot), routes = f(snapshot, BGP best paths); every change of either
 re-runs both reconciliations, which change nothing when nothing differs.
 
-When a session is lost, the routes learned over it are kept for
+A restarted agent adopts the routes its predecessor left in the kernel
+and keeps them until BGP says otherwise or --startup-grace passes: starting
+from an empty RIB would cut traffic for as long as the sessions take to come
+up. When a session is lost, the routes learned over it are kept for
 --route-grace seconds (traffic keeps flowing through a peer that only
 restarts its agent; the kernel datapath on that peer is intact); an explicit
 BGP withdrawal removes a route at once. SIGTERM withdraws nothing: routes and
@@ -86,7 +89,8 @@ def write_blocks_file(path, blocks):
 
 class Agent:
     def __init__(self, datastore, node_name, iface, role="node", blocks_file=DEFAULT_BLOCKS_FILE,
-                 hold_time=9, route_grace=5.0, port=179, md5_password=None, clock=time.monotonic):
+                 hold_time=9, route_grace=5.0, port=179, md5_password=None, clock=time.monotonic,
+                 startup_grace=30.0):
         self.ds = datastore
         self.node_name = node_name
         self.iface = iface
@@ -94,6 +98,7 @@ class Agent:
         self.blocks_file = blocks_file
         self.hold_time = hold_time
         self.route_grace = route_grace
+        self.startup_grace = startup_grace
         self.port = port
         self.md5_password = md5_password
         self.clock = clock
@@ -128,6 +133,21 @@ class Agent:
         else:
             log.info("route reflector %s (%s), cluster id %s", self.node_name, ip,
                      self.me.rr_cluster_id or self.me.address)
+
+    def adopt_kernel_routes(self):
+        """Hold the routes a previous run installed (see the module docstring)."""
+        from calico_lite.routes import ROUTE_PROTOCOL
+        from podnet.net.netlink import Netlink
+        from podnet.net.routes import read_routes
+        with Netlink() as nl:
+            have, _ = read_routes(nl, ROUTE_PROTOCOL)
+        expiry = self.clock() + self.startup_grace
+        with self.lock:
+            for dst, route in have.items():
+                if route.get("via") and dst not in self.learned:
+                    self.held[dst] = (route["via"], expiry)
+        if self.held:
+            log.info("holding %d routes of the previous run for up to %.0f s", len(self.held), self.startup_grace)
 
     def start_speaker(self):
         from calico_lite.bgp.speaker import Speaker
@@ -221,7 +241,7 @@ class Agent:
         now = self.clock()
         with self.lock:
             for prefix in [p for p, (_, expiry) in self.held.items() if expiry <= now]:
-                log.info("route to %s: its session stayed down for %.0f s; removing it", prefix, self.route_grace)
+                log.info("route to %s: not learned again in time; removing it", prefix)
                 del self.held[prefix]
             learned = {p: hop for p, (hop, _) in self.held.items()}
             learned.update({p: hop for p, (hop, _) in self.learned.items()})
@@ -251,6 +271,8 @@ class Agent:
 
     def run(self):
         self.register()
+        if not self.me.is_route_reflector:
+            self.adopt_kernel_routes()
         self.start_speaker()
         threading.Thread(target=self._watch_datastore, name="datastore", daemon=True).start()
         try:
@@ -292,6 +314,8 @@ def main(argv=None):
     p.add_argument("--hold-time", type=int, default=9, help="BGP hold time, seconds (default 9)")
     p.add_argument("--route-grace", type=float, default=5.0,
                    help="keep routes of a lost session this long (seconds)")
+    p.add_argument("--startup-grace", type=float, default=30.0,
+                   help="keep the previous run's routes this long unless BGP replaces them (seconds)")
     p.add_argument("--bgp-port", type=int, default=179)
     p.add_argument("--md5-password", default=None, help="TCP MD5 on every session")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -301,7 +325,7 @@ def main(argv=None):
     from calico_lite.datastore import DEFAULT_PREFIX, Datastore
     ds = Datastore(opts.etcd_endpoints.split(","), prefix=opts.etcd_prefix or DEFAULT_PREFIX)
     agent = Agent(ds, opts.node_name, opts.iface, opts.role, opts.blocks_file, opts.hold_time, opts.route_grace,
-                  opts.bgp_port, opts.md5_password)
+                  opts.bgp_port, opts.md5_password, startup_grace=opts.startup_grace)
     signal.signal(signal.SIGTERM, agent.stop)
     signal.signal(signal.SIGINT, agent.stop)
     agent.run()

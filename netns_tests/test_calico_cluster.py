@@ -84,11 +84,17 @@ def test_killed_agent_is_withdrawn_and_comes_back(cluster):
                                   for n in others), cluster.hold_time + 5, "node3's block to be withdrawn")
     # (session loss is seen at once; the agents keep the route for --route-grace 2 s)
     assert gone < cluster.hold_time + 3
+    # node3's own routes to the others stay while its agent is away and while the new
+    # one's sessions come up (it adopts them), so its pods keep answering throughout
+    held = sorted(r["dst"] for r in cluster.routes_via_bgp(node3))
+    assert len(held) == len(others), held
     cluster.start_agent(node3)
     wait_until(lambda: all(node3.underlay_ip in {r["gateway"] for r in cluster.routes_via_bgp(n)}
                            for n in others), 20, "node3's block to come back")
     matrix = cluster.ping_matrix()
     assert all(matrix.values()), [pair for pair, ok in matrix.items() if not ok]
+    with open(cluster.agent_log(node3)) as f:
+        assert "holding %d routes of the previous run" % len(others) in f.read()
 
 
 @pytest.mark.fullkernel
