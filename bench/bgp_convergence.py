@@ -31,7 +31,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from podnet.cluster import Lab  # noqa: E402
+from lab.cluster import Lab  # noqa: E402
 from podnet.net.netlink import Netlink  # noqa: E402
 
 AS = 64512

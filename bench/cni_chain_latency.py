@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cni import conflist  # noqa: E402
 from cni.executable import install  # noqa: E402
 from cni.plugins.flannel import delegate_config, parse_subnet_env  # noqa: E402
-from podnet.cluster import Lab  # noqa: E402
+from lab.cluster import Lab  # noqa: E402
 from podnet.net.netns import entered  # noqa: E402
 from benchlib import summary  # noqa: E402
 

@@ -35,8 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kube_proxy import iptables as ipt  # noqa: E402
 from kube_proxy import nftables as nft  # noqa: E402
 from kube_proxy.tracker import ChangeTracker  # noqa: E402
-from podnet import kubeobjects as k8s  # noqa: E402
-from podnet.cluster import Lab  # noqa: E402
+from lab import manifests as k8s  # noqa: E402
+from lab.cluster import Lab  # noqa: E402
 from podnet.net.netns import entered  # noqa: E402
 
 ENDPOINTS = 5

@@ -28,7 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from podnet.cluster import Lab  # noqa: E402
+from lab.cluster import Lab  # noqa: E402
 from podnet.net.netns import open_netns, setns  # noqa: E402
 
 ENDPOINTS = 5

@@ -28,7 +28,7 @@ import threading
 import time
 
 from kube_proxy.proxier import MODES, Config, make_proxier
-from kube_proxy.sources import drain
+from podnet.kube.events import drain
 
 log = logging.getLogger("kube_proxy")
 
@@ -237,12 +237,12 @@ def main(argv=None):
                             full_sync_period=opts.full_sync_period)
     metrics = Metrics(mode=opts.proxy_mode, health_timeout=max(60.0, 2 * opts.min_sync_period))
     if opts.manifests:
-        from kube_proxy.sources.manifests import ManifestSource
+        from podnet.kube.manifests import ManifestSource
 
         def source_factory(emit):
             return ManifestSource(opts.manifests, emit, interval=opts.manifests_interval)
     else:
-        from kube_proxy.sources.kubeapi import KubeApiSource
+        from podnet.kube.api import KubeApiSource
 
         def source_factory(emit):
             return KubeApiSource(emit, kubeconfig=opts.kubeconfig)

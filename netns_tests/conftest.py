@@ -10,8 +10,8 @@ import shutil
 import pytest
 
 from cni import executable
-from podnet import cluster
-from podnet.cluster import Lab
+from lab import cluster
+from lab.cluster import Lab
 
 from helpers import EtcdServer
 
@@ -81,7 +81,7 @@ def ref_bin():
 
 @pytest.fixture(scope="session")
 def run_cni():
-    """podnet.cluster.run_cni(namespace, plugin_path, command, container_id,
+    """lab.cluster.run_cni(namespace, plugin_path, command, container_id,
     netns_path, ifname, conf, cni_path, extra_env=None) -> CniOutcome."""
     return cluster.run_cni
 

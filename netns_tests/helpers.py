@@ -20,7 +20,7 @@ import urllib.request
 
 import pytest
 
-from podnet.cluster import exec_argv
+from lab.cluster import exec_argv
 
 ETCD = "/usr/bin/etcd"
 requires_etcd = pytest.mark.skipif(not os.access(ETCD, os.X_OK),

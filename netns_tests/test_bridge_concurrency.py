@@ -9,7 +9,7 @@ import os
 import subprocess
 import time
 
-from podnet.cluster import finish_cni, start_cni
+from lab.cluster import finish_cni, start_cni
 
 NETWORK = "podnet"
 BRIDGE = "cni0"

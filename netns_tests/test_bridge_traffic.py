@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from podnet.cluster import Lab
+from lab.cluster import Lab
 
 NETWORK = "podnet"
 BRIDGE = "cni0"

@@ -1,6 +1,6 @@
 """calico_lite mode end to end: BGP-routed pods, no bridge and no overlay (issue 6).
 
-podnet.cluster.CalicoCluster: etcd with the calico-lite datastore, `podnet
+lab.cluster.CalicoCluster: etcd with the calico-lite datastore, `podnet
 calico agent` on three nodes (our BGP speaker + kernel routes) and on a
 route-reflector node (or a node-to-node mesh), pods attached by the `calico`
 CNI plugin. Pods on every node reach each other through the routes the
@@ -13,7 +13,7 @@ import signal
 
 import pytest
 
-from podnet.cluster import CalicoCluster, Lab
+from lab.cluster import CalicoCluster, Lab
 
 from helpers import Capture, wait_until
 

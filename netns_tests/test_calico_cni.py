@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from podnet.cluster import Lab
+from lab.cluster import Lab
 
 BLOCK4, BLOCK6 = "10.65.0.64/26", "fd00:65::/122"
 LOOPBACK = {"cniVersion": "1.0.0", "name": "lo", "type": "loopback"}

@@ -15,7 +15,7 @@ import re
 import pytest
 
 from cni.types import SUPPORTED_VERSIONS
-from podnet.cluster import Lab
+from lab.cluster import Lab
 
 NETWORK = "badnet"
 BRIDGE = "cni0"

@@ -40,7 +40,7 @@ import time
 
 import pytest
 
-from podnet import cluster
+from lab import cluster
 
 # Devices the kernel puts in every new namespace once their module is loaded (the
 # full-kernel lane loads ipip, so pods there have a tunl0 nobody made).

@@ -1,5 +1,5 @@
 """The README's main job (`./dev demo`) end to end, small: two nodes, one pod each."""
-from podnet.demo import run_demo
+from lab.demo import run_demo
 
 
 def test_demo_cluster_pods_and_service(capsys):

@@ -28,7 +28,7 @@ from flanneld import ipmasq
 from flanneld.backend import backend_class
 from flanneld.backend.base import ExternalInterface
 from flanneld.subnet import Lease
-from podnet.cluster import Lab, exec_argv
+from lab.cluster import Lab, exec_argv
 from podnet.net.ip import AF_INET, parse_cidr, parse_ip
 from podnet.net.netlink import Netlink
 

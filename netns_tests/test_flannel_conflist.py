@@ -97,7 +97,7 @@ class Site:
 
     def cni(self, action, cid=None, *extra, check=True):
         """`podnet cni ACTION` inside the node; CompletedProcess (stdout: result or error JSON)."""
-        argv = [sys.executable, "-m", "podnet.cli", "cni", action]
+        argv = [sys.executable, "-m", "cli.main", "cni", action]
         if cid is not None:
             argv += [self.pods[cid].path, "--container-id", cid]
         argv += ["--conflist", self.conflist_path, "--cni-path", self.bin_dir, "--cache-dir", self.dir]

@@ -1,4 +1,4 @@
-"""flanneld as a cluster runs it: podnet.cluster.Cluster, end to end (issue 4).
+"""flanneld as a cluster runs it: lab.cluster.Cluster, end to end (issue 4).
 
 One etcd in its own namespace on the underlay, `python -m flanneld.daemon` in
 each of three node namespaces (--etcd-endpoints, --iface eth0, --ip-masq), and
@@ -28,7 +28,7 @@ import time
 
 import pytest
 
-from podnet.cluster import Cluster, Lab, exec_argv
+from lab.cluster import Cluster, Lab, exec_argv
 
 from helpers import Capture, ping_many, ping_stats, wait_until
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from podnet.cluster import Lab, parse_netns_list
+from lab.cluster import Lab, parse_netns_list
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -141,7 +141,7 @@ def _python(code):
 
 def test_atexit_cleans_up_a_lab_left_open():
     child = _python("""
-        from podnet.cluster import Lab
+        from lab.cluster import Lab
         lab = Lab()
         lab.node("n1", lab.underlay())
         print(lab.prefix, flush=True)
@@ -156,7 +156,7 @@ def test_teardown_stale_removes_only_dead_owners(lab):
     lab.namespace("alive")
     child = _python("""
         import os, signal, time
-        from podnet.cluster import Lab
+        from lab.cluster import Lab
         lab = Lab()
         lab.node("n1", lab.underlay())
         lab.node("n2", lab.underlay("10.9.0.0/24", name="under2"))

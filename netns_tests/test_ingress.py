@@ -8,7 +8,7 @@ One module-wide lab:
   with its own name, the path and the forwarding headers it got;
 - a manifests directory with Services, EndpointSlices, TLS Secrets (self-
   signed certificates made with openssl) and Ingresses, which the controller
-  (`python -m kube_proxy.ingress.controller --manifests ...`, started in the
+  (`python -m ingress.controller --manifests ...`, started in the
   ingress node) follows.
 
 nginx never runs outside the ingress node's namespace: the controller starts
@@ -27,7 +27,7 @@ import time
 
 import pytest
 
-from podnet.cluster import Lab
+from lab.cluster import Lab
 
 SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 20
@@ -258,7 +258,7 @@ class IngressLab:
             write_json(os.path.join(self.manifests, "ingress-%s.json" % ing["metadata"]["name"]), ing)
         with open(self.log_path, "w") as log:
             self.controller = self.node.popen(
-                [sys.executable, "-m", "kube_proxy.ingress.controller", "--manifests", self.manifests,
+                [sys.executable, "-m", "ingress.controller", "--manifests", self.manifests,
                  "--state-dir", self.state, "--poll-interval", "0.1", "--debounce", "0.05",
                  "--min-sync-interval", "0.2", "--workers", "2"],
                 stdout=log, stderr=subprocess.STDOUT, cwd=SOURCE_ROOT, env=dict(os.environ, PYTHONPATH=SOURCE_ROOT))

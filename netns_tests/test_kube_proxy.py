@@ -1,6 +1,6 @@
 """kube_proxy on a real (netns) cluster, end to end, in every proxy mode this kernel runs (issue 5).
 
-Two flannel (vxlan) nodes, two pods on each running podnet.echo (HTTP on
+Two flannel (vxlan) nodes, two pods on each running lab.echo (HTTP on
 8080 and UDP on 8081, answering with the pod's name and the client address
 they saw), an "outside" client namespace on the underlay, and
 `podnet kube-proxy --manifests DIR` on every node reading the same directory
@@ -18,8 +18,8 @@ import time
 
 import pytest
 
-from podnet import kubeobjects as k8s
-from podnet.cluster import Cluster, Lab
+from lab import manifests as k8s
+from lab.cluster import Cluster, Lab
 
 from helpers import wait_until
 
@@ -256,7 +256,7 @@ def test_metrics_and_healthz(env):
 def test_removed_udp_endpoint_gets_no_more_datagrams(env):
     """A UDP flow pinned (by conntrack) to an endpoint moves once that endpoint is removed."""
     flow = env.pod("node1-a").ns.popen(
-        [env.cluster.python, "-m", "podnet.echo", "udp", "10.96.0.16", "53", "--count", "60", "--interval", "0.05"],
+        [env.cluster.python, "-m", "lab.echo", "udp", "10.96.0.16", "53", "--count", "60", "--interval", "0.05"],
         stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
         env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     first = [flow.stdout.readline().strip() for _ in range(5)]

@@ -33,8 +33,8 @@ from kube_proxy import server
 from kube_proxy.iptables import IptablesProxier
 from kube_proxy.proxier import MODES, Config, make_proxier
 from kube_proxy.tracker import ChangeTracker
-from podnet import kubeobjects as k8s
-from podnet.cluster import Lab
+from lab import manifests as k8s
+from lab.cluster import Lab
 from podnet.net.ip import IP, AF_INET, IPNet, parse_ip
 from podnet.net.netlink import Netlink
 from podnet.net.netns import entered
@@ -102,7 +102,7 @@ def test_kube_proxy_in_ipvs_mode_on_a_kernel_without_ipvs_says_so(lab, tmp_path)
     if os.path.exists("/proc/net/ip_vs"):
         pytest.skip("this kernel has IPVS")
     ns = lab.namespace("node")
-    out = ns.run([sys.executable, "-m", "podnet.cli", "kube-proxy", "--proxy-mode", "ipvs", "--manifests",
+    out = ns.run([sys.executable, "-m", "cli.main", "kube-proxy", "--proxy-mode", "ipvs", "--manifests",
                   str(tmp_path), "--metrics-bind-address", "", "--healthz-bind-address", ""], check=False,
                  env=dict(os.environ, PYTHONPATH=ROOT), timeout=60)
     assert out.returncode == 1, out
@@ -567,7 +567,7 @@ def test_the_command_runs_in_ipvs_mode(cluster, tmp_path):
               k8s.endpoint_slice("web", [("10.244.1.2", "node1")], [HTTP_EP]))
     log = tmp_path / "kube-proxy.log"
     with open(log, "w") as f:
-        proc = ns.popen([sys.executable, "-m", "podnet.cli", "kube-proxy", "--proxy-mode", "ipvs", "--manifests",
+        proc = ns.popen([sys.executable, "-m", "cli.main", "kube-proxy", "--proxy-mode", "ipvs", "--manifests",
                          str(tmp_path), "--hostname-override", "node3", "--metrics-bind-address", "",
                          "--healthz-bind-address", ""], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
                         env=dict(os.environ, PYTHONPATH=ROOT))

@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 
-from podnet.cluster import Lab, cni_env, finish_cni, start_cni
+from lab.cluster import Lab, cni_env, finish_cni, start_cni
 
 NETWORK = "podnet"
 SUBNET4, GW4 = "10.244.1.0/24", "10.244.1.1"

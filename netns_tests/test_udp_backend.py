@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from podnet.cluster import Lab
+from lab.cluster import Lab
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NETWORK = "10.244.0.0/16"

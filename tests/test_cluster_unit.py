@@ -1,4 +1,4 @@
-"""The parts of podnet.cluster that need no root: names, addresses, argv, env."""
+"""The parts of lab.cluster that need no root: names, addresses, argv, env."""
 import ipaddress
 import json
 import os
@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 
-from podnet import cluster
-from podnet.cluster import (IFNAMSIZ, AddressPool, CommandFailed, Lab, check_role, cni_env,
+from lab import cluster
+from lab.cluster import (IFNAMSIZ, AddressPool, CommandFailed, Lab, check_role, cni_env,
                             exec_argv, lab_prefix, parse_netns_list, port_name, stale_pattern)
 
 

@@ -844,7 +844,7 @@ def test_cached_attachments_skips_what_libcni_skips(tmp_path):
 # ---- the CLI's argument handling ------------------------------------------------------------
 
 def test_cli_del_defaults_to_the_cached_capability_args(chain, tmp_path, capsys):
-    from podnet import cli
+    from cli import main as cli
     fakes, rt, cache = chain
     path = tmp_path / "l.conflist"
     path.write_text(dumps(LIST))
@@ -859,7 +859,7 @@ def test_cli_del_defaults_to_the_cached_capability_args(chain, tmp_path, capsys)
 
 
 def test_cli_reports_plugin_errors_as_cni_json(chain, tmp_path, capsys):
-    from podnet import cli
+    from cli import main as cli
     fakes, _, cache = chain
     path = tmp_path / "l.conflist"
     path.write_text(dumps(LIST))

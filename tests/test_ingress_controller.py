@@ -1,4 +1,4 @@
-"""kube_proxy.ingress.controller without root and without a real nginx.
+"""ingress.controller without root and without a real nginx.
 
 A stand-in `nginx` (a small Python script) plays the binary: `-t` accepts any
 configuration except one naming the host reject.example.com, and the
@@ -19,9 +19,9 @@ import time
 
 import pytest
 
-from kube_proxy.ingress import controller as ctl
-from kube_proxy.ingress import render
-from kube_proxy.sources import Event
+from ingress import controller as ctl
+from ingress import render
+from podnet.kube.events import Event
 from tests.test_ingress_model import be, ingress, path, rule
 
 FAKE_NGINX = textwrap.dedent("""\
@@ -293,8 +293,8 @@ def test_bad_arguments(argv, message, capsys, monkeypatch):
 
 def test_controller_follows_the_kubernetes_api(tmp_path, fake_nginx):
     """The API source with every kind the controller asks for, against recorded-format responses."""
-    from kube_proxy.sources import INGRESS_KINDS
-    from kube_proxy.sources.kubeapi import KubeApiSource
+    from podnet.kube.events import INGRESS_KINDS
+    from podnet.kube.api import KubeApiSource
     from tests.test_kube_proxy_sources import FakeApiServer
 
     def lst(kind, api, items):

@@ -1,12 +1,12 @@
-"""kube_proxy.ingress.model: parsing, class selection, Kubernetes matching semantics, backends."""
+"""ingress.model: parsing, class selection, Kubernetes matching semantics, backends."""
 import base64
 import copy
 import logging
 
 import pytest
 
-from kube_proxy.ingress import model
-from kube_proxy.ingress.model import (IngressClass, InvalidIngress, ServiceBackend, build_routes, host_matches,
+from ingress import model
+from ingress.model import (IngressClass, InvalidIngress, ServiceBackend, build_routes, host_matches,
                                       normalize_request_host, owned, parse_ingress, parse_ingress_class,
                                       parse_tls_secret, path_matches, resolve_backends)
 from kube_proxy.model import Endpoint, InvalidObject, ServicePortName

@@ -1,12 +1,12 @@
-"""kube_proxy.ingress.render: the nginx configuration, and a check that nginx's location and
+"""ingress.render: the nginx configuration, and a check that nginx's location and
 server choice (simulated here; exercised for real in netns_tests/test_ingress.py) gives
 Kubernetes' precedence as model.Routes.route defines it."""
 import re
 
 import pytest
 
-from kube_proxy.ingress import model, render
-from kube_proxy.ingress.model import Upstream
+from ingress import model, render
+from ingress.model import Upstream
 from kube_proxy.model import Endpoint, ServicePortName
 from tests.test_ingress_model import PRECEDENCE, be, ingress, path, rule, sb
 

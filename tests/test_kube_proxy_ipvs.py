@@ -8,7 +8,7 @@ from kube_proxy import ipvs as kipvs
 from kube_proxy import model
 from kube_proxy.proxier import Config, make_proxier, MODES
 from kube_proxy.tracker import ChangeTracker
-from podnet import kubeobjects as k8s
+from lab import manifests as k8s
 from podnet.net import ipvs as nipvs
 from podnet.net.ip import IPNet, parse_ip
 

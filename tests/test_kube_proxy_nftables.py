@@ -11,7 +11,7 @@ from kube_proxy import nftables as nk
 from kube_proxy import proxier as kp
 from kube_proxy.model import Endpoint, ServicePort, ServicePortName
 from kube_proxy.tracker import ChangeTracker
-from podnet import kubeobjects as k8s
+from lab import manifests as k8s
 
 NAME = ServicePortName("ns1", "svc1", "p80", "TCP")
 CFG = nk.Config(cluster_cidr=("10.244.0.0/16",))

@@ -7,7 +7,7 @@ from kube_proxy import iptables as ipt
 from kube_proxy import metrics as km
 from kube_proxy import server
 from kube_proxy.tracker import ChangeTracker
-from podnet import kubeobjects as k8s
+from lab import manifests as k8s
 from podnet.net.conntrack import Flow
 
 HTTP = {"name": "http", "port": 80, "targetPort": 8080}

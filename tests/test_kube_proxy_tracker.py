@@ -5,7 +5,7 @@ Pure: a fake clock drives time, no root, no I/O.
 import copy
 
 from kube_proxy.model import ServicePortName
-from kube_proxy.sources import Event
+from podnet.kube.events import Event
 from kube_proxy.tracker import ChangeTracker
 
 WEB = ServicePortName("default", "web", "http", "TCP")

@@ -612,7 +612,7 @@ class Cluster:
     # -- Services --
     def start_kube_proxy(self, node, manifests, extra=()):
         """`podnet kube-proxy` in the node, reading Services/EndpointSlices from `manifests`."""
-        argv = [self.python, "-m", "podnet.cli", "kube-proxy", "--manifests", manifests,
+        argv = [self.python, "-m", "cli.main", "kube-proxy", "--manifests", manifests,
                 "--manifests-interval", "0.2", "--hostname-override", node.role,
                 "--cluster-cidr", self.network, "--min-sync-period", "0.2"] + list(extra)
         with open(self.kube_proxy_log(node), "a") as log:
@@ -628,15 +628,15 @@ class Cluster:
         _stop_one(node, self.kube_proxy.pop(node.role), timeout)
 
     def start_echo(self, pod, port=8080, udp_port=8081):
-        """A server in the pod that answers with the pod's name (podnet.echo)."""
-        proc = pod.ns.popen([self.python, "-m", "podnet.echo", "serve", "--name", pod.name, "--port", str(port),
+        """A server in the pod that answers with the pod's name (lab.echo)."""
+        proc = pod.ns.popen([self.python, "-m", "lab.echo", "serve", "--name", pod.name, "--port", str(port),
                              "--udp-port", str(udp_port)], cwd=_SOURCE_ROOT,
                             env=dict(os.environ, PYTHONPATH=_SOURCE_ROOT))
         return proc
 
     def echo(self, ns, *args, timeout=60):
-        """podnet.echo's client (get/udp ...) run in namespace `ns`; its parsed JSON output."""
-        out = ns.run([self.python, "-m", "podnet.echo"] + [str(a) for a in args], timeout=timeout,
+        """lab.echo's client (get/udp ...) run in namespace `ns`; its parsed JSON output."""
+        out = ns.run([self.python, "-m", "lab.echo"] + [str(a) for a in args], timeout=timeout,
                      env=dict(os.environ, PYTHONPATH=_SOURCE_ROOT))
         return json.loads(out.stdout)
 
@@ -671,7 +671,7 @@ class Cluster:
         with open(conf_path, "w") as f:
             json.dump(self.conflist(node), f)
         cid = "%s-%s" % (self.lab.prefix, name)
-        argv = [self.python, "-m", "podnet.cli", "cni", "add", ns.path, "--conflist", conf_path,
+        argv = [self.python, "-m", "cli.main", "cni", "add", ns.path, "--conflist", conf_path,
                 "--container-id", cid, "--cni-path", self.bin_dir,
                 "--cache-dir", os.path.join(self.node_dir(node), "cache")]
         if port_mappings:
@@ -685,7 +685,7 @@ class Cluster:
 
     def remove_pod(self, pod):
         conf_path = os.path.join(self.node_dir(pod.node), "10-flannel.conflist")
-        pod.node.run([self.python, "-m", "podnet.cli", "cni", "del", pod.ns.path, "--conflist", conf_path,
+        pod.node.run([self.python, "-m", "cli.main", "cni", "del", pod.ns.path, "--conflist", conf_path,
                       "--container-id", pod.container_id, "--cni-path", self.bin_dir,
                       "--cache-dir", os.path.join(self.node_dir(pod.node), "cache")],
                      env=dict(os.environ, PYTHONPATH=_SOURCE_ROOT))
@@ -802,7 +802,7 @@ class CalicoCluster(Cluster):
         return node
 
     def start_agent(self, node, role="node", extra=()):
-        argv = [self.python, "-m", "podnet.cli", "calico", "agent", "--etcd-endpoints", self.etcd_url,
+        argv = [self.python, "-m", "cli.main", "calico", "agent", "--etcd-endpoints", self.etcd_url,
                 "--node-name", node.role, "--iface", node.underlay_if, "--role", role,
                 "--blocks-file", self.blocks_file(node), "--hold-time", str(self.hold_time),
                 "--route-grace", "2"] + list(extra)
@@ -849,7 +849,7 @@ class CalicoCluster(Cluster):
     def start_bird(self, node):
         """BIRD 2 on `node` with the configuration calico_lite renders for it from the datastore."""
         # rendered where etcd is reachable (its namespace), by the command operators use
-        text = self.etcd_ns.run([self.python, "-m", "podnet.cli", "calico", "bird-config", "--etcd-endpoints",
+        text = self.etcd_ns.run([self.python, "-m", "cli.main", "calico", "bird-config", "--etcd-endpoints",
                                  "http://127.0.0.1:%d" % self.ETCD_PORT, "--node", node.role,
                                  "--iface", node.underlay_if], env=dict(os.environ, PYTHONPATH=_SOURCE_ROOT)).stdout
         d = self.node_dir(node)

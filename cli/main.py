@@ -66,7 +66,7 @@ def _short_hash(text):
 
 
 def cmd_demo(opts):
-    from podnet.demo import run_demo
+    from lab.demo import run_demo
     return run_demo(nodes=opts.nodes, backend=opts.backend, pods_per_node=opts.pods_per_node,
                     keep=opts.keep, mode=opts.mode)
 
@@ -75,7 +75,7 @@ def cmd_demo(opts):
 DAEMONS = {
     "flanneld": "flanneld.daemon",
     "kube-proxy": "kube_proxy.server",
-    "ingress": "kube_proxy.ingress.controller",
+    "ingress": "ingress.controller",
     "calico": "calico_lite.agent",
 }
 

@@ -7,7 +7,7 @@ EndpointSlice; also Ingress, IngressClass, Secret), or a List of them
 (`kind: List`, `ServiceList`, `IngressList`, ...); other kinds are ignored.
 A missing namespace means "default", as with kubectl (IngressClasses are
 cluster-scoped: no namespace). Secrets other than type kubernetes.io/tls are
-ignored and TLS ones trimmed (kube_proxy.sources.keep); a manifest's
+ignored and TLS ones trimmed (podnet.kube.events.keep); a manifest's
 `stringData` is folded into `data` as the API server would.
 
 Watching is polling: every `interval` seconds each file's (size, mtime,
@@ -17,7 +17,7 @@ Files whose mtime is within the last two seconds are re-read even if their
 stat looks the same, because a rewrite within one timestamp tick can keep
 it; their content hash tells whether anything changed.
 
-Events (kube_proxy.sources.Event) go to `emit`: first a RELIST per kind with
+Events (podnet.kube.events.Event) go to `emit`: first a RELIST per kind with
 everything found, then ADDED / MODIFIED / DELETED per object as files change.
 A file that cannot be parsed (an editor's half-written save, a YAML error)
 keeps the objects it had before, with a warning; a bad object inside a
@@ -32,9 +32,9 @@ import os
 import threading
 import time
 
-from kube_proxy.sources import ADDED, DELETED, KINDS, MODIFIED, RELIST, RESOURCES, Event, check_kinds, keep
+from podnet.kube.events import ADDED, DELETED, KINDS, MODIFIED, RELIST, RESOURCES, Event, check_kinds, keep
 
-log = logging.getLogger("kube_proxy.sources.manifests")
+log = logging.getLogger("podnet.kube.manifests")
 
 SUFFIXES = (".yaml", ".yml", ".json")
 LIST_KINDS = dict([("List", None)] + [(res.list_kind, kind) for kind, res in RESOURCES.items()])
@@ -62,7 +62,7 @@ def parse_documents(text, name="<text>"):
 
 def objects_of(documents, name="<text>", kinds=KINDS):
     """Documents -> [(kind, object)] for objects of `kinds`, Lists unpacked, Secrets
-    filtered and trimmed (kube_proxy.sources.keep)."""
+    filtered and trimmed (podnet.kube.events.keep)."""
     out = []
 
     def visit(doc, where, list_kind=None):

@@ -1,14 +1,14 @@
 """A tiny workload for pods in demos and tests: servers that say who they are, and a client that tallies.
 
-    python -m podnet.echo serve --name NAME [--port 8080] [--udp-port 8081]
+    python -m lab.echo serve --name NAME [--port 8080] [--udp-port 8081]
         HTTP: every GET answers "NAME CLIENT_IP:PORT\\n" (the client address as the pod
         sees it, so a test can tell whether the source was kept or masqueraded);
         GET /stream sends a line every 10 ms until the client goes away.
         UDP: every datagram is answered with "NAME CLIENT_IP:PORT\\n".
-    python -m podnet.echo get URL [--count N] [--timeout S]
+    python -m lab.echo get URL [--count N] [--timeout S]
         N requests, one new TCP connection each (so each is load-balanced anew);
         prints JSON: {"answers": {NAME: n}, "sources": {CLIENT: n}, "errors": {reason: n}, "seconds": s}.
-    python -m podnet.echo udp HOST PORT [--count N] [--interval S]
+    python -m lab.echo udp HOST PORT [--count N] [--interval S]
         N datagrams from one socket (one conntrack flow); prints each answer's name ("-" for
         none) on its own line as it comes, so a test can act in the middle of the flow.
 """
@@ -104,7 +104,7 @@ def udp(host, port, count=1, interval=0.1, timeout=1.0, out=sys.stdout):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m podnet.echo")
+    p = argparse.ArgumentParser(prog="python -m lab.echo")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve")
     s.add_argument("--name", required=True)

@@ -1,4 +1,4 @@
-"""kube_proxy.sources: the manifests directory and the Kubernetes API (list + watch).
+"""podnet.kube.events: the manifests directory and the Kubernetes API (list + watch).
 
 No kube-apiserver can run on this machine (no binary, no container image, no
 network beyond package registries). The API source is therefore tested
@@ -26,9 +26,9 @@ import urllib.parse
 import pytest
 
 from kube_proxy.model import ServicePortName
-from kube_proxy.sources import Event
-from kube_proxy.sources.kubeapi import KubeApiSource
-from kube_proxy.sources.manifests import ManifestSource
+from podnet.kube.events import Event
+from podnet.kube.api import KubeApiSource
+from podnet.kube.manifests import ManifestSource
 from kube_proxy.tracker import ChangeTracker
 
 # ---------------------------------------------------------------------------------------------
@@ -126,7 +126,7 @@ def test_changes_become_added_modified_deleted(mdir):
 
 
 def test_unchanged_old_files_are_not_read_again(mdir, monkeypatch):
-    from kube_proxy.sources import manifests
+    from podnet.kube import manifests
     src = ManifestSource(str(mdir), lambda e: None)
     src.scan()
     calls = []
@@ -478,7 +478,7 @@ def test_server_errors_back_off_and_retry(api, tmp_path, caplog):
             ("json", 200, service_list([], "5")))
     events = []
     src = make_source(api, tmp_path, events, kinds=["Service"])
-    with caplog.at_level(logging.WARNING, "kube_proxy.sources.kubeapi"):
+    with caplog.at_level(logging.WARNING, "podnet.kube.api"):
         src.start()
         try:
             wait_for(lambda: events)
@@ -494,7 +494,7 @@ def test_unreachable_server_keeps_retrying_until_stopped(tmp_path, caplog):
     server.close()                          # nothing listens there any more
     events = []
     src = KubeApiSource(events.append, kubeconfig=path, backoff=(0.01, 0.02), kinds=["Service"])
-    with caplog.at_level(logging.WARNING, "kube_proxy.sources.kubeapi"):
+    with caplog.at_level(logging.WARNING, "podnet.kube.api"):
         src.start()
         wait_for(lambda: caplog.text.count("retrying") >= 2)
         src.stop()
@@ -504,7 +504,7 @@ def test_unreachable_server_keeps_retrying_until_stopped(tmp_path, caplog):
 def test_kubeapi_module_does_not_import_kubernetes_until_used():
     import subprocess
     import sys
-    code = ("import sys, kube_proxy.sources.kubeapi, kube_proxy.tracker, kube_proxy.sources.manifests; "
+    code = ("import sys, podnet.kube.api, kube_proxy.tracker, podnet.kube.manifests; "
             "print('kubernetes' in sys.modules, 'yaml' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -515,7 +515,7 @@ def test_kubeapi_module_does_not_import_kubernetes_until_used():
 # the Ingress controller's kinds: Ingress, IngressClass, TLS Secret (asked for explicitly)
 # ---------------------------------------------------------------------------------------------
 
-from kube_proxy.sources import INGRESS_KINDS, KINDS  # noqa: E402
+from podnet.kube.events import INGRESS_KINDS, KINDS  # noqa: E402
 
 CRT_B64 = "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCk1JSUIKLS0tLS1FTkQgQ0VSVElGSUNBVEUtLS0tLQo="
 KEY_B64 = "LS0tLS1CRUdJTiBQUklWQVRFIEtFWS0tLS0tCk1JSUUKLS0tLS1FTkQgUFJJVkFURSBLRVktLS0tLQo="

@@ -15,8 +15,8 @@ import os
 import re
 import time
 
-from podnet import kubeobjects as k8s
-from podnet.cluster import CalicoCluster, Cluster, Lab
+from lab import manifests as k8s
+from lab.cluster import CalicoCluster, Cluster, Lab
 
 SERVICE_IP, SERVICE_PORT, NODE_PORT, POD_PORT = "10.96.0.10", 80, 30080, 8080
 OUTSIDE_CLIENT = "192.168.50.100"

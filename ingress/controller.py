@@ -1,9 +1,9 @@
 """The Ingress controller: source events in, one nginx configured and reloaded.
 
-    python -m kube_proxy.ingress.controller --manifests DIR --state-dir DIR [...]
-    python -m kube_proxy.ingress.controller --kubeconfig FILE --state-dir DIR [...]
+    python -m ingress.controller --manifests DIR --state-dir DIR [...]
+    python -m ingress.controller --kubeconfig FILE --state-dir DIR [...]
 
-Flow: a source (kube_proxy.sources, kinds INGRESS_KINDS) emits events from
+Flow: a source (podnet.kube.events, kinds INGRESS_KINDS) emits events from
 its threads into a queue; the main thread keeps the current objects (each one
 parsed once, when it arrives: a bad Ingress is logged with its reason then,
 and skipped), and after a burst of changes has settled (`debounce`, and at
@@ -57,11 +57,12 @@ import threading
 import time
 import urllib.request
 
-from kube_proxy import model as kp_model
-from kube_proxy.ingress import model, render
-from kube_proxy.sources import DELETED, INGRESS_KINDS, RELIST, drain
+from ingress import model, render
+from podnet.kube.endpointslices import merge_endpoints, slice_info
+from podnet.kube.events import DELETED, INGRESS_KINDS, RELIST, drain
+from podnet.kube.objects import InvalidObject, object_key
 
-log = logging.getLogger("kube_proxy.ingress")
+log = logging.getLogger("ingress")
 
 
 # ---- the objects, parsed as they arrive -------------------------------------------------------
@@ -76,7 +77,7 @@ class Store:
         self.ingresses = {}         # (ns, name) -> model.Ingress
         self.invalid = {}           # (ns, name) -> reason (bad Ingresses)
         self.classes = {}           # name -> model.IngressClass
-        self.slices = {}            # (ns, name) -> kube_proxy.model.SliceInfo
+        self.slices = {}            # (ns, name) -> podnet.kube.endpointslices.SliceInfo
         self.secrets = {}           # (ns, name) -> model.TlsSecret
         self.bad_secrets = {}       # (ns, name) -> reason
 
@@ -138,13 +139,13 @@ class Store:
             if obj is not None:
                 try:
                     self.classes[key[1]] = model.parse_ingress_class(obj)
-                except kp_model.InvalidObject as e:
+                except InvalidObject as e:
                     log.warning("skipping IngressClass %s: %s", key[1], e)
         elif kind == "EndpointSlice":
             self.slices.pop(key, None)
             if obj is not None:
                 family = 6 if obj.get("addressType") == "IPv6" else 4
-                info = kp_model.slice_info(obj, family)
+                info = slice_info(obj, family)
                 if info is not None:
                     self.slices[key] = info
         elif kind == "Secret":
@@ -153,13 +154,13 @@ class Store:
             if obj is not None:
                 try:
                     self.secrets[key] = model.parse_tls_secret(obj)
-                except kp_model.InvalidObject as e:
+                except InvalidObject as e:
                     self.bad_secrets[key] = str(e)
                     log.warning("TLS Secret %s/%s is unusable: %s", key[0], key[1], e)
         return True
 
     def endpoints(self):
-        return kp_model.merge_endpoints(self.slices.values())
+        return merge_endpoints(self.slices.values())
 
 
 def _key(kind, obj):
@@ -167,7 +168,7 @@ def _key(kind, obj):
         meta = obj.get("metadata") if isinstance(obj, dict) else None
         name = meta.get("name") if isinstance(meta, dict) else None
         return ("", name) if isinstance(name, str) and name else None
-    return kp_model.object_key(obj)
+    return object_key(obj)
 
 
 # ---- files in the state directory ---------------------------------------------------------------
@@ -595,10 +596,10 @@ def parse_args(argv):
 
 def make_source(opts, emit):
     if opts.manifests:
-        from kube_proxy.sources.manifests import ManifestSource
+        from podnet.kube.manifests import ManifestSource
         return ManifestSource(opts.manifests, emit, interval=opts.poll_interval, recursive=opts.recursive,
                               kinds=INGRESS_KINDS)
-    from kube_proxy.sources.kubeapi import KubeApiSource
+    from podnet.kube.api import KubeApiSource
     return KubeApiSource(emit, kubeconfig=opts.kubeconfig, context=opts.context, kinds=INGRESS_KINDS)
 
 

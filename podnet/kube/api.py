@@ -8,7 +8,7 @@ and deserialising 10,000 Services into generated classes would cost seconds
 for nothing.
 
 Per kind asked for (default Service and EndpointSlice; also Ingress,
-IngressClass and TLS Secret, see kube_proxy.sources.RESOURCES) one thread
+IngressClass and TLS Secret, see podnet.kube.events.RESOURCES) one thread
 runs the reflector loop:
 1. list all namespaces, paged (`limit` / `continue`), and emit one RELIST
    with every object; remember the list's resourceVersion;
@@ -24,7 +24,7 @@ runs the reflector loop:
    again from the last resourceVersion, or list again if there is none.
 
 Secrets are listed and watched with the field selector type=kubernetes.io/tls
-and trimmed (kube_proxy.sources.keep) before they are emitted.
+and trimmed (podnet.kube.events.keep) before they are emitted.
 """
 import json
 import logging
@@ -32,9 +32,9 @@ import os
 import random
 import threading
 
-from kube_proxy.sources import ADDED, DELETED, MODIFIED, RELIST, RESOURCES, Event, check_kinds, keep
+from podnet.kube.events import ADDED, DELETED, MODIFIED, RELIST, RESOURCES, Event, check_kinds, keep
 
-log = logging.getLogger("kube_proxy.sources.kubeapi")
+log = logging.getLogger("podnet.kube.api")
 
 
 class Gone(Exception):

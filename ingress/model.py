@@ -5,7 +5,7 @@ v1 Service, discovery.k8s.io/v1 EndpointSlice, v1 Secret of type
 kubernetes.io/tls), routing out:
 
 - `parse_ingress` / `parse_ingress_class` / `parse_tls_secret` validate one
-  object and raise `InvalidIngress` (a kube_proxy.model.InvalidObject) with
+  object and raise `InvalidIngress` (a podnet.kube.objects.InvalidObject) with
   the field and the reason ("spec.rules[0].http.paths[1].pathType: 'Regex' is
   not Exact, Prefix or ImplementationSpecific"); `ingress_or_error` logs it.
   The controller skips a bad object and every other one keeps working.
@@ -67,10 +67,12 @@ import logging
 import re
 from dataclasses import dataclass, field
 
-from kube_proxy.model import _IANA_SVC_NAME, InvalidObject, ServicePortName, _short, object_key
-from kube_proxy.model import _get as _model_get
+from podnet.kube.endpointslices import ServicePortName
+from podnet.kube.objects import DNS_SUBDOMAIN as _DNS_SUBDOMAIN
+from podnet.kube.objects import InvalidObject, get_field, is_dns_label, is_port_name, object_key
+from podnet.kube.objects import short as _short
 
-log = logging.getLogger("kube_proxy.ingress.model")
+log = logging.getLogger("ingress.model")
 
 CONTROLLER_NAME = "podnet.io/ingress-nginx"
 CLASS_NAME = "podnet"
@@ -78,9 +80,6 @@ CLASS_ANNOTATION = "kubernetes.io/ingress.class"
 DEFAULT_CLASS_ANNOTATION = "ingressclass.kubernetes.io/is-default-class"
 PATH_TYPES = ("Exact", "Prefix", "ImplementationSpecific")
 
-_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
-_DNS_LABEL = re.compile(r"^%s$" % _LABEL)
-_DNS_SUBDOMAIN = re.compile(r"^%s(\.%s)*$" % (_LABEL, _LABEL))
 _PATH_CHARS = re.compile(r"[A-Za-z0-9/._~!$&'()*+,;=:@-]*")
 _CONTROLLER = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9._/-]+$")
 
@@ -285,9 +284,9 @@ def normalize_request_host(host):
 # ---- parsing ----------------------------------------------------------------------
 
 def _get(obj, key, where, kind=dict, required=False, default=None):
-    """kube_proxy.model's field getter, raising InvalidIngress."""
+    """The shared field getter (podnet.kube.objects), raising InvalidIngress."""
     try:
-        return _model_get(obj, key, where, kind, required, default)
+        return get_field(obj, key, where, kind, required, default)
     except InvalidIngress:
         raise
     except InvalidObject as e:
@@ -302,7 +301,7 @@ def _meta(obj, what, namespaced=True):
     namespace = ""
     if namespaced:
         namespace = _get(meta, "namespace", "metadata.", str, default="default")
-        if not _DNS_LABEL.match(namespace) or len(namespace) > 63:
+        if not is_dns_label(namespace):
             raise InvalidIngress("metadata.namespace: %s is not a valid namespace" % _short(namespace))
     if len(name) > 253 or not _DNS_SUBDOMAIN.match(name):
         raise InvalidIngress("metadata.name: %s is not a valid %s name" % (_short(name), what))
@@ -365,7 +364,7 @@ def parse_backend(backend, where):
         raise InvalidIngress("%s.service: missing (a backend needs a Service)" % where)
     svc = _get(backend, "service", where + ".", dict)
     name = _get(svc, "name", where + ".service.", str, required=True)
-    if not _DNS_LABEL.match(name) or len(name) > 63:
+    if not is_dns_label(name):
         raise InvalidIngress("%s.service.name: %s is not a valid Service name" % (where, _short(name)))
     port = _get(svc, "port", where + ".service.", dict, required=True)
     number, port_name = port.get("number"), port.get("name")
@@ -376,8 +375,7 @@ def parse_backend(backend, where):
             raise InvalidIngress("%s.service.port.number: %s is not a port number (1-65535)"
                                  % (where, _short(number)))
         return ServiceBackend("", name, number, "")
-    if not isinstance(port_name, str) or len(port_name) > 15 or not _IANA_SVC_NAME.match(port_name) \
-            or "--" in port_name or not re.search("[a-z]", port_name):
+    if not is_port_name(port_name):
         raise InvalidIngress("%s.service.port.name: %s is not a valid port name (IANA service name: "
                              "1-15 of a-z 0-9 -, a letter at least)" % (where, _short(port_name)))
     return ServiceBackend("", name, 0, port_name)
@@ -636,7 +634,7 @@ def resolve_backends(backends, services, endpoints):
     """ServiceBackends -> {ServiceBackend: Upstream}.
 
     services: {(namespace, name): Service object}; endpoints: {ServicePortName:
-    (kube_proxy.model.Endpoint, ...)} as merged from EndpointSlices. The port is
+    (podnet.kube.endpointslices.Endpoint, ...)} as merged from EndpointSlices. The port is
     found in the Service (by number or name) and its name picks the slices'
     port, as kube-proxy matches them; only ready endpoints are used."""
     out = {}
