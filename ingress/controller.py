@@ -58,9 +58,10 @@ import time
 import urllib.request
 
 from ingress import model, render
+from podnet.kube.cache import ObjectCache
 from podnet.kube.endpointslices import merge_endpoints, slice_info
-from podnet.kube.events import DELETED, INGRESS_KINDS, RELIST, drain
-from podnet.kube.objects import InvalidObject, object_key
+from podnet.kube.events import INGRESS_KINDS, RELIST, drain
+from podnet.kube.objects import InvalidObject
 
 log = logging.getLogger("ingress")
 
@@ -68,12 +69,11 @@ log = logging.getLogger("ingress")
 # ---- the objects, parsed as they arrive -------------------------------------------------------
 
 class Store:
-    """Current objects per kind, each parsed once when it arrives or changes."""
+    """Current objects per kind (the shared podnet.kube cache), each parsed once when it
+    arrives or changes."""
 
     def __init__(self, kinds=INGRESS_KINDS):
-        self.kinds = tuple(kinds)
-        self.listed = set()
-        self.raw = {kind: {} for kind in self.kinds}       # kind -> key -> object
+        self.objects = ObjectCache(kinds)
         self.ingresses = {}         # (ns, name) -> model.Ingress
         self.invalid = {}           # (ns, name) -> reason (bad Ingresses)
         self.classes = {}           # name -> model.IngressClass
@@ -84,47 +84,22 @@ class Store:
     @property
     def ready(self):
         """Every kind has been listed once: a sync before that would drop what is not there yet."""
-        return self.listed.issuperset(self.kinds)
+        return self.objects.ready
 
     @property
     def services(self):
-        return self.raw.get("Service", {})
+        return dict(self.objects.items("Service")) if "Service" in self.objects.kinds else {}
 
     def apply(self, event):
-        """One sources.Event -> True if anything changed."""
-        kind = event.kind
-        if kind not in self.raw:
-            return False
-        if event.type == RELIST:
-            first = kind not in self.listed
-            self.listed.add(kind)
-            keyed = {}
-            for obj in event.obj:
-                key = _key(kind, obj)
-                if key is not None:
-                    keyed[key] = obj
-            changed = False
-            for key in [k for k in self.raw[kind] if k not in keyed]:
-                changed |= self._set(kind, key, None)
-            for key, obj in keyed.items():
-                changed |= self._set(kind, key, obj)
-            return changed or first         # the first list of a kind counts as a change
-        key = _key(kind, event.obj)
-        if key is None:
-            log.warning("ignoring a %s without metadata.name", kind)
-            return False
-        return self._set(kind, key, None if event.type == DELETED else event.obj)
+        """One podnet.kube Event -> True if anything changed (the first list of a kind counts)."""
+        first = event.type == RELIST and event.kind in self.objects.kinds \
+            and event.kind not in self.objects.listed
+        changes = self.objects.apply(event)
+        for change in changes:
+            self._parse(change.kind, change.key, change.new)
+        return bool(changes) or first
 
-    def _set(self, kind, key, obj):
-        raw = self.raw[kind]
-        if obj is None:
-            if key not in raw:
-                return False
-            del raw[key]
-        else:
-            if raw.get(key) == obj:
-                return False
-            raw[key] = obj
+    def _parse(self, kind, key, obj):
         if kind == "Ingress":
             self.ingresses.pop(key, None)
             self.invalid.pop(key, None)
@@ -157,18 +132,9 @@ class Store:
                 except InvalidObject as e:
                     self.bad_secrets[key] = str(e)
                     log.warning("TLS Secret %s/%s is unusable: %s", key[0], key[1], e)
-        return True
 
     def endpoints(self):
         return merge_endpoints(self.slices.values())
-
-
-def _key(kind, obj):
-    if kind == "IngressClass":
-        meta = obj.get("metadata") if isinstance(obj, dict) else None
-        name = meta.get("name") if isinstance(meta, dict) else None
-        return ("", name) if isinstance(name, str) and name else None
-    return object_key(obj)
 
 
 # ---- files in the state directory ---------------------------------------------------------------

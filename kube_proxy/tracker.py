@@ -1,7 +1,8 @@
 """The change tracker: events in, one sync's worth of work out.
 
-Sources (sources/) emit Service and EndpointSlice events; the tracker keeps
-the current objects' models (kube_proxy.model) and the set of service ports
+Sources (podnet/kube) emit Service and EndpointSlice events; the tracker keeps
+the current objects' models (kube_proxy.model) in the shared object cache
+(podnet/kube/cache.py) and the set of service ports
 that may have changed. A proxier asks `next_sync_at()` when to run and
 `take()` for a `Sync`: the whole desired state (to render) plus exactly the
 service ports whose ServicePort or endpoints differ from the previous sync
@@ -20,14 +21,24 @@ Pure and single-threaded: no I/O, no threads, time from an injected clock.
 Sources that run in threads hand their events over through a queue that the
 sync loop drains into `apply()`.
 """
+from __future__ import annotations
+
 import logging
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 from kube_proxy import model
+from podnet.kube.cache import Change, ObjectCache, resource_key
+from podnet.kube.events import ADDED, DELETED, MODIFIED, RELIST, Event
 
 log = logging.getLogger("kube_proxy.tracker")
+
+Key = tuple[str, str]
+SPN = model.ServicePortName
+Endpoints = tuple[model.Endpoint, ...]
 
 
 @dataclass(frozen=True)
@@ -36,118 +47,104 @@ class Sync:
     changed; absent: removed). `previous`: {name: (ServicePort or None, endpoints)} as of
     the sync before, for each changed name."""
     state: model.ProxyState
-    changed: frozenset
+    changed: frozenset[model.ServicePortName]
     full: bool
     reason: str = ""
-    previous: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+    previous: MappingProxyType[model.ServicePortName, tuple[model.ServicePort | None, tuple[model.Endpoint, ...]]] \
+        = field(default_factory=lambda: MappingProxyType({}))
 
     @property
-    def empty(self):
+    def empty(self) -> bool:
         return not self.full and not self.changed
 
 
 class ChangeTracker:
-    def __init__(self, family=4, hostname=None, min_sync_period=1.0, full_sync_period=3600.0,
-                 clock=time.monotonic):
+    def __init__(self, family: int = 4, hostname: str | None = None, min_sync_period: float = 1.0,
+                 full_sync_period: float = 3600.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.family = family
         self.hostname = hostname
         self.min_sync_period = float(min_sync_period)
         self.full_sync_period = float(full_sync_period)
         self.clock = clock
-        self._services = {}         # (ns, name) -> {ServicePortName: ServicePort}
-        self._slices = {}           # (ns, slice name) -> SliceInfo
-        self._by_service = {}       # (ns, service) -> {slice key}
-        self._service_eps = {}      # (ns, service) -> {ServicePortName: (Endpoint, ...)}
-        self._ports = {}            # ServicePortName -> ServicePort (current)
-        self._endpoints = {}        # ServicePortName -> (Endpoint, ...) (current, Service or not)
-        self._dirty = set()
-        self._synced_ports = {}     # as handed out by the previous take()
-        self._synced_eps = {}
+        # (ns, name) -> a Service's {ServicePortName: ServicePort}, or a slice's SliceInfo
+        self._objects = ObjectCache(("Service", "EndpointSlice"), self._parse)
+        self._by_service: dict[Key, set[Key]] = {}          # (ns, service) -> {slice key}
+        self._service_eps: dict[Key, dict[SPN, Endpoints]] = {}
+        self._ports: dict[SPN, model.ServicePort] = {}      # current
+        self._endpoints: dict[SPN, Endpoints] = {}          # current, Service or not
+        self._dirty: set[SPN] = set()
+        self._synced_ports: dict[SPN, model.ServicePort] = {}   # as handed out by the previous take()
+        self._synced_eps: dict[SPN, Endpoints] = {}
         self._listed = {"Service": False, "EndpointSlice": False}
-        self._last_sync = None
-        self._last_full = None
-        self._full_reason = "first sync"
+        self._last_sync: float | None = None
+        self._last_full: float | None = None
+        self._full_reason: str | None = "first sync"
 
     # ---- state ----
 
     @property
-    def ready(self):
+    def ready(self) -> bool:
         """Both Services and EndpointSlices have been listed once."""
         return all(self._listed.values())
 
-    def service_count(self):
-        return len(self._services)
+    def service_count(self) -> int:
+        return sum(1 for ports in self._objects.values("Service") if ports)
 
-    def slice_count(self):
-        return len(self._slices)
+    def slice_count(self) -> int:
+        return sum(1 for info in self._objects.values("EndpointSlice") if info is not None)
 
     # ---- events ----
 
-    def apply(self, event):
-        """One sources.Event. Unknown kinds or types are logged and ignored."""
-        kind, etype, obj = event.kind, event.type, event.obj
+    def apply(self, event: Event) -> None:
+        """One podnet.kube Event. Unknown kinds or types are logged and ignored."""
+        kind, etype = event.kind, event.type
         if kind not in self._listed:
             log.debug("ignoring event for kind %s", kind)
-        elif etype == "RELIST":
-            self.replace(kind, obj)
-        elif etype in ("ADDED", "MODIFIED"):
-            (self.update_service if kind == "Service" else self.update_slice)(obj)
-        elif etype == "DELETED":
-            (self.delete_service if kind == "Service" else self.delete_slice)(obj)
-        else:
+            return
+        if etype not in (ADDED, MODIFIED, DELETED, RELIST):
             log.warning("ignoring %s event of unknown type %r", kind, etype)
-
-    def update_service(self, obj):
-        key = model.object_key(obj)
-        if key is None:
-            model.service_ports(obj, self.family)      # logs the reason
             return
-        self._set_service(key, model.service_ports(obj, self.family))
+        for change in self._objects.apply(event):
+            self._changed(change)
+        if etype == RELIST:
+            self._listed[kind] = True
 
-    def delete_service(self, obj_or_key):
-        key = obj_or_key if isinstance(obj_or_key, tuple) else model.object_key(obj_or_key)
-        if key is not None:
-            self._set_service(key, {})
-
-    def update_slice(self, obj):
-        key = model.object_key(obj)
-        if key is None:
-            model.slice_info(obj, self.family, self.hostname)
-            return
-        self._set_slice(key, model.slice_info(obj, self.family, self.hostname))
-
-    def delete_slice(self, obj_or_key):
-        key = obj_or_key if isinstance(obj_or_key, tuple) else model.object_key(obj_or_key)
-        if key is not None:
-            self._set_slice(key, None)
-
-    def replace(self, kind, objs):
-        """A complete list of `kind` (after a list or re-list): what is not in it is deleted."""
-        keyed = {}
-        for obj in objs:
-            key = model.object_key(obj)
-            if key is None:
-                log.warning("skipping %s without a name in a list", kind)
-                continue
-            keyed[key] = obj
+    def _parse(self, kind: str, obj: Any) -> Any:
+        """What the cache keeps of an object: a Service's ports ({} if unusable), a slice's
+        SliceInfo (None if unusable). Bad objects are logged by the model."""
         if kind == "Service":
-            for key in [k for k in self._services if k not in keyed]:
-                self._set_service(key, {})
-            for key, obj in keyed.items():
-                self._set_service(key, model.service_ports(obj, self.family))
-        else:
-            for key in [k for k in self._slices if k not in keyed]:
-                self._set_slice(key, None)
-            for key, obj in keyed.items():
-                self._set_slice(key, model.slice_info(obj, self.family, self.hostname))
-        self._listed[kind] = True
+            return model.service_ports(obj, self.family)
+        return model.slice_info(obj, self.family, self.hostname)
 
-    def _set_service(self, key, ports):
-        old = self._services.get(key, {})
-        if ports:
-            self._services[key] = ports
+    def _changed(self, change: Change[Any]) -> None:
+        if change.kind == "Service":
+            self._set_service(change.key, change.old or {}, change.new or {})
         else:
-            self._services.pop(key, None)
+            self._set_slice(change.key, change.old, change.new)
+
+    def update_service(self, obj: dict[str, Any]) -> None:
+        self.apply(Event(MODIFIED, "Service", obj))
+
+    def delete_service(self, obj_or_key: dict[str, Any] | tuple[str, str]) -> None:
+        self._delete("Service", obj_or_key)
+
+    def update_slice(self, obj: dict[str, Any]) -> None:
+        self.apply(Event(MODIFIED, "EndpointSlice", obj))
+
+    def delete_slice(self, obj_or_key: dict[str, Any] | tuple[str, str]) -> None:
+        self._delete("EndpointSlice", obj_or_key)
+
+    def _delete(self, kind: str, obj_or_key: dict[str, Any] | tuple[str, str]) -> None:
+        key = obj_or_key if isinstance(obj_or_key, tuple) else resource_key(kind, obj_or_key)
+        change = self._objects.delete(kind, key) if key is not None else None
+        if change is not None:
+            self._changed(change)
+
+    def replace(self, kind: str, objs: Iterable[dict[str, Any]]) -> None:
+        """A complete list of `kind` (after a list or re-list): what is not in it is deleted."""
+        self.apply(Event(RELIST, kind, list(objs)))
+
+    def _set_service(self, key, old, ports):
         for spn in old.keys() | ports.keys():
             new = ports.get(spn)
             if old.get(spn) != new:
@@ -157,25 +154,22 @@ class ChangeTracker:
                 else:
                     self._ports[spn] = new
 
-    def _set_slice(self, key, info):
-        old = self._slices.get(key)
-        if old == info:
-            return
+    def _set_slice(self, key, old, info):
         services = set()
         if old is not None:
             services.add((old.namespace, old.service))
             self._by_service[(old.namespace, old.service)].discard(key)
-        if info is None:
-            self._slices.pop(key, None)
-        else:
-            self._slices[key] = info
+        if info is not None:
             services.add((info.namespace, info.service))
             self._by_service.setdefault((info.namespace, info.service), set()).add(key)
         for service in services:
             keys = self._by_service.get(service, set())
             if not keys:
                 self._by_service.pop(service, None)
-            merged = model.merge_endpoints([self._slices[k] for k in sorted(keys)])
+            # the cache holds the event's final state already: a slice of this Service
+            # deleted by the same RELIST but not yet unindexed is simply gone
+            merged = model.merge_endpoints([info for info in (self._objects.get("EndpointSlice", k)
+                                                              for k in sorted(keys)) if info is not None])
             before = self._service_eps.get(service, {})
             if merged:
                 self._service_eps[service] = merged
@@ -192,22 +186,22 @@ class ChangeTracker:
 
     # ---- syncing ----
 
-    def request_full_sync(self, reason="requested"):
+    def request_full_sync(self, reason: str = "requested") -> None:
         if self._full_reason is None:
             self._full_reason = reason
 
-    def sync_failed(self, reason="previous sync failed"):
+    def sync_failed(self, reason: str = "previous sync failed") -> None:
         """The last Sync could not be applied: the next one is full."""
         self._full_reason = reason
 
-    def _full_due(self, now):
+    def _full_due(self, now: float) -> str | None:
         if self._full_reason is not None:
             return self._full_reason
         if self._last_full is not None and now - self._last_full >= self.full_sync_period:
             return "periodic full sync"
         return None
 
-    def next_sync_at(self, now=None):
+    def next_sync_at(self, now: float | None = None) -> float | None:
         """When the next sync should run (a clock value; <= now: at once), or None: nothing to do."""
         now = self.clock() if now is None else now
         if not self.ready:
@@ -219,12 +213,12 @@ class ChangeTracker:
             return max(earliest, self._last_full + self.full_sync_period)
         return None
 
-    def due(self, now=None):
+    def due(self, now: float | None = None) -> bool:
         now = self.clock() if now is None else now
         when = self.next_sync_at(now)
         return when is not None and when <= now
 
-    def take(self, now=None):
+    def take(self, now: float | None = None) -> Sync:
         """The Sync to apply now; resets the change set. Call when due() (or to force one)."""
         now = self.clock() if now is None else now
         full_reason = self._full_due(now)

@@ -295,7 +295,7 @@ def test_controller_follows_the_kubernetes_api(tmp_path, fake_nginx):
     """The API source with every kind the controller asks for, against recorded-format responses."""
     from podnet.kube.events import INGRESS_KINDS
     from podnet.kube.api import KubeApiSource
-    from tests.test_kube_proxy_sources import FakeApiServer
+    from tests.test_kube_sources import FakeApiServer
 
     def lst(kind, api, items):
         return ("json", 200, {"kind": kind + "List", "apiVersion": api, "metadata": {"resourceVersion": "7"},

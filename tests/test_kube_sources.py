@@ -603,7 +603,7 @@ def test_manifests_ingress_kinds(mdir):
 
 def test_unknown_kinds_are_refused():
     with pytest.raises(ValueError, match="unknown kind"):
-        ManifestSource("/nowhere", lambda e: None, kinds=["Service", "Pod"])
+        ManifestSource("/nowhere", lambda e: None, kinds=["Service", "Gateway"])
     with pytest.raises(ValueError, match="unknown kind"):
         KubeApiSource(lambda e: None, api_client=object(), kinds=["Gateway"])
     assert KubeApiSource(lambda e: None, api_client=object()).kinds == KINDS

@@ -26,15 +26,25 @@ runs the reflector loop:
 Secrets are listed and watched with the field selector type=kubernetes.io/tls
 and trimmed (podnet.kube.events.keep) before they are emitted.
 """
+from __future__ import annotations
+
 import json
 import logging
 import os
 import random
 import threading
+from typing import Any
 
-from podnet.kube.events import ADDED, DELETED, MODIFIED, RELIST, RESOURCES, Event, check_kinds, keep
+from podnet.kube.events import ADDED, DELETED, MODIFIED, RELIST, RESOURCES, Emit, Event, check_kinds, keep
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
 
 log = logging.getLogger("podnet.kube.api")
+
+Objects = list[dict[str, Any]]
+Threads = list[threading.Thread]
 
 
 class Gone(Exception):
@@ -45,7 +55,7 @@ class WatchError(Exception):
     pass
 
 
-def make_api_client(kubeconfig=None, context=None):
+def make_api_client(kubeconfig: str | None = None, context: str | None = None) -> Any:
     """A kubernetes.client.ApiClient: in-cluster config when running in a Pod and no
     kubeconfig is given, else the kubeconfig (default ~/.kube/config or $KUBECONFIG)."""
     from kubernetes import client, config
@@ -57,7 +67,7 @@ def make_api_client(kubeconfig=None, context=None):
     return client.ApiClient(configuration)
 
 
-def _iter_lines(resp, chunk=65536):
+def _iter_lines(resp: Any, chunk: int = 65536) -> Iterator[bytes]:
     """Lines of a streamed (chunked) response body, as bytes."""
     buf = b""
     for data in resp.stream(chunk, decode_content=True):
@@ -74,8 +84,10 @@ def _iter_lines(resp, chunk=65536):
 
 
 class KubeApiSource:
-    def __init__(self, emit, api_client=None, kubeconfig=None, context=None, page_size=500,
-                 watch_timeout=(300, 600), connect_timeout=10, backoff=(0.8, 30.0), kinds=None):
+    def __init__(self, emit: Emit, api_client: Any = None, kubeconfig: str | None = None,
+                 context: str | None = None, page_size: int = 500,
+                 watch_timeout: tuple[float, float] = (300, 600), connect_timeout: float = 10,
+                 backoff: tuple[float, float] = (0.8, 30.0), kinds: Iterable[str] | None = None) -> None:
         self.emit = emit
         self._client = api_client
         self.kubeconfig, self.context = kubeconfig, context
@@ -84,28 +96,28 @@ class KubeApiSource:
         self.connect_timeout = connect_timeout
         self.backoff = backoff
         self.kinds = check_kinds(kinds)
-        self.resource_versions = {}                 # kind -> last resourceVersion seen
+        self.resource_versions: dict[str, str | None] = {}   # kind -> last resourceVersion seen
         self.relists = {kind: 0 for kind in self.kinds}
         self._stop = threading.Event()
-        self._responses = {}
+        self._responses: dict[str, Any] = {}
         self._lock = threading.Lock()
-        self._threads = []
+        self._threads: Threads = []
 
     # ---- the API calls ----
 
     @property
-    def client(self):
+    def client(self) -> Any:
         with self._lock:                        # one client for every kind's thread
             if self._client is None:
                 self._client = make_api_client(self.kubeconfig, self.context)
             return self._client
 
-    def _func(self, kind):
+    def _func(self, kind: str) -> Any:
         import kubernetes.client
         res = RESOURCES[kind]
         return getattr(getattr(kubernetes.client, res.api_class)(self.client), res.list_func)
 
-    def _call(self, kind, **kw):
+    def _call(self, kind: str, **kw: Any) -> Any:
         from kubernetes.client.rest import ApiException
         if RESOURCES[kind].field_selector:
             kw["field_selector"] = RESOURCES[kind].field_selector
@@ -116,10 +128,11 @@ class KubeApiSource:
                 raise Gone(_status_message(e.body) or "410 Gone") from None
             raise
 
-    def list(self, kind):
+    def list(self, kind: str) -> tuple[Objects, str | None]:
         """Every object of `kind` (paged) -> (objects, resourceVersion)."""
         api_version = RESOURCES[kind].api_version
-        items, token = [], None
+        items: Objects = []
+        token = None
         while True:
             kw = {"limit": self.page_size, "_request_timeout": (self.connect_timeout, 120)}
             if token:
@@ -141,7 +154,7 @@ class KubeApiSource:
             if not token:
                 return items, meta.get("resourceVersion")
 
-    def watch(self, kind, resource_version):
+    def watch(self, kind: str, resource_version: str | None) -> str | None:
         """Follow one watch from resource_version until the server ends it; returns the last
         resourceVersion. Raises Gone on 410, WatchError on other error events."""
         low, high = self.watch_timeout
@@ -189,9 +202,9 @@ class KubeApiSource:
 
     # ---- the reflector loop ----
 
-    def reflect(self, kind):
+    def reflect(self, kind: str) -> None:
         """List, then watch for ever (until stop()), re-listing on 410 and backing off on errors."""
-        rv = None
+        rv: str | None = None
         delay = self.backoff[0]
         while not self._stop.is_set():
             try:
@@ -213,14 +226,14 @@ class KubeApiSource:
                 self._stop.wait(delay)
                 delay = min(delay * 2, self.backoff[1])
 
-    def start(self):
+    def start(self) -> Threads:
         for kind in self.kinds:
             thread = threading.Thread(target=self.reflect, args=(kind,), name="watch-" + kind, daemon=True)
             thread.start()
             self._threads.append(thread)
         return self._threads
 
-    def stop(self, timeout=5):
+    def stop(self, timeout: float = 5) -> None:
         """Stop the loops; a watch blocked on a quiet stream is shut down."""
         self._stop.set()
         with self._lock:
@@ -238,18 +251,18 @@ class KubeApiSource:
             thread.join(timeout)
 
 
-def _plural(kind):
+def _plural(kind: str) -> str:
     return kind + ("es" if kind.endswith("s") else "s")
 
 
-def _status_message(body):
+def _status_message(body: Any) -> str | None:
     try:
         return json.loads(body).get("message")
     except (TypeError, ValueError, AttributeError):
         return None
 
 
-def _describe(e):
+def _describe(e: BaseException) -> str:
     status = getattr(e, "status", None)
     if status:
         return "HTTP %s %s" % (status, _status_message(getattr(e, "body", None)) or getattr(e, "reason", ""))

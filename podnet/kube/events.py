@@ -1,5 +1,6 @@
-"""Where Kubernetes objects come from: the Kubernetes API (kubeapi.py) or a
-directory of manifests (manifests.py). Both emit the same `Event`s.
+"""What the sources of Kubernetes objects emit: the Kubernetes API (api.py) and a
+directory of manifests (manifests.py) both emit the same `Event`s, and both are a
+`Source` to their consumer, which keeps what they emit in an `ObjectCache` (cache.py).
 
 Event types: "ADDED", "MODIFIED", "DELETED" carry one object; "RELIST"
 carries every object of that kind (a complete list: anything not in it is
@@ -8,7 +9,8 @@ watch). Objects are the plain dicts of the Kubernetes JSON shapes.
 
 A consumer names the kinds it wants. kube-proxy wants `KINDS` (Services and
 EndpointSlices, the default); the Ingress controller wants `INGRESS_KINDS`
-(those plus Ingresses, IngressClasses and TLS Secrets). `RESOURCES` says
+(those plus Ingresses, IngressClasses and TLS Secrets); NetworkPolicies, Pods,
+Namespaces and Nodes are there for the agents that need them. `RESOURCES` says
 where each kind lives in the API.
 
 Secrets are the one kind filtered and trimmed at the source (`keep`): only
@@ -20,8 +22,16 @@ the whole Secret in clear), labels, managedFields, ca.crt and any other data
 are dropped, so no more secret material than needed stays in memory or
 reaches a log.
 """
+from __future__ import annotations
+
 import base64
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import queue
+    from collections.abc import Iterable
 
 KINDS = ("Service", "EndpointSlice")        # the default: what kube-proxy asks for
 INGRESS_KINDS = ("Service", "EndpointSlice", "Ingress", "IngressClass", "Secret")
@@ -49,16 +59,35 @@ RESOURCES = {
                              "IngressClassList", False),
     "Secret": Resource("CoreV1Api", "list_secret_for_all_namespaces", "v1", "SecretList", True,
                        "type=" + TLS_SECRET_TYPE),
+    # for the NetworkPolicy agent and flanneld's Kubernetes subnet manager
+    "NetworkPolicy": Resource("NetworkingV1Api", "list_network_policy_for_all_namespaces",
+                              "networking.k8s.io/v1", "NetworkPolicyList", True),
+    "Pod": Resource("CoreV1Api", "list_pod_for_all_namespaces", "v1", "PodList", True),
+    "Namespace": Resource("CoreV1Api", "list_namespace", "v1", "NamespaceList", False),
+    "Node": Resource("CoreV1Api", "list_node", "v1", "NodeList", False),
 }
 
 
 class Event(NamedTuple):
     type: str           # ADDED | MODIFIED | DELETED | RELIST
     kind: str           # Service | EndpointSlice | Ingress | IngressClass | Secret
-    obj: object         # the object; for RELIST, the list of all objects of `kind`
+    obj: Any            # the object (a dict); for RELIST, the list of all objects of `kind`
 
 
-def check_kinds(kinds):
+Emit = Callable[[Event], None]      # where a source hands its events (a queue's put, a list's append)
+
+
+class Source(Protocol):
+    """What every source (api.py, manifests.py) is to its consumer: started once, it emits
+    Events from its own thread(s) until stopped."""
+    kinds: tuple[str, ...]
+
+    def start(self) -> object: ...
+
+    def stop(self, timeout: float = 5) -> None: ...
+
+
+def check_kinds(kinds: Iterable[str] | None) -> tuple[str, ...]:
     """The kinds a consumer asked for, as a tuple (default KINDS); unknown ones are an error."""
     kinds = tuple(kinds) if kinds else KINDS
     unknown = [k for k in kinds if k not in RESOURCES]
@@ -67,7 +96,7 @@ def check_kinds(kinds):
     return kinds
 
 
-def keep(kind, obj):
+def keep(kind: str, obj: Any) -> Any:
     """The object as a consumer gets it, or None when the source drops it (a Secret not of
     type kubernetes.io/tls). Objects of other kinds pass unchanged."""
     if kind != "Secret":
@@ -77,13 +106,13 @@ def keep(kind, obj):
     return trim_secret(obj)
 
 
-def trim_secret(obj):
+def trim_secret(obj: dict[str, Any]) -> dict[str, Any]:
     """Only what serving a certificate needs (see the module's docstring). A manifest's
     stringData is folded into data as the API server does (base64)."""
-    meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+    meta: dict[str, Any] = obj["metadata"] if isinstance(obj.get("metadata"), dict) else {}
     out_meta = {k: meta[k] for k in ("name", "namespace", "resourceVersion", "uid", "creationTimestamp")
                 if k in meta}
-    data = {}
+    data: dict[str, str] = {}
     src = obj.get("data")
     if isinstance(src, dict):
         data.update((k, src[k]) for k in TLS_KEYS if k in src)
@@ -97,7 +126,7 @@ def trim_secret(obj):
     return out
 
 
-def drain(events, timeout, handle):
+def drain(events: queue.Queue[Event], timeout: float, handle: Callable[[Event], object]) -> None:
     """Wait up to `timeout` s for one event on queue `events`, then hand it and every
     event already queued behind it to handle(event): what sources emitted from their
     threads reaches the single-threaded consumer in order, a burst at a time."""

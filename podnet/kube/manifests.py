@@ -25,14 +25,23 @@ good file is the model's business (logged and skipped there). When two
 files define the same object, the one whose path sorts last wins, with a
 warning.
 """
+from __future__ import annotations
+
 import hashlib
 import json
 import logging
 import os
 import threading
 import time
+from typing import Any
 
-from podnet.kube.events import ADDED, DELETED, KINDS, MODIFIED, RELIST, RESOURCES, Event, check_kinds, keep
+from podnet.kube.events import ADDED, DELETED, KINDS, MODIFIED, RELIST, RESOURCES, Emit, Event, check_kinds, keep
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
+Key = tuple[str, str, str]          # (kind, namespace, name)
 
 log = logging.getLogger("podnet.kube.manifests")
 
@@ -41,12 +50,12 @@ LIST_KINDS = dict([("List", None)] + [(res.list_kind, kind) for kind, res in RES
 RECENT = 2.0        # seconds: files modified this recently are hashed on every scan
 
 
-def _yaml():
+def _yaml() -> tuple[Any, Any]:
     import yaml
     return yaml, getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def parse_documents(text, name="<text>"):
+def parse_documents(text: str, name: str = "<text>") -> list[Any]:
     """Manifest text -> list of documents (dicts or whatever YAML/JSON holds). Raises ValueError."""
     if name.endswith(".json"):
         try:
@@ -60,12 +69,13 @@ def parse_documents(text, name="<text>"):
         raise ValueError("%s: not valid YAML: %s" % (name, str(e).replace("\n", " "))) from None
 
 
-def objects_of(documents, name="<text>", kinds=KINDS):
+def objects_of(documents: Iterable[Any], name: str = "<text>",
+               kinds: tuple[str, ...] = KINDS) -> list[tuple[str, dict[str, Any]]]:
     """Documents -> [(kind, object)] for objects of `kinds`, Lists unpacked, Secrets
     filtered and trimmed (podnet.kube.events.keep)."""
-    out = []
+    out: list[tuple[str, dict[str, Any]]] = []
 
-    def visit(doc, where, list_kind=None):
+    def visit(doc: Any, where: str, list_kind: str | None = None) -> None:
         if not isinstance(doc, dict):
             log.warning("%s: ignoring a document that is not an object (%s)", where, type(doc).__name__)
             return
@@ -77,7 +87,7 @@ def objects_of(documents, name="<text>", kinds=KINDS):
                 return
             for i, item in enumerate(items):
                 visit(item, "%s items[%d]" % (where, i), LIST_KINDS[kind])
-        elif kind in kinds:
+        elif isinstance(kind, str) and kind in kinds:
             kept = keep(kind, doc)
             if kept is None:
                 log.debug("%s: ignoring a %s the consumer does not need", where, kind)
@@ -90,7 +100,7 @@ def objects_of(documents, name="<text>", kinds=KINDS):
     return out
 
 
-def _key(kind, obj):
+def _key(kind: str, obj: dict[str, Any]) -> Key | None:
     meta = obj.get("metadata")
     if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or not meta["name"]:
         return None
@@ -101,29 +111,31 @@ def _key(kind, obj):
 class _File:
     __slots__ = ("stat", "digest", "objects")
 
-    def __init__(self, stat, digest, objects):
+    def __init__(self, stat: tuple[int, int, int, int], digest: bytes,
+                 objects: list[tuple[Key, dict[str, Any]]]) -> None:
         self.stat, self.digest, self.objects = stat, digest, objects
 
 
 class ManifestSource:
     """Polls `directory`; `scan()` does one pass, `start()` runs passes in a thread."""
 
-    def __init__(self, directory, emit, interval=1.0, recursive=False, clock=time.time, kinds=None):
+    def __init__(self, directory: str, emit: Emit, interval: float = 1.0, recursive: bool = False,
+                 clock: Callable[[], float] = time.time, kinds: Iterable[str] | None = None) -> None:
         self.directory = directory
         self.kinds = check_kinds(kinds)
         self.emit = emit
         self.interval = interval
         self.recursive = recursive
         self.clock = clock
-        self._files = {}            # path -> _File
-        self._objects = {}          # (kind, ns, name) -> object, as last emitted
+        self._files: dict[str, _File] = {}
+        self._objects: dict[Key, dict[str, Any]] = {}     # as last emitted
         self._listed = False
         self._stop = threading.Event()
-        self._thread = None
+        self._thread: threading.Thread | None = None
 
     # ---- one pass ----
 
-    def _paths(self):
+    def _paths(self) -> list[str]:
         try:
             if not self.recursive:
                 entries = [os.path.join(self.directory, e) for e in os.listdir(self.directory)]
@@ -138,7 +150,7 @@ class ManifestSource:
         return sorted(p for p in entries
                       if p.endswith(SUFFIXES) and not os.path.basename(p).startswith("."))
 
-    def scan(self):
+    def scan(self) -> list[Event]:
         """Read what changed and emit the events; returns them too."""
         now = self.clock()
         seen, changed = set(), False
@@ -172,7 +184,7 @@ class ManifestSource:
                     self._files[path] = _File(stat, digest, [])
                     changed = True
                 continue
-            keyed = []
+            keyed: list[tuple[Key, dict[str, Any]]] = []
             for kind, obj in objects:
                 key = _key(kind, obj)
                 if key is None:
@@ -188,8 +200,9 @@ class ManifestSource:
             return []
         return self._emit_changes()
 
-    def _emit_changes(self):
-        current, owner = {}, {}
+    def _emit_changes(self) -> list[Event]:
+        current: dict[Key, dict[str, Any]] = {}
+        owner: dict[Key, str] = {}
         for path in sorted(self._files):
             for key, obj in self._files[path].objects:
                 if key in current:
@@ -219,7 +232,7 @@ class ManifestSource:
 
     # ---- the watching thread ----
 
-    def run(self):
+    def run(self) -> None:
         while not self._stop.is_set():
             try:
                 self.scan()
@@ -227,12 +240,12 @@ class ManifestSource:
                 log.exception("scanning %s failed; trying again", self.directory)
             self._stop.wait(self.interval)
 
-    def start(self):
+    def start(self) -> threading.Thread:
         self._thread = threading.Thread(target=self.run, name="manifests", daemon=True)
         self._thread.start()
         return self._thread
 
-    def stop(self, timeout=5):
+    def stop(self, timeout: float = 5) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
