@@ -153,16 +153,6 @@ class IPIPUnavailable(RuntimeError):
     """The kernel has no IPIP support (no tunl0, and an ipip link cannot be made)."""
 
 
-def _add_ipip(nl, name):
-    """Create an IPIP link with no fixed endpoints (what the fallback tunl0 is)."""
-    import struct
-    from podnet.net.netlink import (F_CREATE, F_EXCL, IFLA_IFNAME, IFLA_INFO_KIND, IFLA_LINKINFO,
-                                    RTM_NEWLINK, attr, nested)
-    ifinfo = struct.pack("=BxHiII", 0, 0, 0, 0, 0)
-    nl.request(RTM_NEWLINK, F_CREATE | F_EXCL,
-               ifinfo + attr(IFLA_IFNAME, name) + nested(IFLA_LINKINFO, attr(IFLA_INFO_KIND, b"ipip")))
-
-
 def setup_ipip(nl, underlay_mtu, address=None, netns=None):
     """tunl0 up with MTU underlay_mtu - 20 (and `address`, an IPNet or CIDR, if given:
     e.g. the first address of our block, so that packets the node itself sends
@@ -180,7 +170,7 @@ def setup_ipip(nl, underlay_mtu, address=None, netns=None):
     link = nl.link(IPIP_DEVICE)
     if link is None:
         try:
-            _add_ipip(nl, IPIP_DEVICE)
+            nl.add_ipip(IPIP_DEVICE)      # no fixed endpoints, as the fallback tunl0
         except NetlinkError as e:
             if e.errno != 17:       # EEXIST: made meanwhile
                 raise IPIPUnavailable("cannot create %s (kernel without ipip?): %s" % (IPIP_DEVICE, e)) from None

@@ -12,6 +12,7 @@ import types
 import pytest
 
 from podnet.net import netlink as nlmod
+from podnet.net import tun
 from podnet.net.ip import AF_INET, AF_INET6, parse_cidr, parse_ip
 from podnet.net.netlink import IFA_F_NODAD, NUD_PERMANENT, Netlink, NetlinkError
 from podnet.net.netns import entered, open_netns
@@ -213,7 +214,8 @@ def test_hairpin(env):
     br = env.nl.link("br0")
     vh = veth_pair(env)
     env.nl.set_link(vh.index, master=br.index)
-    port = lambda: link_json(env.ns, "vh0", details=True)["linkinfo"]["info_slave_data"]
+    def port():
+        return link_json(env.ns, "vh0", details=True)["linkinfo"]["info_slave_data"]
     assert port()["hairpin"] is False
     env.nl.set_bridge_port(vh.index, hairpin=True)
     assert port()["hairpin"] is True
@@ -511,6 +513,23 @@ def test_ipv6_routes(routed):
     assert route6_json(ns, "fd02::/64") == []
 
 
+def test_route_get_matches_ip_route_get(routed):
+    nl, ns, vh = routed.nl, routed.ns, routed.vh
+    nl.add_route(net("10.2.0.0/16"), gateway=ip("10.1.0.1"), oif=vh.index)
+    nl.add_route(net("fd01::/64"), gateway=ip("fd00::1"), oif=vh.index)
+    for dst, gateway in (("10.1.0.1", None), ("10.2.3.4", "10.1.0.1"), ("fd01::9", "fd00::1")):
+        (oracle,) = ipj(ns, "route", "get", dst)
+        got = nl.route_get(ip(dst))
+        assert (got.oif, got.gateway, got.dst) == (vh.index, ip(gateway) if gateway else None,
+                                                   net(dst + ("/128" if ":" in dst else "/32")))
+        assert oracle["dev"] == "vh0" and oracle.get("gateway") == gateway
+    local = nl.route_get(ip("10.1.0.2"))                  # our own address: the local table, via lo
+    assert local.type == nlmod.RTN_LOCAL and local.oif == nl.link("lo").index
+    with pytest.raises(NetlinkError) as e:                # no default route here
+        nl.route_get(ip("192.0.2.1"))
+    assert e.value.errno == errno.ENETUNREACH
+
+
 # --- neighbours ------------------------------------------------------------------------
 
 def test_neighbours(routed):
@@ -646,6 +665,55 @@ def test_vxlan_ipv6_vtep(routed):
     assert data["local6"] == "fd00::2" and "local" not in data
     nl.set_fdb(nl.link("vx6").index, MAC1, ip("fd00::7"))
     assert [e["dst"] for e in fdb(ns, "vx6")[MAC1]] == ["fd00::7"]
+
+
+# --- IPIP and TUN ---------------------------------------------------------------------
+
+def test_ipip_link(env):
+    if not os.path.exists("/sys/class/net/tunl0"):
+        if os.path.exists("/proc/modules"):
+            # Creating one would load ipip, which adds a tunl0 to every namespace, the root one too.
+            pytest.skip("ipip is not loaded: load it before the session (modprobe ipip)")
+        with pytest.raises(NetlinkError) as e:        # a kernel built without ipip
+            env.nl.add_ipip("ipip-t0")
+        assert e.value.errno == errno.EOPNOTSUPP
+        assert env.nl.link("ipip-t0") is None
+        return
+    env.nl.add_ipip("ipip-t0", mtu=1400)
+    oracle = link_json(env.ns, "ipip-t0", details=True)
+    assert oracle["linkinfo"]["info_kind"] == "ipip" and oracle["mtu"] == 1400
+    assert env.nl.link("ipip-t0").kind == "ipip"
+    with pytest.raises(NetlinkError) as e:
+        env.nl.add_ipip("ipip-t0")
+    assert e.value.errno == errno.EEXIST
+
+
+def test_tun_create_attach_and_persist(env):
+    with entered(env.ns.path):
+        fd, name = tun.open_tun("tun-t0", persist=True, vnet=True)
+    try:
+        assert name == "tun-t0"
+        oracle = link_json(env.ns, "tun-t0", details=True)
+        assert oracle["linkinfo"]["info_kind"] == "tun"
+        assert oracle["linkinfo"]["info_data"]["type"] == "tun"
+        assert oracle["linkinfo"]["info_data"]["vnet_hdr"] is True
+        with entered(env.ns.path), pytest.raises(OSError) as e:
+            tun.open_tun("tun-t0", persist=True, vnet=True, busy_hint="held by the first fd")
+        assert e.value.errno == errno.EBUSY
+        assert "cannot open TUN tun-t0" in str(e.value) and "held by the first fd" in str(e.value)
+    finally:
+        os.close(fd)
+    assert env.nl.link("tun-t0") is not None           # persistent: outlives its fd
+    with entered(env.ns.path):
+        fd, name = tun.open_tun("tun-t0", vnet=True)    # attach again, and drop persistence
+    os.close(fd)
+    assert env.nl.link("tun-t0") is None
+    with entered(env.ns.path):
+        fd, name = tun.open_tun("tun%d")                # the kernel picks the name
+    try:
+        assert name.startswith("tun") and name != "tun%d" and env.nl.link(name).kind == "tun"
+    finally:
+        os.close(fd)
 
 
 # --- errors -------------------------------------------------------------------------

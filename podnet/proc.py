@@ -4,25 +4,35 @@
 a whole reference plugin run. posix_spawn with in-memory files for stdin,
 stdout and stderr needs no threads or polling and cannot deadlock on full pipes.
 """
+from __future__ import annotations
+
 import os
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
 
 _FALLBACK_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 class Completed:
     __slots__ = ("argv", "returncode", "stdout", "stderr")
+    argv: Sequence[str]
+    returncode: int
+    stdout: bytes
+    stderr: bytes
 
-    def __init__(self, argv, returncode, stdout, stderr):
+    def __init__(self, argv: Sequence[str], returncode: int, stdout: bytes, stderr: bytes) -> None:
         self.argv = argv
         self.returncode = returncode
         self.stdout = stdout
         self.stderr = stderr
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "Completed(%r, rc=%d)" % (self.argv[0], self.returncode)
 
 
-def which(name, path=None):
+def which(name: str, path: str | None = None) -> str | None:
     """Find an executable by name in `path` (a PATH string), then the usual dirs."""
     if "/" in name:
         return name if os.access(name, os.X_OK) else None
@@ -35,7 +45,7 @@ def which(name, path=None):
     return None
 
 
-def _memfd(name, data=b""):
+def _memfd(name: str, data: bytes = b"") -> int:
     fd = os.memfd_create(name, os.MFD_CLOEXEC)
     if data:
         view = memoryview(data)
@@ -45,9 +55,9 @@ def _memfd(name, data=b""):
     return fd
 
 
-def _slurp(fd):
+def _slurp(fd: int) -> bytes:
     os.lseek(fd, 0, os.SEEK_SET)
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         chunk = os.read(fd, 1 << 20)
         if not chunk:
@@ -55,7 +65,7 @@ def _slurp(fd):
         chunks.append(chunk)
 
 
-def run(argv, input=b"", env=None):
+def run(argv: Sequence[str], input: bytes | str = b"", env: Mapping[str, str] | None = None) -> Completed:
     """Run argv[0] (resolved in PATH) with `input` on stdin; return Completed.
 
     Raises FileNotFoundError when the program does not exist.

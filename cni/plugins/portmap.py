@@ -503,16 +503,13 @@ def teardown(conf, family):
 
 def _routable_host_if(ip):
     """The name of the interface the node routes `ip` through, or None."""
-    import struct
-    from podnet.net.netlink import RTA_DST, RTA_OIF, RTM_GETROUTE, Netlink, NetlinkError, attr, parse_attrs
+    from podnet.net.netlink import Netlink, NetlinkError
     try:
         with Netlink() as nl:
-            body = struct.pack("=BBBBBBBBI", ip.family, ip.bits, 0, 0, 0, 0, 0, 0, 0)
-            for _, payload in nl.request(RTM_GETROUTE, 0, body + attr(RTA_DST, ip.packed())):
-                attrs = parse_attrs(payload, 12)
-                if RTA_OIF in attrs:
-                    link = nl.link(index=struct.unpack("=I", attrs[RTA_OIF])[0])
-                    return link.name if link else None
+            route = nl.route_get(ip)
+            if route is not None and route.oif:
+                link = nl.link(index=route.oif)
+                return link.name if link else None
     except (NetlinkError, OSError):
         pass
     return None

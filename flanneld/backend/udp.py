@@ -74,11 +74,7 @@ TUN_NAME = "flannel0"
 DEFAULT_PORT = 8285
 ENCAP_OVERHEAD = 28             # outer IPv4 (20) + UDP (8) headers
 
-# <linux/if_tun.h>, <linux/udp.h>
-TUNSETIFF = 0x400454CA
-TUNSETPERSIST = 0x400454CB
-IFF_TUN = 0x0001
-IFF_NO_PI = 0x1000
+# <linux/udp.h> (the TUN's ioctls are podnet.net.tun's)
 SOL_UDP = 17
 UDP_SEGMENT = 103               # send: cut the payload into datagrams of this size (GSO)
 UDP_GRO = 104                   # receive: coalesced datagrams, cmsg gives the size
@@ -95,7 +91,6 @@ MAX_BATCH_BYTES = 65535 - ENCAP_OVERHEAD   # one IPv4 UDP payload
 RECV_BUFFER = 65536
 
 # virtio_net_hdr (<linux/virtio_net.h>), in front of every packet on a TUN with IFF_VNET_HDR
-IFF_VNET_HDR = 0x4000
 VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
 VIRTIO_NET_HDR_GSO_TCPV4 = 1
 VNET_HDR_LEN = 10
@@ -149,7 +144,7 @@ def pseudo_header_sum(src, dst, proto, length):
     return fold((src >> 16) + (src & 0xFFFF) + (dst >> 16) + (dst & 0xFFFF) + proto + length)
 
 
-_masks = {}
+_masks: dict[int, tuple[int, int, int, int]] = {}     # header length -> _run_mask(hl)
 
 
 def _run_mask(hl):
@@ -558,22 +553,9 @@ def open_tun(name=TUN_NAME, persist=True, vnet=True):
     """Create the TUN `name`, or attach to an existing one (a persistent TUN a
     previous daemon left); returns the fd. EBUSY: another process holds it.
     vnet: every packet read or written carries a virtio_net_hdr (IFF_VNET_HDR)."""
-    import fcntl
-    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
-    try:
-        flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if vnet else 0)
-        ifr = struct.pack("16sH22x", name.encode(), flags)
-        try:
-            fcntl.ioctl(fd, TUNSETIFF, ifr)
-        except OSError as e:
-            hint = {errno.EBUSY: "another process holds it (a flanneld still running?)",
-                    errno.EINVAL: "a device of that name exists and is not a TUN of ours"}
-            raise OSError(e.errno, "cannot open TUN %s: %s%s" % (
-                name, e.strerror, (": " + hint[e.errno]) if e.errno in hint else "")) from None
-        fcntl.ioctl(fd, TUNSETPERSIST, 1 if persist else 0)
-    except BaseException:
-        os.close(fd)
-        raise
+    from podnet.net import tun
+    fd, _ = tun.open_tun(name, persist=persist, vnet=vnet,
+                         busy_hint="another process holds it (a flanneld still running?)")
     return fd
 
 

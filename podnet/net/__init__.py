@@ -1,4 +1,4 @@
-"""The one layer that talks to the kernel: netlink, netns, iptables/nft, sysctl.
+"""The one layer that talks to the kernel: netlink, TUN, netns, iptables/nft, sysctl.
 
 Each module imports only what it uses; nothing is imported here.
 """

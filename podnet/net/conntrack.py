@@ -11,10 +11,16 @@ each match is deleted by its original tuple and zone. A dump walks the whole
 host-wide hash table (~10 ms for 256k buckets, whatever the namespace
 holds), so it is skipped when the namespace tracks no connection at all.
 """
+from __future__ import annotations
+
 import struct
 
 from podnet.net.ip import AF_INET, AF_INET6, inet_ntop
 from podnet.net.netlink import F_DUMP, Netlink, attr, parse_attrs
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Collection, Iterable
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_CTNETLINK = 1
@@ -37,18 +43,28 @@ class Flow:
     DNAT target, for a flow that went through a Service). A plain class: this
     module is on portmap's DEL path, where typing/collections cost start-up time."""
     __slots__ = ("family", "proto", "src", "dst", "sport", "dport", "reply_src", "reply_sport", "key")
+    family: int
+    proto: int
+    src: str
+    dst: str
+    sport: int
+    dport: int
+    reply_src: str
+    reply_sport: int
+    key: bytes
 
-    def __init__(self, family, proto, src, dst, sport, dport, reply_src, reply_sport, key):
+    def __init__(self, family: int, proto: int, src: str, dst: str, sport: int, dport: int,
+                 reply_src: str, reply_sport: int, key: bytes) -> None:
         self.family, self.proto, self.src, self.dst = family, proto, src, dst
         self.sport, self.dport, self.reply_src, self.reply_sport = sport, dport, reply_src, reply_sport
         self.key = key          # CTA_TUPLE_ORIG (+ CTA_ZONE): what names the entry for deletion
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "Flow(%d %s:%d -> %s:%d, reply from %s:%d)" % (
             self.proto, self.src, self.sport, self.dst, self.dport, self.reply_src, self.reply_sport)
 
 
-def _tuple(raw, family):
+def _tuple(raw: bytes, family: int) -> tuple[str, str, int, int, int]:
     """(src ip, dst ip, proto number, src port, dst port) of one CTA_TUPLE_* attribute."""
     parts = parse_attrs(raw)
     ips = parse_attrs(parts.get(CTA_TUPLE_IP, b""))
@@ -65,16 +81,16 @@ def _tuple(raw, family):
 class Conntrack(Netlink):
     """One ctnetlink socket in the current network namespace."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__(protocol=NETLINK_NETFILTER)
 
-    def _request(self, msg, flags, family, body=b""):
+    def _request(self, msg: int, flags: int, family: int, body: bytes = b"") -> list[tuple[int, bytes]]:
         """One ctnetlink request; answers as [(nfgen family, payload after nfgenmsg)]."""
         mtype = (NFNL_SUBSYS_CTNETLINK << 8) | msg
         answers = self.request(mtype, flags, _NFGEN.pack(family, 0, 0) + body)
         return [(p[0], p[_NFGEN.size:]) for _, p in answers]
 
-    def entries(self, family=0):
+    def entries(self, family: int = 0) -> list[tuple[int, bytes, bytes, int, int, int]]:
         """[(family, orig tuple attribute, zone attribute or b"", proto, src port, dst port)]
         of one family, or of all with family 0 (one pass over the table)."""
         out = []
@@ -91,7 +107,7 @@ class Conntrack(Netlink):
             out.append((fam, attr(CTA_TUPLE_ORIG | NLA_F_NESTED, orig), zone, num, sport, dport))
         return out
 
-    def flows(self, family=0):
+    def flows(self, family: int = 0) -> list[Flow]:
         """Every entry as a Flow (one pass over the table)."""
         out = []
         for fam, payload in self._request(IPCTNL_MSG_CT_GET, F_DUMP, family):
@@ -106,7 +122,7 @@ class Conntrack(Netlink):
                             attr(CTA_TUPLE_ORIG | NLA_F_NESTED, orig) + zone))
         return out
 
-    def delete_flows(self, predicate, family=0):
+    def delete_flows(self, predicate: Callable[[Flow], bool], family: int = 0) -> int:
         """Delete every entry for which predicate(Flow) is true; returns how many."""
         deleted = 0
         for flow in self.flows(family):
@@ -114,7 +130,7 @@ class Conntrack(Netlink):
                 deleted += self._delete(flow.family, flow.key)
         return deleted
 
-    def _delete(self, family, key):
+    def _delete(self, family: int, key: bytes) -> int:
         try:
             self._request(IPCTNL_MSG_CT_DELETE, 0, family, key)
             return 1
@@ -123,22 +139,23 @@ class Conntrack(Netlink):
                 raise
             return 0
 
-    def delete_by_dst_port(self, protocol, ports, families=(AF_INET, AF_INET6)):
+    def delete_by_dst_port(self, protocol: str | int, ports: Iterable[int],
+                           families: tuple[int, ...] = (AF_INET, AF_INET6)) -> int:
         """Delete entries of `protocol` (name or number) whose original destination
         port is in `ports`; returns how many were deleted."""
-        proto = PROTOCOLS.get(protocol, protocol)
-        ports = set(ports)
+        proto = PROTOCOLS.get(protocol, protocol) if isinstance(protocol, str) else protocol
+        wanted = set(ports)
         deleted = 0
         # The dump walks the whole (host-wide) hash table whatever it filters,
         # ~10 ms with 256k buckets: one pass serves both families.
         for fam, orig, zone, num, _, dport in self.entries(families[0] if len(families) == 1 else 0):
-            if num != proto or dport not in ports or fam not in families:
+            if num != proto or dport not in wanted or fam not in families:
                 continue
             deleted += self._delete(fam, orig + zone)
         return deleted
 
 
-def count():
+def count() -> int | None:
     """Entries tracked in the current network namespace (None if unknown)."""
     try:
         with open("/proc/sys/net/netfilter/nf_conntrack_count") as f:
@@ -147,7 +164,8 @@ def count():
         return None
 
 
-def delete_by_dst_port(protocol, ports, families=(AF_INET, AF_INET6)):
+def delete_by_dst_port(protocol: str | int, ports: Collection[int],
+                       families: Iterable[int] = (AF_INET, AF_INET6)) -> int:
     """Delete matching entries in the current network namespace; returns the count."""
     if not ports or count() == 0:
         return 0
@@ -155,7 +173,7 @@ def delete_by_dst_port(protocol, ports, families=(AF_INET, AF_INET6)):
         return ct.delete_by_dst_port(protocol, ports, tuple(families))
 
 
-def delete_flows(predicate, family=0):
+def delete_flows(predicate: Callable[[Flow], bool], family: int = 0) -> int:
     """Delete the entries predicate(Flow) selects in the current network namespace; returns the count."""
     if count() == 0:
         return 0

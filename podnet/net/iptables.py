@@ -5,19 +5,25 @@ few ms; with the nf_tables backend each single `iptables -D/-F/-X` call costs
 12-15 ms (see docs/performance.md). So changes are rendered as restore input
 and applied in one process; reads use one iptables-save.
 """
+from __future__ import annotations
+
 from podnet.proc import run
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
 
 
 class IptablesError(RuntimeError):
     pass
 
 
-def _tool(name, ipv6):
+def _tool(name: str, ipv6: bool) -> str:
     """iptables-save -> ip6tables-save (not "ip6iptables-save") for IPv6."""
     return ("ip6" + name[2:]) if ipv6 else name
 
 
-def save(table, ipv6=False, counters=False):
+def save(table: str, ipv6: bool = False, counters: bool = False) -> str:
     """The table as iptables-save prints it ('' if the table does not exist yet).
 
     counters=True prefixes each rule with "[packets:bytes] " (see split_counters).
@@ -29,7 +35,7 @@ def save(table, ipv6=False, counters=False):
     return proc.stdout.decode()
 
 
-def restore(text, ipv6=False, noflush=True):
+def restore(text: str, ipv6: bool = False, noflush: bool = True) -> None:
     """Apply restore input atomically. noflush keeps every chain not declared in it."""
     argv = [_tool("iptables-restore", ipv6), "-w"]
     if noflush:
@@ -39,7 +45,7 @@ def restore(text, ipv6=False, noflush=True):
         raise IptablesError("%s failed: %s" % (argv[0], proc.stderr.decode(errors="replace").strip()))
 
 
-def restore_stream(chunks, ipv6=False, noflush=True):
+def restore_stream(chunks: Iterable[str], ipv6: bool = False, noflush: bool = True) -> int:
     """Like restore(), fed chunk by chunk while `chunks` (an iterable of str) is being
     produced, so that iptables-restore parses while the caller renders. Returns the
     number of bytes written. If producing a chunk raises, the process is killed
@@ -47,6 +53,7 @@ def restore_stream(chunks, ipv6=False, noflush=True):
     import subprocess
     argv = [_tool("iptables-restore", ipv6), "-w"] + (["--noflush"] if noflush else [])
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stderr is not None      # (both are pipes)
     written = 0
     try:
         try:
@@ -71,12 +78,12 @@ def restore_stream(chunks, ipv6=False, noflush=True):
     return written
 
 
-def quote(text):
+def quote(text: str) -> str:
     """Quote a value (e.g. a comment) as iptables-save does."""
     return '"%s"' % text.replace("\\", "\\\\").replace('"', '\\"')
 
 
-def rules_referencing(saved, chain):
+def rules_referencing(saved: str, chain: str) -> list[str]:
     """Lines of iptables-save output that jump to or belong to `chain`."""
     out = []
     for line in saved.splitlines():
@@ -88,15 +95,15 @@ def rules_referencing(saved, chain):
     return out
 
 
-def declared_chains(saved):
+def declared_chains(saved: str) -> list[str]:
     """Names of the chains an iptables-save text of one table declares, in order (built-in ones too)."""
     return [line[1:].split(" ", 1)[0] for line in saved.splitlines() if line.startswith(":")]
 
 
-def chain_rules(saved, wanted):
+def chain_rules(saved: str, wanted: Callable[[str], object]) -> dict[str, tuple[str, ...]]:
     """iptables-save text of one table -> {chain: (rule lines...)} for the declared chains
     whose name wanted(name) accepts (empty ones included)."""
-    chains = {}
+    chains: dict[str, list[str]] = {}
     for line in saved.splitlines():
         if line.startswith(":"):
             name = line[1:].split(" ", 1)[0]
@@ -109,11 +116,11 @@ def chain_rules(saved, wanted):
     return {name: tuple(rules) for name, rules in chains.items()}
 
 
-def chain_exists(saved, chain):
+def chain_exists(saved: str, chain: str) -> bool:
     return (":%s " % chain) in saved
 
 
-def split_rule(line):
+def split_rule(line: str) -> list[str]:
     """One iptables-save line -> its arguments, undoing quote() (e.g. comments)."""
     args = []
     i, n = 0, len(line)
@@ -139,12 +146,13 @@ def split_rule(line):
     return args
 
 
-def split_counters(saved):
+def split_counters(saved: str) -> tuple[str, dict[str, int]]:
     """iptables-save -c output -> (the same text without counters, {rule: packets}).
 
     Identical rules add up their packets.
     """
-    lines, packets = [], {}
+    lines: list[str] = []
+    packets: dict[str, int] = {}
     for line in saved.splitlines():
         if line.startswith("[") and "] -A " in line:
             count, _, line = line.partition("] ")

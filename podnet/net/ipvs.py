@@ -15,10 +15,16 @@ Messages are built by pure functions (`service_attrs`, `dest_attrs`,
 `genl_header`, ...) so their encoding is unit-tested without a kernel; the
 `Ipvs` socket class only sends them.
 """
+from __future__ import annotations
+
 import struct
 
 from podnet.net.ip import AF_INET, AF_INET6, inet_ntop, inet_pton
 from podnet.net.netlink import F_DUMP, Netlink, NetlinkError, attr, nested, parse_attrs
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 NETLINK_GENERIC = 16
 GENL_ID_CTRL = 0x10
@@ -76,8 +82,18 @@ class IpvsUnavailable(OSError):
 class Service:
     """One virtual server, keyed by (protocol, address, port)."""
     __slots__ = ("protocol", "address", "port", "scheduler", "flags", "timeout", "netmask", "family", "stats")
+    protocol: str
+    address: str
+    port: int
+    scheduler: str
+    flags: int
+    timeout: int
+    netmask: int
+    family: int
+    stats: dict[int, int]
 
-    def __init__(self, protocol, address, port, scheduler="rr", flags=0, timeout=0, netmask=None, stats=None):
+    def __init__(self, protocol: str, address: str, port: int, scheduler: str = "rr", flags: int = 0,
+                 timeout: int = 0, netmask: int | None = None, stats: dict[int, int] | None = None) -> None:
         self.protocol = protocol                # "TCP" | "UDP" | "SCTP"
         self.address = address                  # text form
         self.port = port
@@ -89,20 +105,20 @@ class Service:
         self.stats = stats or {}
 
     @property
-    def key(self):
+    def key(self) -> tuple[str, str, int]:
         return (self.protocol, self.address, self.port)
 
-    def settings(self):
+    def settings(self) -> tuple[str, int, int, int]:
         """What SET_SERVICE can change: compared to tell whether an update is due."""
         return (self.scheduler, self.flags, self.timeout, self.netmask)
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         return isinstance(other, Service) and self.key == other.key and self.settings() == other.settings()
 
-    def __hash__(self):
+    def __hash__(self) -> int:
         return hash(self.key)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "Service(%s %s:%d %s flags=%#x timeout=%d)" % (self.protocol, self.address, self.port,
                                                               self.scheduler, self.flags, self.timeout)
 
@@ -110,8 +126,17 @@ class Service:
 class Dest:
     """One real server of a virtual server, keyed by (address, port)."""
     __slots__ = ("address", "port", "weight", "fwd", "active", "inactive", "persistent", "stats")
+    address: str
+    port: int
+    weight: int
+    fwd: int
+    active: int
+    inactive: int
+    persistent: int
+    stats: dict[int, int]
 
-    def __init__(self, address, port, weight=1, fwd=FWD_MASQ, active=0, inactive=0, persistent=0, stats=None):
+    def __init__(self, address: str, port: int, weight: int = 1, fwd: int = FWD_MASQ, active: int = 0,
+                 inactive: int = 0, persistent: int = 0, stats: dict[int, int] | None = None) -> None:
         self.address = address
         self.port = port
         self.weight = weight
@@ -122,57 +147,57 @@ class Dest:
         self.stats = stats or {}
 
     @property
-    def key(self):
+    def key(self) -> tuple[str, int]:
         return (self.address, self.port)
 
     @property
-    def connections(self):
+    def connections(self) -> int:
         return self.active + self.inactive
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         return isinstance(other, Dest) and (self.key, self.weight, self.fwd) == (other.key, other.weight, other.fwd)
 
-    def __hash__(self):
+    def __hash__(self) -> int:
         return hash(self.key)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "Dest(%s:%d weight=%d active=%d inactive=%d)" % (self.address, self.port, self.weight,
                                                                 self.active, self.inactive)
 
 
-def default_netmask(family):
+def default_netmask(family: int) -> int:
     """Persistence granularity: one client address (ipvsadm's default)."""
     return 0xFFFFFFFF if family == AF_INET else 128
 
 
 # ---- encoding (pure) ----------------------------------------------------------------------
 
-def genl_header(cmd, version=GENL_VERSION):
+def genl_header(cmd: int, version: int = GENL_VERSION) -> bytes:
     return _GENL.pack(cmd, version, 0)
 
 
-def _addr16(family, address):
+def _addr16(family: int, address: str) -> bytes:
     """An address as the kernel's union nf_inet_addr: 16 bytes, IPv4 in the first 4."""
     raw = inet_pton(family, address)
     return raw + b"\0" * (16 - len(raw))
 
 
-def _u16(kind, value):
+def _u16(kind: int, value: int) -> bytes:
     return attr(kind, struct.pack("=H", value))
 
 
-def _u32(kind, value):
+def _u32(kind: int, value: int) -> bytes:
     return attr(kind, struct.pack("=I", value))
 
 
-def service_key_attrs(svc):
+def service_key_attrs(svc: Service) -> bytes:
     """The attributes that name a virtual server (enough for DEL, GET and as a dest's parent)."""
     return (_u16(SVC_ATTR_AF, svc.family) + _u16(SVC_ATTR_PROTOCOL, PROTOCOLS[svc.protocol])
             + attr(SVC_ATTR_ADDR, _addr16(svc.family, svc.address))
             + attr(SVC_ATTR_PORT, struct.pack("!H", svc.port)))
 
 
-def service_attrs(svc):
+def service_attrs(svc: Service) -> bytes:
     """A full virtual server (NEW/SET_SERVICE): key, scheduler, flags/mask, timeout, netmask."""
     return (service_key_attrs(svc) + attr(SVC_ATTR_SCHED_NAME, svc.scheduler)
             + attr(SVC_ATTR_FLAGS, struct.pack("=II", svc.flags, 0xFFFFFFFF))
@@ -180,7 +205,7 @@ def service_attrs(svc):
             + attr(SVC_ATTR_NETMASK, struct.pack("!I" if svc.family == AF_INET else "=I", svc.netmask)))
 
 
-def dest_attrs(dest, family, full=True):
+def dest_attrs(dest: Dest, family: int, full: bool = True) -> bytes:
     """A real server (NEW/SET_DEST with full=True; DEL_DEST needs only address and port)."""
     out = attr(DEST_ATTR_ADDR, _addr16(family, dest.address)) + attr(DEST_ATTR_PORT, struct.pack("!H", dest.port))
     if full:
@@ -190,23 +215,23 @@ def dest_attrs(dest, family, full=True):
     return out
 
 
-def service_message(cmd, svc, full=False):
+def service_message(cmd: int, svc: Service, full: bool = False) -> bytes:
     return genl_header(cmd) + nested(CMD_ATTR_SERVICE, service_attrs(svc) if full else service_key_attrs(svc))
 
 
-def dest_message(cmd, svc, dest, full=True):
+def dest_message(cmd: int, svc: Service, dest: Dest, full: bool = True) -> bytes:
     return (genl_header(cmd) + nested(CMD_ATTR_SERVICE, service_key_attrs(svc))
             + nested(CMD_ATTR_DEST, dest_attrs(dest, svc.family, full)))
 
 
-def family_request(name=FAMILY_NAME):
+def family_request(name: str = FAMILY_NAME) -> bytes:
     return genl_header(CTRL_CMD_GETFAMILY) + attr(CTRL_ATTR_FAMILY_NAME, name)
 
 
 # ---- decoding (pure) -----------------------------------------------------------------------
 
-def _stats(raw):
-    out = {}
+def _stats(raw: bytes) -> dict[int, int]:
+    out: dict[int, int] = {}
     for kind, value in parse_attrs(raw).items():
         if len(value) == 4:
             out[kind] = struct.unpack("=I", value)[0]
@@ -215,11 +240,11 @@ def _stats(raw):
     return out
 
 
-def _addr_text(family, raw):
+def _addr_text(family: int, raw: bytes) -> str:
     return inet_ntop(family, raw[:4] if family == AF_INET else raw[:16])
 
 
-def parse_service(payload):
+def parse_service(payload: bytes) -> Service | None:
     """A GET_SERVICE answer (after the genl header) -> Service, or None for fwmark services."""
     top = parse_attrs(payload, _GENL.size)
     a = parse_attrs(top.get(CMD_ATTR_SERVICE, b""))
@@ -237,12 +262,12 @@ def parse_service(payload):
                    netmask, _stats(a[SVC_ATTR_STATS]) if SVC_ATTR_STATS in a else None)
 
 
-def parse_dest(payload, family):
+def parse_dest(payload: bytes, family: int) -> Dest:
     """A GET_DEST answer -> Dest (the address family is the dest's own if the kernel says so)."""
     top = parse_attrs(payload, _GENL.size)
     a = parse_attrs(top.get(CMD_ATTR_DEST, b""))
 
-    def u32(kind):
+    def u32(kind: int) -> int:
         return struct.unpack("=I", a[kind])[0] if kind in a else 0
     if DEST_ATTR_ADDR_FAMILY in a:
         family = struct.unpack("=H", a[DEST_ATTR_ADDR_FAMILY])[0]
@@ -252,7 +277,7 @@ def parse_dest(payload, family):
                 _stats(a[DEST_ATTR_STATS]) if DEST_ATTR_STATS in a else None)
 
 
-def parse_family_id(answers):
+def parse_family_id(answers: Iterable[tuple[int, bytes]]) -> int | None:
     for _, payload in answers:
         a = parse_attrs(payload, _GENL.size)
         if CTRL_ATTR_FAMILY_ID in a:
@@ -268,7 +293,7 @@ class Ipvs(Netlink):
     Raises IpvsUnavailable when the kernel has no IPVS. `ops` counts the
     requests that changed something (a sync reports it; a rerun makes none)."""
 
-    def __init__(self, netns=None):
+    def __init__(self, netns: str | int | None = None) -> None:
         super().__init__(netns=netns, protocol=NETLINK_GENERIC)
         self.ops = 0
         try:
@@ -277,7 +302,7 @@ class Ipvs(Netlink):
             self.close()
             raise
 
-    def _resolve(self, name):
+    def _resolve(self, name: str) -> int:
         try:
             answers = self.request(GENL_ID_CTRL, 0, family_request(name))
         except NetlinkError as e:
@@ -290,13 +315,13 @@ class Ipvs(Netlink):
             raise IpvsUnavailable(_ENOENT, "this kernel has no IPVS (ip_vs): no id for %r" % name)
         return family
 
-    def _do(self, body, dump=False):
+    def _do(self, body: bytes, dump: bool = False) -> list[tuple[int, bytes]]:
         if not dump:
             self.ops += 1
         return self.request(self.family, F_DUMP if dump else 0, body)
 
     # ---- virtual servers ----
-    def services(self):
+    def services(self) -> list[Service]:
         out = []
         for _, payload in self._do(genl_header(CMD_GET_SERVICE), dump=True):
             svc = parse_service(payload)
@@ -304,13 +329,13 @@ class Ipvs(Netlink):
                 out.append(svc)
         return out
 
-    def add_service(self, svc):
+    def add_service(self, svc: Service) -> None:
         self._do(service_message(CMD_NEW_SERVICE, svc, full=True))
 
-    def update_service(self, svc):
+    def update_service(self, svc: Service) -> None:
         self._do(service_message(CMD_SET_SERVICE, svc, full=True))
 
-    def del_service(self, svc):
+    def del_service(self, svc: Service) -> None:
         """Delete a virtual server and its real servers; a missing one is not an error."""
         try:
             self._do(service_message(CMD_DEL_SERVICE, svc))
@@ -318,23 +343,23 @@ class Ipvs(Netlink):
             if e.errno not in (_ESRCH, _ENOENT):
                 raise
 
-    def flush(self):
+    def flush(self) -> None:
         """Delete every virtual server of this network namespace."""
         self._do(genl_header(CMD_FLUSH))
 
     # ---- real servers ----
-    def dests(self, svc):
+    def dests(self, svc: Service) -> list[Dest]:
         return [parse_dest(p, svc.family) for _, p in
                 self.request(self.family, F_DUMP, genl_header(CMD_GET_DEST) +
                              nested(CMD_ATTR_SERVICE, service_key_attrs(svc)))]
 
-    def add_dest(self, svc, dest):
+    def add_dest(self, svc: Service, dest: Dest) -> None:
         self._do(dest_message(CMD_NEW_DEST, svc, dest))
 
-    def update_dest(self, svc, dest):
+    def update_dest(self, svc: Service, dest: Dest) -> None:
         self._do(dest_message(CMD_SET_DEST, svc, dest))
 
-    def del_dest(self, svc, dest):
+    def del_dest(self, svc: Service, dest: Dest) -> None:
         """Delete a real server; a missing one is not an error."""
         try:
             self._do(dest_message(CMD_DEL_DEST, svc, dest, full=False))
@@ -342,6 +367,6 @@ class Ipvs(Netlink):
             if e.errno not in (_ENOENT, _ESRCH):
                 raise
 
-    def table(self):
+    def table(self) -> dict[tuple[str, str, int], tuple[Service, dict[tuple[str, int], Dest]]]:
         """{service key: (Service, {dest key: Dest})}: the whole IPVS table, one dump per service."""
         return {svc.key: (svc, {d.key: d for d in self.dests(svc)}) for svc in self.services()}

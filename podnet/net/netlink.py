@@ -8,11 +8,17 @@ with `struct` over an AF_NETLINK socket from the C-level `_socket` module.
 Every request asks for an ACK, so errors surface as NetlinkError carrying the
 errno and, where the kernel gives one, its extended-ack message.
 """
+from __future__ import annotations
+
+import _socket
 import os
 import struct
-import _socket
 
 from podnet.net.ip import AF_INET, AF_INET6, IP, IPNet
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Self
 
 AF_UNSPEC = 0
 AF_BRIDGE = 7
@@ -96,7 +102,7 @@ class NetlinkError(OSError):
 
 # ---- attribute encoding -------------------------------------------------
 
-def attr(kind, data):
+def attr(kind: int, data: bytes | str) -> bytes:
     """One rtattr: header, payload, padding to 4 bytes."""
     if isinstance(data, str):
         data = data.encode() + b"\0"
@@ -104,21 +110,21 @@ def attr(kind, data):
     return _RTA.pack(length, kind) + data + b"\0" * (-length & 3)
 
 
-def nested(kind, *attrs):
+def nested(kind: int, *attrs: bytes) -> bytes:
     return attr(kind, b"".join(attrs))
 
 
-def u8(kind, v):
+def u8(kind: int, v: int) -> bytes:
     return attr(kind, struct.pack("=B", v))
 
 
-def u32(kind, v):
+def u32(kind: int, v: int) -> bytes:
     return attr(kind, struct.pack("=I", v))
 
 
-def parse_attrs(data, offset=0):
+def parse_attrs(data: bytes, offset: int = 0) -> dict[int, bytes]:
     """rtattrs -> {type: payload}; nested payloads are parsed on demand."""
-    out = {}
+    out: dict[int, bytes] = {}
     end = len(data)
     while offset + 4 <= end:
         length, kind = _RTA.unpack_from(data, offset)
@@ -129,7 +135,7 @@ def parse_attrs(data, offset=0):
     return out
 
 
-def mac_bytes(mac):
+def mac_bytes(mac: str) -> bytes:
     parts = mac.split(":")
     if len(parts) != 6:
         raise ValueError("invalid MAC address %r" % mac)
@@ -139,11 +145,11 @@ def mac_bytes(mac):
         raise ValueError("invalid MAC address %r" % mac) from None
 
 
-def mac_str(raw):
+def mac_str(raw: bytes) -> str:
     return ":".join("%02x" % b for b in raw)
 
 
-def _cstr(raw):
+def _cstr(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode()
 
 
@@ -152,8 +158,22 @@ def _cstr(raw):
 class Link:
     __slots__ = ("index", "name", "kind", "slave_kind", "mtu", "mac", "flags", "master",
                  "operstate", "peer_index", "link_netnsid", "promiscuity", "info_data", "txqlen")
+    index: int
+    name: str
+    kind: str
+    slave_kind: str
+    mtu: int
+    mac: str
+    flags: int
+    master: int
+    operstate: str
+    peer_index: int
+    link_netnsid: int | None
+    promiscuity: int
+    info_data: dict[int, bytes]     # IFLA_INFO_DATA, parsed one level
+    txqlen: int
 
-    def __init__(self, index, attrs, flags):
+    def __init__(self, index: int, attrs: dict[int, bytes], flags: int) -> None:
         self.index = index
         self.flags = flags
         self.name = _cstr(attrs[IFLA_IFNAME]) if IFLA_IFNAME in attrs else ""
@@ -180,56 +200,102 @@ class Link:
                 self.info_data = parse_attrs(info[IFLA_INFO_DATA])
 
     @property
-    def up(self):
+    def up(self) -> bool:
         return bool(self.flags & IFF_UP)
 
     @property
-    def promisc(self):
+    def promisc(self) -> bool:
         return bool(self.flags & IFF_PROMISC)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "Link(%d, %r, kind=%r)" % (self.index, self.name, self.kind)
 
 
 class Addr:
     __slots__ = ("index", "net", "flags", "scope", "label")
+    index: int
+    net: IPNet
+    flags: int
+    scope: int
+    label: str
 
-    def __init__(self, index, net, flags, scope, label):
+    def __init__(self, index: int, net: IPNet, flags: int, scope: int, label: str) -> None:
         self.index = index
         self.net = net          # IPNet: address with its prefix length
         self.flags = flags
         self.scope = scope
         self.label = label
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "Addr(%d, %s)" % (self.index, self.net)
 
 
 class Route:
     __slots__ = ("family", "dst", "gateway", "oif", "table", "protocol", "scope", "type",
                  "priority", "flags", "prefsrc", "mtu", "advmss")
+    family: int
+    dst: IPNet
+    gateway: IP | None
+    oif: int
+    table: int
+    protocol: int
+    scope: int
+    type: int
+    priority: int
+    flags: int
+    prefsrc: IP | None
+    mtu: int
+    advmss: int
 
-    def __init__(self, **kw):
+    def __init__(self, **kw: object) -> None:
         for name in self.__slots__:
             setattr(self, name, kw.get(name))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "Route(%s via %s dev %s table %s)" % (self.dst, self.gateway, self.oif, self.table)
 
 
 class Neigh:
     __slots__ = ("family", "index", "dst", "lladdr", "state", "flags", "master")
+    family: int
+    index: int
+    dst: IP | None
+    lladdr: str | None
+    state: int
+    flags: int
+    master: int | None
 
-    def __init__(self, **kw):
+    def __init__(self, **kw: object) -> None:
         for name in self.__slots__:
             setattr(self, name, kw.get(name))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "Neigh(%s %s dev %s)" % (self.dst, self.lladdr, self.index)
 
 
-def _ip_from(family, raw):
+def _ip_from(family: int, raw: bytes) -> IP:
     return IP(family, int.from_bytes(raw, "big"))
+
+
+def _route(payload: bytes, table: int | None = None) -> Route | None:
+    """One RTM_NEWROUTE payload -> Route; None if it is not in `table` (None: any table)."""
+    fam, dst_len, _, _, tbl, proto, scope, rtype, flags = _RTMSG.unpack_from(payload)
+    a = parse_attrs(payload, _RTMSG.size)
+    if RTA_TABLE in a:
+        tbl = struct.unpack("=I", a[RTA_TABLE])[0]
+    if table is not None and tbl != table:
+        return None
+    dst = IPNet(_ip_from(fam, a[RTA_DST]) if RTA_DST in a else IP(fam, 0), dst_len)
+    metrics = parse_attrs(a[RTA_METRICS]) if RTA_METRICS in a else {}
+    return Route(
+        family=fam, dst=dst, table=tbl, protocol=proto, scope=scope, type=rtype, flags=flags,
+        gateway=_ip_from(fam, a[RTA_GATEWAY]) if RTA_GATEWAY in a else None,
+        oif=struct.unpack("=I", a[RTA_OIF])[0] if RTA_OIF in a else 0,
+        priority=struct.unpack("=I", a[RTA_PRIORITY])[0] if RTA_PRIORITY in a else 0,
+        prefsrc=_ip_from(fam, a[RTA_PREFSRC]) if RTA_PREFSRC in a else None,
+        mtu=struct.unpack("=I", metrics[RTAX_MTU])[0] if RTAX_MTU in metrics else 0,
+        advmss=struct.unpack("=I", metrics[RTAX_ADVMSS])[0] if RTAX_ADVMSS in metrics else 0,
+    )
 
 
 # ---- the socket ---------------------------------------------------------
@@ -241,7 +307,7 @@ class Netlink:
     leaving it at once); the socket then keeps talking to that namespace.
     """
 
-    def __init__(self, netns=None, protocol=NETLINK_ROUTE):
+    def __init__(self, netns: str | int | None = None, protocol: int = NETLINK_ROUTE) -> None:
         if netns is not None:
             from podnet.net.netns import entered
             with entered(netns):
@@ -253,7 +319,7 @@ class Netlink:
         self._buf = bytearray(1 << 18)
 
     @staticmethod
-    def _open(protocol):
+    def _open(protocol: int) -> _socket.socket:
         sock = _socket.socket(AF_NETLINK, _socket.SOCK_RAW | _socket.SOCK_CLOEXEC, protocol)
         try:
             sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
@@ -262,22 +328,22 @@ class Netlink:
         sock.bind((0, 0))
         return sock
 
-    def close(self):
+    def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # One request, all its answers. Dumps return [(type, payload)], others [].
-    def request(self, msgtype, flags, body):
+    def request(self, msgtype: int, flags: int, body: bytes) -> list[tuple[int, bytes]]:
         self.seq = (self.seq + 1) & 0xFFFFFFFF
         seq = self.seq
         flags |= F_REQUEST | F_ACK
         self.sock.send(_HDR.pack(_HDR.size + len(body), msgtype, flags, seq, 0) + body)
-        out = []
+        out: list[tuple[int, bytes]] = []
         dump = flags & F_DUMP == F_DUMP
         while True:
             n = self.sock.recv_into(self._buf)
@@ -303,10 +369,10 @@ class Netlink:
                 out.append((mtype, payload))
 
     # ---- links ----
-    def links(self):
+    def links(self) -> list[Link]:
         return [self._link(p) for _, p in self.request(RTM_GETLINK, F_DUMP, _IFINFO.pack(AF_UNSPEC, 0, 0, 0, 0))]
 
-    def link(self, name=None, index=0):
+    def link(self, name: str | None = None, index: int = 0) -> Link | None:
         """The link with that name or index, or None."""
         if name is not None and not 0 < len(name.encode()) < 16:
             return None   # no such link can exist (IFNAMSIZ)
@@ -321,19 +387,20 @@ class Netlink:
             raise
         return self._link(answers[0][1]) if answers else None
 
-    def _get(self, msgtype, body):
+    def _get(self, msgtype: int, body: bytes) -> list[tuple[int, bytes]]:
         # A non-dump GET answers with the object then (because we ask) an ACK.
         return self.request(msgtype, 0, body)
 
     @staticmethod
-    def _link(payload):
+    def _link(payload: bytes) -> Link:
         _, _, index, flags, _ = _IFINFO.unpack_from(payload)
         return Link(index, parse_attrs(payload, _IFINFO.size), flags)
 
-    def _newlink(self, flags, index=0, ifflags=0, change=0, attrs=b"", family=AF_UNSPEC):
+    def _newlink(self, flags: int, index: int = 0, ifflags: int = 0, change: int = 0, attrs: bytes = b"",
+                 family: int = AF_UNSPEC) -> None:
         self.request(RTM_NEWLINK, flags, _IFINFO.pack(family, 0, index, ifflags, change) + attrs)
 
-    def add_bridge(self, name, mtu=0, vlan_filtering=False):
+    def add_bridge(self, name: str, mtu: int = 0, vlan_filtering: bool = False) -> None:
         """Create a bridge; raises NetlinkError(EEXIST) if the name is taken."""
         data = u8(IFLA_BR_VLAN_FILTERING, 1) if vlan_filtering else b""
         info = attr(IFLA_INFO_KIND, b"bridge") + (nested(IFLA_INFO_DATA, data) if data else b"")
@@ -342,7 +409,7 @@ class Netlink:
             attrs += u32(IFLA_MTU, mtu)
         self._newlink(F_CREATE | F_EXCL, attrs=attrs)
 
-    def add_dummy(self, name, mtu=0):
+    def add_dummy(self, name: str, mtu: int = 0) -> None:
         """Create a dummy device (kube-proxy's kube-ipvs0 holds Service IPs on one, kept down);
         raises NetlinkError(EEXIST) if the name is taken, EOPNOTSUPP if the kernel has no dummy."""
         attrs = attr(IFLA_IFNAME, name) + nested(IFLA_LINKINFO, attr(IFLA_INFO_KIND, b"dummy"))
@@ -350,7 +417,8 @@ class Netlink:
             attrs += u32(IFLA_MTU, mtu)
         self._newlink(F_CREATE | F_EXCL, attrs=attrs)
 
-    def add_veth(self, name, peer_name, peer_netns_fd=None, mtu=0, peer_mac=None):
+    def add_veth(self, name: str, peer_name: str, peer_netns_fd: int | None = None, mtu: int = 0,
+                 peer_mac: str | None = None) -> None:
         """Create a veth pair here; the peer goes straight into peer_netns_fd if given."""
         peer = attr(IFLA_IFNAME, peer_name)
         if peer_netns_fd is not None:
@@ -366,7 +434,8 @@ class Netlink:
             attrs += u32(IFLA_MTU, mtu)
         self._newlink(F_CREATE | F_EXCL, attrs=attrs)
 
-    def add_vxlan(self, name, vni, local=None, port=8472, dev_index=0, learning=False, mtu=0, mac=None):
+    def add_vxlan(self, name: str, vni: int, local: IP | None = None, port: int = 8472, dev_index: int = 0,
+                  learning: bool = False, mtu: int = 0, mac: str | None = None) -> None:
         data = u32(IFLA_VXLAN_ID, vni) + attr(IFLA_VXLAN_PORT, struct.pack("!H", port)) \
             + u8(IFLA_VXLAN_LEARNING, 1 if learning else 0)
         if local is not None:
@@ -384,8 +453,18 @@ class Netlink:
             attrs += attr(IFLA_ADDRESS, mac_bytes(mac))
         self._newlink(F_CREATE | F_EXCL, attrs=attrs)
 
-    def set_link(self, index, up=None, master=None, mtu=None, mac=None, netns_fd=None,
-                 name=None, promisc=None, txqlen=None):
+    def add_ipip(self, name: str, mtu: int = 0) -> None:
+        """Create an IPIP link with no fixed endpoints (what the kernel's fallback tunl0 is:
+        the next hop of each route through it is the remote end); raises NetlinkError(EEXIST)
+        if the name is taken, EOPNOTSUPP if the kernel has no ipip."""
+        attrs = attr(IFLA_IFNAME, name) + nested(IFLA_LINKINFO, attr(IFLA_INFO_KIND, b"ipip"))
+        if mtu:
+            attrs += u32(IFLA_MTU, mtu)
+        self._newlink(F_CREATE | F_EXCL, attrs=attrs)
+
+    def set_link(self, index: int, up: bool | None = None, master: int | None = None, mtu: int | None = None,
+                 mac: str | None = None, netns_fd: int | None = None, name: str | None = None,
+                 promisc: bool | None = None, txqlen: int | None = None) -> None:
         ifflags = change = 0
         if up is not None:
             change |= IFF_UP
@@ -408,25 +487,25 @@ class Netlink:
             attrs += u32(IFLA_TXQLEN, txqlen)
         self._newlink(0, index=index, ifflags=ifflags, change=change, attrs=attrs)
 
-    def set_bridge_port(self, index, hairpin):
+    def set_bridge_port(self, index: int, hairpin: bool) -> None:
         data = u8(IFLA_BRPORT_MODE, 1 if hairpin else 0)
         info = attr(IFLA_INFO_SLAVE_KIND, b"bridge") + nested(IFLA_INFO_SLAVE_DATA, data)
         self._newlink(0, index=index, attrs=nested(IFLA_LINKINFO, info))
 
-    def bridge_vlan_add(self, index, vid, pvid=False, untagged=False):
+    def bridge_vlan_add(self, index: int, vid: int, pvid: bool = False, untagged: bool = False) -> None:
         flags = (BRIDGE_VLAN_INFO_PVID if pvid else 0) | (BRIDGE_VLAN_INFO_UNTAGGED if untagged else 0)
         spec = nested(IFLA_AF_SPEC, attr(IFLA_BRIDGE_VLAN_INFO, struct.pack("=HH", flags, vid)))
         self.request(RTM_SETLINK, 0, _IFINFO.pack(AF_BRIDGE, 0, index, 0, 0) + spec)
 
-    def bridge_vlan_del(self, index, vid):
+    def bridge_vlan_del(self, index: int, vid: int) -> None:
         spec = nested(IFLA_AF_SPEC, attr(IFLA_BRIDGE_VLAN_INFO, struct.pack("=HH", 0, vid)))
         self.request(RTM_DELLINK, 0, _IFINFO.pack(AF_BRIDGE, 0, index, 0, 0) + spec)
 
-    def del_link(self, index):
+    def del_link(self, index: int) -> None:
         self.request(RTM_DELLINK, 0, _IFINFO.pack(AF_UNSPEC, 0, index, 0, 0))
 
     # ---- addresses ----
-    def addrs(self, index=None, family=AF_UNSPEC):
+    def addrs(self, index: int | None = None, family: int = AF_UNSPEC) -> list[Addr]:
         out = []
         for _, p in self.request(RTM_GETADDR, F_DUMP, _IFADDR.pack(family, 0, 0, 0, 0)):
             fam, plen, flags, scope, idx = _IFADDR.unpack_from(p)
@@ -442,7 +521,8 @@ class Netlink:
             out.append(Addr(idx, IPNet(_ip_from(fam, raw), plen), flags, scope, label))
         return out
 
-    def add_addr(self, index, net, nodad=False, replace=False, noprefixroute=False):
+    def add_addr(self, index: int, net: IPNet, nodad: bool = False, replace: bool = False,
+                 noprefixroute: bool = False) -> None:
         """Add net (an IPNet, e.g. 10.1.0.2/24) to a link; IPv4 gets its broadcast."""
         flags = (IFA_F_NODAD if nodad else 0) | (0x200 if noprefixroute else 0)
         body = _IFADDR.pack(net.family, net.prefixlen, flags & 0xFF, 0, index)
@@ -454,35 +534,32 @@ class Netlink:
             body += u32(IFA_FLAGS, flags)
         self.request(RTM_NEWADDR, F_CREATE | (F_REPLACE if replace else F_EXCL), body)
 
-    def del_addr(self, index, net):
+    def del_addr(self, index: int, net: IPNet) -> None:
         body = _IFADDR.pack(net.family, net.prefixlen, 0, 0, index) + attr(IFA_LOCAL, net.ip.packed())
         self.request(RTM_DELADDR, 0, body)
 
     # ---- routes ----
-    def routes(self, family=AF_INET, table=RT_TABLE_MAIN):
+    def routes(self, family: int = AF_INET, table: int | None = RT_TABLE_MAIN) -> list[Route]:
+        """The routes of one family (AF_UNSPEC: all) in `table` (None: every table)."""
         out = []
         for _, p in self.request(RTM_GETROUTE, F_DUMP, _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)):
-            fam, dst_len, _, _, tbl, proto, scope, rtype, flags = _RTMSG.unpack_from(p)
-            a = parse_attrs(p, _RTMSG.size)
-            if RTA_TABLE in a:
-                tbl = struct.unpack("=I", a[RTA_TABLE])[0]
-            if table is not None and tbl != table:
-                continue
-            dst = IPNet(_ip_from(fam, a[RTA_DST]) if RTA_DST in a else IP(fam, 0), dst_len)
-            metrics = parse_attrs(a[RTA_METRICS]) if RTA_METRICS in a else {}
-            out.append(Route(
-                family=fam, dst=dst, table=tbl, protocol=proto, scope=scope, type=rtype, flags=flags,
-                gateway=_ip_from(fam, a[RTA_GATEWAY]) if RTA_GATEWAY in a else None,
-                oif=struct.unpack("=I", a[RTA_OIF])[0] if RTA_OIF in a else 0,
-                priority=struct.unpack("=I", a[RTA_PRIORITY])[0] if RTA_PRIORITY in a else 0,
-                prefsrc=_ip_from(fam, a[RTA_PREFSRC]) if RTA_PREFSRC in a else None,
-                mtu=struct.unpack("=I", metrics[RTAX_MTU])[0] if RTAX_MTU in metrics else 0,
-                advmss=struct.unpack("=I", metrics[RTAX_ADVMSS])[0] if RTAX_ADVMSS in metrics else 0,
-            ))
+            route = _route(p, table)
+            if route is not None:
+                out.append(route)
         return out
 
-    def _route_msg(self, dst, gateway, oif, table, protocol, scope, onlink, priority, mtu,
-                   advmss, prefsrc, rtype=RTN_UNICAST):
+    def route_get(self, dst: IP) -> Route | None:
+        """The route the kernel picks for a packet to dst (`ip route get`): its oif is
+        the link it leaves through (0 if none, e.g. a blackhole), its dst dst/32 (or /128).
+        NetlinkError if the kernel has no route (ENETUNREACH)."""
+        body = _RTMSG.pack(dst.family, dst.bits, 0, 0, 0, 0, 0, 0, 0) + attr(RTA_DST, dst.packed())
+        for _, payload in self._get(RTM_GETROUTE, body):
+            return _route(payload)
+        return None
+
+    def _route_msg(self, dst: IPNet, gateway: IP | None, oif: int, table: int, protocol: int,
+                   scope: int | None, onlink: bool, priority: int, mtu: int, advmss: int,
+                   prefsrc: IP | None, rtype: int = RTN_UNICAST) -> bytes:
         dst = dst.masked()
         if scope is None:
             scope = RT_SCOPE_UNIVERSE if gateway is not None else RT_SCOPE_LINK
@@ -505,9 +582,10 @@ class Netlink:
             body += attr(RTA_METRICS, metrics)
         return body
 
-    def add_route(self, dst, gateway=None, oif=0, table=RT_TABLE_MAIN, protocol=RTPROT_BOOT,
-                  scope=None, onlink=False, priority=0, mtu=0, advmss=0, prefsrc=None,
-                  replace=False, append=False, rtype=RTN_UNICAST):
+    def add_route(self, dst: IPNet, gateway: IP | None = None, oif: int = 0, table: int = RT_TABLE_MAIN,
+                  protocol: int = RTPROT_BOOT, scope: int | None = None, onlink: bool = False, priority: int = 0,
+                  mtu: int = 0, advmss: int = 0, prefsrc: IP | None = None, replace: bool = False,
+                  append: bool = False, rtype: int = RTN_UNICAST) -> None:
         """Add (or with replace=True, add-or-update) a route; dst is an IPNet.
 
         rtype: RTN_UNICAST, or e.g. RTN_BLACKHOLE (6) for a route without a
@@ -518,7 +596,8 @@ class Netlink:
         flags = F_CREATE | (F_REPLACE if replace else (F_APPEND if append else F_EXCL))
         self.request(RTM_NEWROUTE, flags, body)
 
-    def del_route(self, dst, gateway=None, oif=0, table=RT_TABLE_MAIN, priority=0, protocol=0):
+    def del_route(self, dst: IPNet, gateway: IP | None = None, oif: int = 0, table: int = RT_TABLE_MAIN,
+                  priority: int = 0, protocol: int = 0) -> None:
         # Scope RT_SCOPE_NOWHERE matches any scope (as `ip route del`); with 0
         # (universe) the kernel would only delete routes via a gateway, and a
         # link-scope route (no gateway) would answer ESRCH. protocol 0 matches
@@ -528,7 +607,7 @@ class Netlink:
         self.request(RTM_DELROUTE, 0, body)
 
     # ---- neighbours and FDB ----
-    def neighbours(self, family=AF_INET, index=None):
+    def neighbours(self, family: int = AF_INET, index: int | None = None) -> list[Neigh]:
         out = []
         for _, p in self.request(RTM_GETNEIGH, F_DUMP, _NDMSG.pack(family, 0, 0, 0, 0)):
             fam, idx, state, flags, _ = _NDMSG.unpack_from(p)
@@ -543,17 +622,17 @@ class Netlink:
                              lladdr=mac_str(a[NDA_LLADDR]) if NDA_LLADDR in a else None))
         return out
 
-    def set_neighbour(self, index, dst, lladdr, state=NUD_PERMANENT):
+    def set_neighbour(self, index: int, dst: IP, lladdr: str, state: int = NUD_PERMANENT) -> None:
         """Add or replace a neighbour (ARP/NDP) entry: dst IP -> lladdr on link index."""
         body = _NDMSG.pack(dst.family, index, state, 0, 0)
         body += attr(NDA_DST, dst.packed()) + attr(NDA_LLADDR, mac_bytes(lladdr))
         self.request(RTM_NEWNEIGH, F_CREATE | F_REPLACE, body)
 
-    def del_neighbour(self, index, dst):
+    def del_neighbour(self, index: int, dst: IP) -> None:
         body = _NDMSG.pack(dst.family, index, 0, 0, 0) + attr(NDA_DST, dst.packed())
         self.request(RTM_DELNEIGH, 0, body)
 
-    def fdb(self, index=None):
+    def fdb(self, index: int | None = None) -> list[Neigh]:
         """Bridge/VXLAN FDB entries (`bridge fdb show`), of one link if index is given.
 
         Neigh objects with family AF_BRIDGE: lladdr the MAC, dst the remote VTEP
@@ -562,7 +641,7 @@ class Netlink:
         """
         return self.neighbours(family=AF_BRIDGE, index=index)
 
-    def set_fdb(self, index, lladdr, dst):
+    def set_fdb(self, index: int, lladdr: str, dst: IP) -> None:
         """Add or replace a VXLAN FDB entry: MAC -> remote VTEP IP (bridge fdb ... self).
 
         The all-zeros MAC (where broadcast and unknown traffic is flooded) and
@@ -576,14 +655,14 @@ class Netlink:
         body += attr(NDA_LLADDR, raw) + attr(NDA_DST, dst.packed())
         self.request(RTM_NEWNEIGH, F_CREATE | (F_APPEND if flood else F_REPLACE), body)
 
-    def del_fdb(self, index, lladdr, dst=None):
+    def del_fdb(self, index: int, lladdr: str, dst: IP | None = None) -> None:
         body = _NDMSG.pack(AF_BRIDGE, index, 0, NTF_SELF, 0) + attr(NDA_LLADDR, mac_bytes(lladdr))
         if dst is not None:
             body += attr(NDA_DST, dst.packed())
         self.request(RTM_DELNEIGH, 0, body)
 
 
-def _extack(payload, flags):
+def _extack(payload: bytes, flags: int) -> str:
     # NLM_F_CAPPED (0x100): the original request is not echoed; TLVs follow the header.
     NLM_F_CAPPED, NLM_F_ACK_TLVS = 0x100, 0x200
     if not flags & NLM_F_ACK_TLVS:

@@ -5,13 +5,20 @@ core `_ctypes` 0.5 ms, so setns(2) is bound through `_ctypes` directly.
 Namespace switches apply to the calling thread only: CNI plugins are
 single-threaded, and `entered` always switches back.
 """
+from __future__ import annotations
+
 import os
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Self
+
 CLONE_NEWNET = 0x40000000
-_setns_func = None
+_setns_func: Callable[[int, int], None] | None = None
 
 
-def _libc_setns():
+def _libc_setns() -> Callable[[int, int], None]:
     import _ctypes
 
     class _CInt(_ctypes._SimpleCData):
@@ -22,25 +29,25 @@ def _libc_setns():
         _restype_ = _CInt
 
     class _Libc:
-        _handle = _ctypes.dlopen(None, 0)
+        _handle = _ctypes.dlopen(None, 0)        # type: ignore[arg-type]  # (None: the program itself)
 
-    func = _Func(("setns", _Libc()))
+    func = _Func(("setns", _Libc()))            # type: ignore[arg-type]  # (_Libc stands in for a CDLL)
 
-    def setns(fd, nstype):
+    def setns(fd: int, nstype: int) -> None:
         if func(fd, nstype) != 0:
             err = _ctypes.get_errno()
             raise OSError(err, os.strerror(err))
     return setns
 
 
-def setns(fd, nstype=CLONE_NEWNET):
+def setns(fd: int, nstype: int = CLONE_NEWNET) -> None:
     global _setns_func
     if _setns_func is None:
         _setns_func = getattr(os, "setns", None) or _libc_setns()
     _setns_func(fd, nstype)
 
 
-def open_netns(path):
+def open_netns(path: str) -> int:
     """Open a netns file (e.g. /var/run/netns/x or /proc/PID/ns/net); fd is close-on-exec."""
     return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
@@ -48,12 +55,12 @@ def open_netns(path):
 class entered:
     """`with entered(path_or_fd):` runs the block inside that network namespace."""
 
-    def __init__(self, target):
+    def __init__(self, target: str | int) -> None:
         self.target = target
-        self._home = None
-        self._fd = None
+        self._home: int | None = None
+        self._fd: int | None = None
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         self._home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         try:
             if isinstance(self.target, int):
@@ -69,13 +76,14 @@ class entered:
             raise
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
+        assert self._home is not None, "not entered"
         try:
             setns(self._home)
         finally:
             self._close()
 
-    def _close(self):
+    def _close(self) -> None:
         for fd in (self._fd, self._home):
             if fd is not None:
                 os.close(fd)

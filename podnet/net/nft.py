@@ -10,9 +10,15 @@ and `add set|map T S { type ...; elements = { ... } }` need only the table list;
 alone costs ~0.4 s; the kernel's own commit of a small change costs ~55 ms. So
 callers that care write the cheap forms (see kube_proxy/nftables.py).
 """
+from __future__ import annotations
+
 import json
 
-from podnet.proc import run
+from podnet.proc import Completed, run
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 NFT = "nft"
 
@@ -21,19 +27,19 @@ class NftError(RuntimeError):
     pass
 
 
-def _errors(proc, limit=4000):
+def _errors(proc: Completed, limit: int = 4000) -> str:
     text = proc.stderr.decode(errors="replace").strip()
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
-def apply(text):
+def apply(text: str | bytes) -> None:
     """Run `text` (nft syntax, several commands) as one transaction; raise NftError if refused."""
     proc = run([NFT, "-f", "-"], text.encode() if isinstance(text, str) else text)
     if proc.returncode != 0:
         raise NftError("nft -f failed: %s" % _errors(proc))
 
 
-def list_json(*what, terse=False):
+def list_json(*what: str, terse: bool = False) -> list[dict[str, Any]]:
     """`nft -j [-t] list <what...>` -> the objects it lists, e.g. [{"chain": {...}}, ...]
     (the metainfo entry dropped)."""
     argv = [NFT, "-j"] + (["-t"] if terse else []) + ["list"] + list(what)
@@ -45,7 +51,7 @@ def list_json(*what, terse=False):
     return [obj for obj in json.loads(proc.stdout).get("nftables", []) if "metainfo" not in obj]
 
 
-def list_text(*what):
+def list_text(*what: str) -> str:
     """`nft list <what...>` as text."""
     argv = [NFT, "list"] + list(what)
     proc = run(argv)
@@ -54,7 +60,7 @@ def list_text(*what):
     return proc.stdout.decode()
 
 
-def version():
+def version() -> str:
     proc = run([NFT, "--version"])
     if proc.returncode != 0:
         raise NftError("nft --version failed: %s" % _errors(proc))

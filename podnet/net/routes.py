@@ -14,10 +14,22 @@ Desired and actual state are maps of the same shape, so the diff is pure
 (unit-tested without root); only `read_routes` and `RoutePlan`'s two apply
 phases touch the kernel.
 """
+from __future__ import annotations
+
 import logging
 
 from podnet.net.ip import AF_INET, parse_cidr, parse_ip
 from podnet.net.netlink import RT_SCOPE_UNIVERSE, RTN_BLACKHOLE, RTN_UNICAST, RTNH_F_ONLINK, NetlinkError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Mapping
+    from typing import Any, TypeVar
+
+    from podnet.net.netlink import Netlink, Route
+
+    V = TypeVar("V")
+    RouteDict = dict[str, Any]      # {"dst"?, "via", "dev", "onlink"} or {"dst"?, "type"}: see above
 
 TYPE_NAMES = {RTN_UNICAST: "unicast", RTN_BLACKHOLE: "blackhole"}
 TYPES = {name: number for number, name in TYPE_NAMES.items()}
@@ -27,7 +39,7 @@ log = logging.getLogger("podnet.net.routes")
 
 # ---- pure ----------------------------------------------------------------------
 
-def diff(have, want):
+def diff(have: Mapping[str, V], want: Mapping[str, V]) -> tuple[list[str], dict[str, V]]:
     """Two {key: value} maps -> (keys to remove, {key: value} to set).
 
     A key whose value differs is only set (an add-or-replace), not removed first.
@@ -37,12 +49,12 @@ def diff(have, want):
     return remove, put
 
 
-def routes_by_dst(routes):
+def routes_by_dst(routes: Iterable[RouteDict]) -> dict[str, RouteDict]:
     """[route dicts] -> {dst: route dict without dst}, the diffable form."""
     return {r["dst"]: {k: v for k, v in r.items() if k != "dst"} for r in routes}
 
 
-def route_text(r):
+def route_text(r: RouteDict) -> str:
     """' via X dev Y onlink' or ' blackhole': a route dict (without dst) for logs."""
     if r.get("type", "unicast") != "unicast":
         return " " + r["type"]
@@ -52,7 +64,8 @@ def route_text(r):
 
 # ---- the kernel ------------------------------------------------------------------
 
-def read_routes(nl, protocol, family=AF_INET, types=(RTN_UNICAST,)):
+def read_routes(nl: Netlink, protocol: int, family: int = AF_INET,
+                types: tuple[int, ...] = (RTN_UNICAST,)) -> tuple[dict[str, RouteDict], list[Route]]:
     """Our routes as data: ({dst: route dict without dst}, [duplicates to delete]).
 
     Unicast routes read back as {"via", "dev", "onlink"}, others (of `types`)
@@ -62,7 +75,8 @@ def read_routes(nl, protocol, family=AF_INET, types=(RTN_UNICAST,)):
     metric or type) are returned separately as kernel Route objects.
     """
     names = {link.index: link.name for link in nl.links()}
-    have, extra = {}, []
+    have: dict[str, RouteDict] = {}
+    extra: list[Route] = []
     for r in nl.routes(family):
         if r.protocol != protocol or r.type not in types:
             continue
@@ -87,13 +101,14 @@ class RoutePlan:
     logged and left for the next sync.
     """
 
-    def __init__(self, nl, want, protocol, family=AF_INET, types=(RTN_UNICAST,)):
+    def __init__(self, nl: Netlink, want: Mapping[str, RouteDict], protocol: int, family: int = AF_INET,
+                 types: tuple[int, ...] = (RTN_UNICAST,)) -> None:
         self.nl = nl
         self.protocol = protocol
         self.have, self.extra = read_routes(nl, protocol, family, types)
         self.stale, self.put = diff(self.have, want)
 
-    def remove(self, logger=log):
+    def remove(self, logger: logging.Logger = log) -> list[str]:
         changes = []
         for r in self.extra:
             if attempt(logger, "delete duplicate route %s" % r.dst, self.nl.del_route, r.dst,
@@ -105,7 +120,7 @@ class RoutePlan:
                 changes.append("del route %s%s" % (dst, route_text(self.have[dst])))
         return changes
 
-    def add(self, dev_index, logger=log):
+    def add(self, dev_index: Mapping[str, int], logger: logging.Logger = log) -> list[str]:
         """dev_index maps the link names used in `want` to ifindexes.
 
         A dst whose kernel route has another type (unicast <-> blackhole) is
@@ -132,13 +147,15 @@ class RoutePlan:
         return changes
 
 
-def sync_routes(nl, want, dev_index, protocol, logger=log, family=AF_INET, types=(RTN_UNICAST,)):
+def sync_routes(nl: Netlink, want: Mapping[str, RouteDict], dev_index: Mapping[str, int], protocol: int,
+                logger: logging.Logger = log, family: int = AF_INET,
+                types: tuple[int, ...] = (RTN_UNICAST,)) -> list[str]:
     """Make our routes equal `want`; returns the changes made ([] if none were needed)."""
     plan = RoutePlan(nl, want, protocol, family, types)
     return plan.remove(logger) + plan.add(dev_index, logger)
 
 
-def attempt(logger, what, func, *args, **kw):
+def attempt(logger: logging.Logger, what: str, func: Callable[..., object], *args: Any, **kw: Any) -> bool:
     """func(*args, **kw); True, or False with the kernel's refusal logged as "failed to <what>"."""
     try:
         func(*args, **kw)
