@@ -15,6 +15,8 @@ no longer lists, then sends GC to each plugin (spec 1.1.0).
 This is the runtime side: plugins always run as separate processes here, the
 way kubelet/containerd would run them.
 """
+from __future__ import annotations
+
 import base64
 import os
 
@@ -24,14 +26,22 @@ from cni.fastjson import JSONError, dumps, loads
 from cni.invoke import cni_env, execute, find
 from cni.types import check_supported, from_version, to_version, version_tuple
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Collection, Iterable, Mapping
+    from typing import Any
+
+    from cni.types import Result
+
 DEFAULT_CACHE_DIR = "/var/lib/cni"
 
 
 class RuntimeConf:
     """What the runtime knows about one attachment."""
 
-    def __init__(self, container_id, netns, ifname="eth0", args=(), capability_args=None,
-                 cache_dir=DEFAULT_CACHE_DIR):
+    def __init__(self, container_id: str, netns: str, ifname: str = "eth0",
+                 args: Iterable[tuple[str, str]] = (), capability_args: Mapping[str, Any] | None = None,
+                 cache_dir: str = DEFAULT_CACHE_DIR) -> None:
         self.container_id = container_id
         self.netns = netns
         self.ifname = ifname
@@ -39,22 +49,22 @@ class RuntimeConf:
         self.capability_args = dict(capability_args or {})
         self.cache_dir = cache_dir
 
-    def cni_args(self):
+    def cni_args(self) -> str:
         return ";".join("%s=%s" % kv for kv in self.args)
 
 
 class ConfList:
-    def __init__(self, raw, data):
+    def __init__(self, raw: dict[str, Any], data: bytes) -> None:
         self.raw = raw           # the list as a dict
         self.bytes = data        # the file as given (cached verbatim, as libcni does)
-        self.name = raw["name"]
-        self.version = raw["cniVersion"]
-        self.plugins = raw["plugins"]
+        self.name: str = raw["name"]
+        self.version: str = raw["cniVersion"]
+        self.plugins: list[dict[str, Any]] = raw["plugins"]
         self.disable_check = bool(raw.get("disableCheck"))
         self.disable_gc = bool(raw.get("disableGC"))
 
 
-def load(source):
+def load(source: str | os.PathLike[str] | bytes | bytearray | dict[str, Any]) -> ConfList:
     """A ConfList from a path, bytes or dict. A single plugin config is wrapped
     into a one-plugin list, as libcni's ConfListFromConf does."""
     if isinstance(source, dict):
@@ -90,7 +100,8 @@ def load(source):
     return ConfList(raw, data)
 
 
-def plugin_config(conflist, plugin, rt, prev_result=None, extra=None):
+def plugin_config(conflist: ConfList, plugin: dict[str, Any], rt: RuntimeConf | None,
+                  prev_result: Result | None = None, extra: dict[str, Any] | None = None) -> bytes:
     """One plugin's stdin: its config plus name, cniVersion, prevResult, runtimeConfig."""
     conf = dict(plugin)
     conf["name"] = conflist.name
@@ -106,7 +117,8 @@ def plugin_config(conflist, plugin, rt, prev_result=None, extra=None):
     return dumps(conf).encode()
 
 
-def _run(plugin, command, stdin, rt, cni_path):
+def _run(plugin: dict[str, Any], command: str, stdin: bytes, rt: RuntimeConf | None,
+         cni_path: list[str]) -> Result | None:
     env = cni_env(command, rt.container_id if rt else "", rt.netns if rt else "",
                   rt.ifname if rt else "", rt.cni_args() if rt else "", cni_path)
     return execute(find(plugin["type"], cni_path), command, stdin, env, in_process=False)
@@ -114,11 +126,11 @@ def _run(plugin, command, stdin, rt, cni_path):
 
 # ---- the cache -----------------------------------------------------------------
 
-def cache_path(conflist, rt):
+def cache_path(conflist: ConfList, rt: RuntimeConf) -> str:
     return os.path.join(rt.cache_dir, "results", "%s-%s-%s" % (conflist.name, rt.container_id, rt.ifname))
 
 
-def _write_cache(conflist, rt, result):
+def _write_cache(conflist: ConfList, rt: RuntimeConf, result: Result) -> None:
     entry = {"kind": "cniCacheV1", "containerId": rt.container_id,
              "config": base64.b64encode(conflist.bytes).decode(), "ifName": rt.ifname,
              "networkName": conflist.name, "netns": rt.netns,
@@ -133,7 +145,7 @@ def _write_cache(conflist, rt, result):
     os.replace(tmp, path)
 
 
-def cached_result(conflist, rt):
+def cached_result(conflist: ConfList, rt: RuntimeConf) -> Result | None:
     """The cached ADD result (internal shape), or None."""
     try:
         with open(cache_path(conflist, rt), "rb") as f:
@@ -148,14 +160,14 @@ def cached_result(conflist, rt):
     return from_version(raw, raw.get("cniVersion", conflist.version))
 
 
-def _drop_cache(conflist, rt):
+def _drop_cache(conflist: ConfList, rt: RuntimeConf) -> None:
     try:
         os.unlink(cache_path(conflist, rt))
     except FileNotFoundError:
         pass
 
 
-def cached_attachments(cache_dir, network=None):
+def cached_attachments(cache_dir: str, network: str | None = None) -> list[RuntimeConf]:
     """The attachments the cache knows (libcni's GetCachedAttachments): a list of
     RuntimeConf rebuilt from each readable cniCacheV1 entry, of `network` if given."""
     directory = os.path.join(cache_dir, "results")
@@ -178,24 +190,28 @@ def cached_attachments(cache_dir, network=None):
             continue
         args = [tuple(kv) for kv in entry.get("cniArgs") or [] if isinstance(kv, list) and len(kv) == 2]
         caps = entry.get("capabilityArgs") if isinstance(entry.get("capabilityArgs"), dict) else {}
-        netns = entry.get("netns") if isinstance(entry.get("netns"), str) else ""
+        netns = entry.get("netns")
+        if not isinstance(netns, str):
+            netns = ""
         out.append(RuntimeConf(cid, netns, ifname, args, caps, cache_dir))
     return out
 
 
 # ---- the operations ---------------------------------------------------------------
 
-def add(conflist, rt, cni_path):
+def add(conflist: ConfList, rt: RuntimeConf, cni_path: list[str]) -> Result:
     """ADD every plugin in order; returns the final result (internal shape) and caches it."""
     result = None
     for plugin in conflist.plugins:
         stdin = plugin_config(conflist, plugin, rt, result)
         result = _run(plugin, "ADD", stdin, rt, cni_path)
+    if TYPE_CHECKING:   # load() refuses an empty list, and a plugin's ADD returns a result
+        assert result is not None
     _write_cache(conflist, rt, result)
     return result
 
 
-def delete(conflist, rt, cni_path):
+def delete(conflist: ConfList, rt: RuntimeConf, cni_path: list[str]) -> None:
     """DEL every plugin in reverse order, with the cached result as prevResult."""
     prev = None
     if version_tuple(conflist.version) >= (0, 4, 0):
@@ -208,7 +224,7 @@ def delete(conflist, rt, cni_path):
     _drop_cache(conflist, rt)
 
 
-def check(conflist, rt, cni_path):
+def check(conflist: ConfList, rt: RuntimeConf, cni_path: list[str]) -> None:
     if version_tuple(conflist.version) < (0, 4, 0):
         raise CNIError(errors.INCOMPATIBLE_VERSION, "configuration version %s does not support CHECK"
                        % conflist.version)
@@ -222,7 +238,8 @@ def check(conflist, rt, cni_path):
         _run(plugin, "CHECK", plugin_config(conflist, plugin, rt, prev), rt, cni_path)
 
 
-def gc(conflist, valid_attachments, cni_path, cache_dir=None):
+def gc(conflist: ConfList, valid_attachments: Collection[tuple[str, str]], cni_path: list[str],
+       cache_dir: str | None = None) -> None:
     """GC, as libcni's GCNetworkList: first DEL every attachment of this network
     that the cache (if cache_dir is given) holds and valid_attachments lacks,
     with its cached runtime config; then (spec 1.1.0) each plugin's GC with the
@@ -250,7 +267,7 @@ def gc(conflist, valid_attachments, cni_path, cache_dir=None):
         raise failures[0]
 
 
-def status(conflist, cni_path):
+def status(conflist: ConfList, cni_path: list[str]) -> None:
     """STATUS (spec 1.1.0): raises the first plugin's error; None when all are ready."""
     if version_tuple(conflist.version) < (1, 1, 0):
         return

@@ -1,4 +1,9 @@
 """CNI errors: the spec's well-known codes and the error JSON a plugin prints."""
+from __future__ import annotations
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 # Codes from the CNI spec ("Error codes"); 100 and up belong to plugins.
 INCOMPATIBLE_VERSION = 1       # incompatible CNI version
@@ -23,22 +28,22 @@ HOST_PORT_IN_USE = 103         # portmap: another container already maps that ho
 class CNIError(Exception):
     """An error a plugin reports to its caller as the spec's error JSON."""
 
-    def __init__(self, code, msg, details=""):
+    def __init__(self, code: int, msg: str, details: str | None = "") -> None:
         super().__init__(msg)
         self.code = code
         self.msg = msg
         self.details = details or ""
 
-    def to_dict(self, cni_version):
-        out = {"cniVersion": cni_version, "code": self.code, "msg": self.msg}
+    def to_dict(self, cni_version: str) -> dict[str, Any]:
+        out: dict[str, Any] = {"cniVersion": cni_version, "code": self.code, "msg": self.msg}
         if self.details:
             out["details"] = self.details
         return out
 
-    def __str__(self):
+    def __str__(self) -> str:
         if self.details:
             return "%s; %s" % (self.msg, self.details)
         return self.msg
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "CNIError(%d, %r, %r)" % (self.code, self.msg, self.details)

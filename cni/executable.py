@@ -1,12 +1,19 @@
 """The plugin executables that `podnet install-cni` writes, and how to recognise them.
 
-Each executable is a three-line Python script run by the system interpreter
+Each executable is a four-line Python script (see render(): the shebang, the
+marker, the sys.path entry, the call of main()) run by the system interpreter
 with -I -S (isolated, no site): site-packages are not scanned, which saves
 several ms per invocation; the script puts podnet's source root on sys.path
 itself. The marker line lets cni.invoke recognise one of ours in CNI_PATH and
 run it in-process instead of paying another interpreter start.
 """
+from __future__ import annotations
+
 import os
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 # Executable name -> module defining COMMANDS and main(). Later plugins join here.
 PLUGINS = {
@@ -22,7 +29,7 @@ MARKER = "# podnet-cni-plugin "
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def render(name, python):
+def render(name: str, python: str) -> str:
     module = PLUGINS[name]
     return (
         "#!%s -IS\n"
@@ -32,7 +39,7 @@ def render(name, python):
     ) % (python, MARKER, module, ROOT, ROOT, module)
 
 
-def read_marker(path):
+def read_marker(path: str) -> tuple[str, str] | None:
     """(module, root) if `path` is a podnet plugin executable, else None."""
     try:
         with open(path, "rb") as f:
@@ -48,7 +55,7 @@ def read_marker(path):
     return module, root
 
 
-def install(dest, python, names=None):
+def install(dest: str, python: str, names: Iterable[str] | None = None) -> list[str]:
     """Write the executables into dest atomically (rename), return their paths."""
     os.makedirs(dest, exist_ok=True)
     written = []

@@ -4,7 +4,13 @@
 accelerator `_json` that it wraps costs 0.5 ms. Only errors fall back to the
 `json` package (for its messages), and errors are not on the fast path.
 """
+from __future__ import annotations
+
 import _json
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
 
 __all__ = ["loads", "dumps", "JSONError"]
 
@@ -25,11 +31,11 @@ class _Context:
     memo = None
 
     @staticmethod
-    def parse_constant(name):
+    def parse_constant(name: str) -> NoReturn:
         raise JSONError("invalid JSON constant %s" % name)
 
     @staticmethod
-    def parse_float(text):
+    def parse_float(text: str) -> float:
         # As Go: a number too large for a float64 is an error, not infinity
         # (which dumps could not write back).
         value = float(text)
@@ -38,11 +44,13 @@ class _Context:
         return value
 
 
-_scan = _json.make_scanner(_Context())
+# typeshed declares make_scanner's context as a make_scanner itself (a TODO there: it is
+# duck-typed, only the attributes above are read), so a plain class cannot satisfy it.
+_scan = _json.make_scanner(_Context())  # type: ignore[arg-type]
 _WS = " \t\n\r"
 
 
-def loads(data):
+def loads(data: str | bytes | bytearray) -> Any:
     """Parse a JSON document (str or bytes) into Python objects."""
     if isinstance(data, (bytes, bytearray)):
         try:
@@ -66,7 +74,7 @@ def loads(data):
     return obj
 
 
-def _scan_text(text):
+def _scan_text(text: str) -> tuple[Any, int]:
     try:
         return _scan(text, 0)
     except StopIteration as stop:
@@ -82,18 +90,18 @@ def _scan_text(text):
 _quote = _json.encode_basestring
 
 
-def dumps(obj, indent=None):
+def dumps(obj: object, indent: int | None = None) -> str:
     """Serialise dicts, lists, str, int, float, bool and None.
 
     With indent (an int), output matches Go's json.MarshalIndent layout, which
     is what the reference plugins print.
     """
-    out = []
+    out: list[str] = []
     _encode(obj, out, indent, 0)
     return "".join(out)
 
 
-def _encode(obj, out, indent, level):
+def _encode(obj: object, out: list[str], indent: int | None, level: int) -> None:
     if isinstance(obj, str):
         out.append(_quote(obj))
     elif obj is None:

@@ -4,6 +4,8 @@ A plugin found in CNI_PATH that is one of podnet's own executables from this
 same source tree runs in-process: same code, same config, same result, minus
 an interpreter start (~12 ms). Anything else is executed as the spec says.
 """
+from __future__ import annotations
+
 import os
 
 from cni import errors
@@ -11,8 +13,17 @@ from cni.errors import CNIError
 from cni.fastjson import JSONError, dumps, loads
 from cni.types import from_version, to_version
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any
 
-def find(plugin_type, path_dirs):
+    from cni.skel import CmdArgs
+    from cni.types import Result
+    from podnet.proc import Completed
+
+
+def find(plugin_type: str, path_dirs: list[str]) -> str:
     if not plugin_type or "/" in plugin_type:
         raise CNIError(errors.INVALID_NETCONF, "invalid plugin type %r" % (plugin_type,))
     for d in path_dirs:
@@ -23,7 +34,8 @@ def find(plugin_type, path_dirs):
                    'failed to find plugin "%s" in path [%s]' % (plugin_type, " ".join(path_dirs)))
 
 
-def delegate(plugin_type, command, args, netconf=None):
+def delegate(plugin_type: str, command: str, args: CmdArgs,
+             netconf: bytes | bytearray | dict[str, Any] | None = None) -> Result | None:
     """Run `command` of plugin `plugin_type` with our environment and netconf.
 
     `args` is the caller's CmdArgs; `netconf` is the config to send (bytes or
@@ -40,7 +52,8 @@ def delegate(plugin_type, command, args, netconf=None):
     return execute(find(plugin_type, args.path), command, stdin, env)
 
 
-def cni_env(command, container_id, netns, ifname, cni_args, path_dirs):
+def cni_env(command: str, container_id: str, netns: str, ifname: str, cni_args: str,
+            path_dirs: list[str]) -> dict[str, str]:
     """The process environment a plugin is run with: ours plus the CNI_* variables."""
     env = dict(os.environ)
     env.update({"CNI_COMMAND": command, "CNI_CONTAINERID": container_id, "CNI_NETNS": netns,
@@ -48,7 +61,8 @@ def cni_env(command, container_id, netns, ifname, cni_args, path_dirs):
     return env
 
 
-def execute(path, command, stdin, env, in_process=True):
+def execute(path: str, command: str, stdin: bytes, env: Mapping[str, str],
+            in_process: bool = True) -> Result | None:
     """Run the plugin at `path`; in-process if it is one of ours and allowed."""
     if in_process:
         from cni.executable import ROOT, read_marker
@@ -58,7 +72,7 @@ def execute(path, command, stdin, env, in_process=True):
     return _execute(path, command, env, stdin)
 
 
-def _in_process(module, command, env, stdin):
+def _in_process(module: str, command: str, env: Mapping[str, str], stdin: bytes) -> Result | None:
     from cni import skel
     mod = __import__(module, fromlist=["COMMANDS"])
     sub = skel.args_from_env(env, stdin)
@@ -73,10 +87,12 @@ def _in_process(module, command, env, stdin):
     if command != "ADD":
         return None
     # Round-trip through the callee's version as a separate process would.
+    if TYPE_CHECKING:   # an ADD returns a result (a None would fail in to_version)
+        assert result is not None
     return from_version(to_version(result, sub.version), sub.version)
 
 
-def _execute(path, command, env, stdin):
+def _execute(path: str, command: str, env: Mapping[str, str], stdin: bytes) -> Result | None:
     from podnet.proc import run
     proc = run([path], stdin, env=env)
     if proc.returncode != 0:
@@ -91,7 +107,7 @@ def _execute(path, command, env, stdin):
     return from_version(raw, version)
 
 
-def _error_from(path, proc):
+def _error_from(path: str, proc: Completed) -> CNIError:
     try:
         raw = loads(proc.stdout)
         return CNIError(int(raw["code"]), raw.get("msg", ""), raw.get("details", ""))

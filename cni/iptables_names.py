@@ -6,10 +6,12 @@ network name + container ID, cut to 28 characters (iptables allows 28 for a
 chain name). Using the same names lets either implementation clean up after
 the other.
 """
+from __future__ import annotations
+
 MAX_CHAIN_LEN = 28
 
 
-def chain_name(network, container_id, prefix=""):
+def chain_name(network: str, container_id: str, prefix: str = "") -> str:
     """"CNI-<prefix><hex sha512(network + container_id)>", 28 characters long."""
     try:
         from _sha512 import sha512

@@ -6,7 +6,17 @@ Internally a result is always held in the newest shape (1.1.0): a dict with
 config asked for; `from_version` reads a result (for example a prevResult)
 of any supported version into the internal shape.
 """
-from cni.errors import CNIError, DECODING_FAILURE, INCOMPATIBLE_VERSION
+from __future__ import annotations
+
+from cni.errors import DECODING_FAILURE, INCOMPATIBLE_VERSION, CNIError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any
+
+    # A result in the internal (1.1.0) shape, or rendered for some version: a JSON object.
+    Result = dict[str, Any]
 
 SUPPORTED_VERSIONS = ("0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST = "1.1.0"
@@ -16,7 +26,7 @@ _IFACE_11 = ("mtu", "socketPath", "pciID")
 _ROUTE_11 = ("mtu", "advmss", "priority", "table", "scope")
 
 
-def version_tuple(version):
+def version_tuple(version: str) -> tuple[int, int, int]:
     try:
         parts = tuple(int(p) for p in version.split("."))
     except (AttributeError, ValueError):
@@ -26,7 +36,7 @@ def version_tuple(version):
     return parts
 
 
-def check_supported(version):
+def check_supported(version: str) -> None:
     if version not in SUPPORTED_VERSIONS:
         raise CNIError(
             INCOMPATIBLE_VERSION,
@@ -35,11 +45,11 @@ def check_supported(version):
         )
 
 
-def empty_result():
+def empty_result() -> Result:
     return {"interfaces": [], "ips": [], "routes": [], "dns": {}}
 
 
-def from_version(raw, version):
+def from_version(raw: object, version: str) -> Result:
     """Read a result dict of spec `version` into the internal (1.1.0) shape."""
     if not isinstance(raw, dict):
         raise CNIError(DECODING_FAILURE, "result is not a JSON object")
@@ -79,26 +89,26 @@ def from_version(raw, version):
     return out
 
 
-def _dict(value, what):
+def _dict(value: object, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise CNIError(DECODING_FAILURE, "result %s entry is not an object" % what)
     return dict(value)
 
 
-def _str(value, what):
+def _str(value: object, what: str) -> str:
     if not isinstance(value, str):
         raise CNIError(DECODING_FAILURE, "result %s is not a string" % what)
     return value
 
 
-def _routes(value):
+def _routes(value: object) -> list[dict[str, Any]]:
     routes = [_dict(r, "routes") for r in _list(value, "routes")]
     for r in routes:
         _str(r.get("dst"), "route dst")
     return routes
 
 
-def _list(value, what):
+def _list(value: object, what: str) -> list[Any]:
     if value is None:
         return []
     if not isinstance(value, list):
@@ -106,12 +116,12 @@ def _list(value, what):
     return value
 
 
-def to_version(result, version):
+def to_version(result: Mapping[str, Any], version: str) -> Result:
     """Render an internal result for spec `version` (what gets printed)."""
     vt = version_tuple(version)
     if vt < (0, 3, 0):
         return _to_020(result, version)
-    out = {"cniVersion": version}
+    out: Result = {"cniVersion": version}
     old = vt < (1, 1, 0)
     ifaces = []
     for iface in result.get("interfaces") or []:
@@ -124,7 +134,7 @@ def to_version(result, version):
         out["interfaces"] = ifaces
     ips = []
     for ip in result.get("ips") or []:
-        entry = {}
+        entry: dict[str, Any] = {}
         if vt < (1, 0, 0):
             entry["version"] = "6" if ":" in ip["address"] else "4"
         if ip.get("interface") is not None:
@@ -148,8 +158,8 @@ def to_version(result, version):
     return out
 
 
-def _to_020(result, version):
-    out = {"cniVersion": version}
+def _to_020(result: Mapping[str, Any], version: str) -> Result:
+    out: Result = {"cniVersion": version}
     for ip in result.get("ips") or []:
         key = "ip6" if ":" in ip["address"] else "ip4"
         if key in out:

@@ -29,12 +29,26 @@ one without ever talking to etcd.
 Threads: every method may be called from any thread; each thread gets its own
 HTTP session per endpoint (a requests.Session is not meant to be shared).
 """
+from __future__ import annotations
+
 import os
 import threading
 from collections import namedtuple
 from urllib.parse import urlsplit
 
 from podnet.net.ip import parse_cidr
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Generator, Iterable, Mapping
+    from typing import Any, NamedTuple, TypeVar
+
+    import requests
+    from etcd3gw.client import Etcd3Client
+
+    from podnet.net.ip import IPNet
+
+    T = TypeVar("T")
 
 DEFAULT_PORT = 2379
 
@@ -46,45 +60,59 @@ class EtcdError(RuntimeError):
 class WatchCompacted(EtcdError):
     """The watch's start revision was compacted away: events may have been missed."""
 
-    def __init__(self, start_revision, compact_revision):
+    def __init__(self, start_revision: int, compact_revision: int | str) -> None:
         super().__init__("revision %d was compacted (oldest kept: %s)" % (start_revision, compact_revision))
         self.start_revision = start_revision
         self.compact_revision = compact_revision
 
 
-Endpoint = namedtuple("Endpoint", "scheme host port url")
+if TYPE_CHECKING:         # the same tuples as below, with their fields' types
+    class Endpoint(NamedTuple):
+        scheme: str
+        host: str
+        port: int
+        url: str
 
-# One key as read: key decoded to str, value raw bytes, the rest ints (0 when absent).
-KV = namedtuple("KV", "key value mod_revision create_revision lease")
+    class KV(NamedTuple):
+        key: str
+        value: bytes
+        mod_revision: int
+        create_revision: int
+        lease: int
+else:
+    Endpoint = namedtuple("Endpoint", "scheme host port url")
+
+    # One key as read: key decoded to str, value raw bytes, the rest ints (0 when absent).
+    KV = namedtuple("KV", "key value mod_revision create_revision lease")
 
 
 # ---- pure: encoding, keys, endpoints, request bodies -------------------------------------
 
-def b64(data):
+def b64(data: str | bytes) -> str:
     """str or bytes -> the base64 text the JSON gateway wants for keys and values."""
     import base64
     return base64.b64encode(data.encode() if isinstance(data, str) else data).decode("ascii")
 
 
-def unb64(text):
+def unb64(text: str | None) -> bytes:
     """The gateway's base64 (None or "" for an empty value) -> bytes."""
     import base64
     return base64.b64decode(text or "")
 
 
-def prefix_end(prefix):
+def prefix_end(prefix: str | bytes) -> bytes:
     """The range_end that makes [prefix, end) every key starting with prefix."""
     b = bytearray(prefix.encode() if isinstance(prefix, str) else prefix)
     b[-1] += 1
     return bytes(b)
 
 
-def net_key_name(net):
+def net_key_name(net: IPNet) -> str:
     """IPNet -> "10.65.0.64-26": how flannel (and calico-lite after it) name a network in a key."""
     return "%s-%d" % (net.network, net.prefixlen)
 
 
-def net_from_key(key):
+def net_from_key(key: str) -> IPNet:
     """".../10.65.0.64-26" -> IPNet as written (host bits kept: callers decide); ValueError if not one."""
     addr, sep, plen = key.rsplit("/", 1)[-1].rpartition("-")
     if not sep:
@@ -92,7 +120,7 @@ def net_from_key(key):
     return parse_cidr("%s/%s" % (addr, plen))
 
 
-def parse_endpoints(endpoints):
+def parse_endpoints(endpoints: str | Iterable[str]) -> list[Endpoint]:
     """["http://h:p", ...] or "http://h:p,https://..." -> [Endpoint]; ValueError if none or malformed."""
     if isinstance(endpoints, str):
         endpoints = endpoints.split(",")
@@ -114,41 +142,41 @@ def parse_endpoints(endpoints):
     return out
 
 
-def cmp_absent(key):
+def cmp_absent(key: str | bytes) -> dict[str, Any]:
     """Transaction compare: `key` does not exist."""
     return {"key": b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": 0}
 
 
-def cmp_mod(key, mod_revision):
+def cmp_mod(key: str | bytes, mod_revision: int) -> dict[str, Any]:
     """Transaction compare: `key` was last changed at `mod_revision` (nobody wrote it since we read it)."""
     return {"key": b64(key), "target": "MOD", "result": "EQUAL", "mod_revision": mod_revision}
 
 
-def cmp_value(key, value):
+def cmp_value(key: str | bytes, value: str | bytes) -> dict[str, Any]:
     """Transaction compare: `key` holds exactly `value`."""
     return {"key": b64(key), "target": "VALUE", "result": "EQUAL", "value": b64(value)}
 
 
-def op_put(key, value, lease=0):
+def op_put(key: str | bytes, value: str | bytes, lease: int = 0) -> dict[str, Any]:
     """Transaction operation: put (under etcd lease `lease` if not 0)."""
-    req = {"key": b64(key), "value": b64(value)}
+    req: dict[str, Any] = {"key": b64(key), "value": b64(value)}
     if lease:
         req["lease"] = lease
     return {"request_put": req}
 
 
-def op_delete(key):
+def op_delete(key: str | bytes) -> dict[str, Any]:
     """Transaction operation: delete `key`."""
     return {"request_delete_range": {"key": b64(key)}}
 
 
-def decode_kv(kv):
+def decode_kv(kv: Mapping[str, Any]) -> KV:
     """A gateway key-value object (base64, numbers as strings) -> KV."""
     return KV(unb64(kv["key"]).decode("utf-8", "replace"), unb64(kv.get("value")),
               int(kv.get("mod_revision", 0)), int(kv.get("create_revision", 0)), int(kv.get("lease", 0)))
 
 
-def decode_event(event):
+def decode_event(event: Mapping[str, Any]) -> tuple[str, KV]:
     """A watch event as the gateway sends it -> ("PUT" | "DELETE", KV)."""
     return event.get("type", "PUT"), decode_kv(event["kv"])
 
@@ -158,7 +186,8 @@ def decode_event(event):
 class EtcdClient:
     """One etcd cluster: its endpoints tried in turn, starting with the last that answered."""
 
-    def __init__(self, endpoints, cafile=None, certfile=None, keyfile=None, timeout=5.0):
+    def __init__(self, endpoints: str | Iterable[str], cafile: str | None = None,
+                 certfile: str | None = None, keyfile: str | None = None, timeout: float = 5.0) -> None:
         self.endpoints = parse_endpoints(endpoints)
         if bool(certfile) != bool(keyfile):
             raise ValueError("an etcd client certificate needs both --etcd-certfile and --etcd-keyfile")
@@ -173,17 +202,17 @@ class EtcdClient:
         self._local = threading.local()
         self._lock = threading.Lock()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "EtcdClient(%s)" % ",".join(e.url for e in self.endpoints)
 
-    def failover_from(self, index):
+    def failover_from(self, index: int) -> None:
         """Start the next calls with the endpoint after `index` (which just failed)."""
         with self._lock:
             self.current = (index + 1) % len(self.endpoints)
 
     # ---- transport ----
 
-    def _client(self, index):
+    def _client(self, index: int) -> Etcd3Client:
         """This thread's etcd3gw client for endpoint `index` (created on first use)."""
         clients = getattr(self._local, "clients", None)
         if clients is None:
@@ -201,18 +230,20 @@ class EtcdClient:
             if ep.scheme == "https":
                 session.verify = self.cafile or True
                 if self.certfile:
+                    if TYPE_CHECKING:   # __init__ refuses a certfile without a keyfile
+                        assert self.keyfile is not None
                     session.cert = (self.certfile, self.keyfile)
             client = clients[index] = etcd3gw.client(host=ep.host, port=ep.port, protocol=ep.scheme,
                                                      timeout=self.timeout, session=session)
         return client
 
     @staticmethod
-    def _detail(exc):
+    def _detail(exc: BaseException) -> str:
         """What went wrong, in a few words, with a hint for TLS (which file to check).
         etcd3gw's exceptions keep their text in detail_text (str() is empty), and the
         requests exception that says what really happened is often in the context chain."""
         import requests
-        cause = exc
+        cause: BaseException | None = exc
         while cause is not None and not isinstance(cause, requests.exceptions.RequestException):
             cause = cause.__context__
         if isinstance(cause, requests.exceptions.SSLError):
@@ -234,16 +265,16 @@ class EtcdClient:
         detail = getattr(exc, "detail_text", None) or str(exc) or type(exc).__name__
         return detail.strip()[:300]
 
-    def describe(self, index, exc):
+    def describe(self, index: int, exc: BaseException) -> str:
         """A one-line explanation of an etcd3gw/requests failure on endpoint `index`."""
         return "etcd %s: %s" % (self.endpoints[index].url, self._detail(exc))
 
-    def call(self, fn):
+    def call(self, fn: Callable[[Etcd3Client], T]) -> T:
         """fn(etcd3gw client) against the endpoints, starting with the last good one.
         A connection failure moves on to the next endpoint; any other failure, or all of
         them failing to connect, raises EtcdError."""
-        from etcd3gw.exceptions import ConnectionFailedError, ConnectionTimeoutError, Etcd3Exception
         import requests
+        from etcd3gw.exceptions import ConnectionFailedError, ConnectionTimeoutError, Etcd3Exception
         n = len(self.endpoints)
         start = self.current
         errors = []
@@ -260,13 +291,13 @@ class EtcdClient:
             return result
         raise EtcdError("etcd unreachable: " + "; ".join(errors))
 
-    def post(self, path, body):
+    def post(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
         """POST a JSON body to the v3 API (path like "/kv/range"); the decoded JSON answer."""
         return self.call(lambda c: c.post(c.get_url(path), json=body))
 
     # ---- keys ----
 
-    def range(self, key, range_end=None):
+    def range(self, key: str | bytes, range_end: str | bytes | None = None) -> tuple[list[KV], int]:
         """([KV], the store's revision) for `key`, or for [key, range_end) if range_end is given."""
         body = {"key": b64(key)}
         if range_end is not None:
@@ -274,26 +305,27 @@ class EtcdClient:
         resp = self.post("/kv/range", body)
         return [decode_kv(kv) for kv in resp.get("kvs", [])], int(resp["header"]["revision"])
 
-    def get(self, key):
+    def get(self, key: str | bytes) -> tuple[KV | None, int]:
         """(KV or None, the store's revision)."""
         kvs, revision = self.range(key)
         return (kvs[0] if kvs else None), revision
 
-    def get_prefix(self, prefix):
+    def get_prefix(self, prefix: str | bytes) -> tuple[list[KV], int]:
         """([KV] of every key starting with `prefix`, in key order; the store's revision)."""
         return self.range(prefix, prefix_end(prefix))
 
-    def put(self, key, value, lease=0):
-        body = {"key": b64(key), "value": b64(value)}
+    def put(self, key: str | bytes, value: str | bytes, lease: int = 0) -> None:
+        body: dict[str, Any] = {"key": b64(key), "value": b64(value)}
         if lease:
             body["lease"] = lease
         self.post("/kv/put", body)
 
-    def delete(self, key):
+    def delete(self, key: str | bytes) -> bool:
         """True if `key` existed."""
         return int(self.post("/kv/deleterange", {"key": b64(key)}).get("deleted", 0)) > 0
 
-    def txn(self, compare, success, failure=()):
+    def txn(self, compare: Iterable[dict[str, Any]], success: Iterable[dict[str, Any]],
+            failure: Iterable[dict[str, Any]] = ()) -> bool:
         """Run `success` if every compare (cmp_*) holds, else `failure`; True if they held."""
         resp = self.post("/kv/txn", {"compare": list(compare), "success": list(success),
                                      "failure": list(failure)})
@@ -301,25 +333,26 @@ class EtcdClient:
 
     # ---- leases ----
 
-    def lease_grant(self, ttl):
+    def lease_grant(self, ttl: int) -> tuple[int, int]:
         """(lease id, granted TTL). etcd raises TTLs below its minimum (2 s on defaults)."""
         resp = self.post("/lease/grant", {"TTL": int(ttl), "ID": 0})
         if resp.get("error"):
             raise EtcdError("etcd refused a lease of %ds: %s" % (ttl, resp["error"]))
         return int(resp["ID"]), int(resp["TTL"])
 
-    def lease_keepalive(self, lease_id):
+    def lease_keepalive(self, lease_id: int) -> int:
         """Remaining TTL after a keepalive, or 0 if etcd no longer knows the lease."""
         resp = self.post("/lease/keepalive", {"ID": lease_id})
         return int(resp.get("result", {}).get("TTL", 0))
 
-    def lease_revoke(self, lease_id):
+    def lease_revoke(self, lease_id: int) -> None:
         """Revoke a lease (its keys go with it)."""
         self.post("/kv/lease/revoke", {"ID": lease_id})
 
     # ---- watching ----
 
-    def watch(self, prefix, start_revision, stop_event, idle_timeout=900.0, index=None):
+    def watch(self, prefix: str | bytes, start_revision: int, stop_event: threading.Event,
+              idle_timeout: float = 900.0, index: int | None = None) -> Generator[dict[str, Any], None, None]:
         """The watch responses ("result" objects, events still base64: see decode_event) for
         every key under `prefix` from `start_revision`, on one stream to endpoint `index`
         (default: the current one), until stop_event is set or the stream ends.
@@ -330,12 +363,13 @@ class EtcdClient:
         message), or whatever requests raises when the connection breaks: a caller that
         keeps watching re-lists and starts again (see describe() for the message)."""
         import json
+
         from etcd3gw.exceptions import Etcd3Exception
         index = self.current if index is None else index
         url = self.endpoints[index].url
         client = self._client(index)
         try:
-            client.api_path         # discovered from /version on first use
+            client.api_path         # noqa: B018 (a property: discovered from /version on first use)
         except Etcd3Exception as e:
             raise EtcdError(self.describe(index, e)) from None
         body = {"create_request": {"key": b64(prefix), "range_end": b64(prefix_end(prefix)),
@@ -344,7 +378,7 @@ class EtcdClient:
                                    timeout=(self.timeout, idle_timeout))
         done = threading.Event()
 
-        def guard():        # a blocked read only wakes up when the socket is shut down
+        def guard() -> None:        # a blocked read only wakes up when the socket is shut down
             while not done.wait(0.2):
                 if stop_event.is_set():
                     _shutdown(resp)
@@ -375,7 +409,7 @@ class EtcdClient:
             done.set()
             resp.close()
 
-    def watch_once(self, prefix, start_revision, timeout):
+    def watch_once(self, prefix: str | bytes, start_revision: int, timeout: float) -> bool:
         """Block until a key under `prefix` changes at or after `start_revision`, or
         `timeout` seconds pass; True if something changed. A compacted start revision
         counts as a change (what happened since is unknown: look again). EtcdError if
@@ -407,7 +441,7 @@ class EtcdClient:
             timer.cancel()
 
 
-def _shutdown(resp):
+def _shutdown(resp: requests.Response) -> None:
     """Wake a thread blocked reading `resp` (closing the fd alone does not)."""
     import socket
     try:
