@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kube_proxy import iptables as ipt  # noqa: E402
 from kube_proxy import nftables as nft  # noqa: E402
+from kube_proxy.proxier import Config  # noqa: E402
 from kube_proxy.tracker import ChangeTracker  # noqa: E402
 from lab import manifests as k8s  # noqa: E402
 from lab.cluster import Lab  # noqa: E402
@@ -42,7 +43,7 @@ from podnet.net.netns import entered  # noqa: E402
 ENDPOINTS = 5
 HTTP = {"name": "http", "port": 80, "targetPort": 8080}
 HTTP_EP = {"name": "http", "port": 8080}
-CONFIG = ipt.Config(cluster_cidr=("10.244.0.0/16",))
+CONFIG = Config(cluster_cidr=("10.244.0.0/16",))
 
 
 def cluster_ip(i):

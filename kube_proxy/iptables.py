@@ -32,13 +32,25 @@ bookkeeping linear).
 import functools
 import hashlib
 import ipaddress
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from kube_proxy import model
-from kube_proxy.proxier import Config, SyncResult, clear_stale_udp_flows  # noqa: F401  (Config: re-exported)
+from kube_proxy.proxier import Config, SyncResult, clear_stale_udp_flows
+from kube_proxy.rules import (
+    FILTER,
+    MASQ_MARK,
+    NAT,
+    SHARED_CHAINS,
+    SHARED_JUMPS,
+    canonical_net,
+    other_mode_present,
+    rule,
+)
+from kube_proxy.tracker import Sync
+from podnet.kube.endpointslices import ServicePortName
 from podnet.net.iptables import chain_rules, declared_chains, quote
 
-MASQ_MARK = 0x4000
 LARGE_CLUSTER_ENDPOINTS = 1000      # above: no per-endpoint comments (kube-proxy's largeClusterMode)
 S_TRICK_CHAINS = 500                # declare more chains than this in one restore: lead with `-S`
 # Shared chains whose rules are independent of their order (each matches its own
@@ -49,7 +61,6 @@ EDITED_CHAINS = {("nat", "KUBE-SERVICES"), ("nat", "KUBE-NODEPORTS"), ("filter",
                  ("filter", "KUBE-PROXY-FIREWALL")}
 EDIT_LIMIT = 64                     # more changed rules than this (or a tenth of the chain): rewrite it
 
-NAT, FILTER = "nat", "filter"
 NAT_BASE = ("KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-POSTROUTING", "KUBE-MARK-MASQ")
 FILTER_BASE = ("KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES", "KUBE-NODEPORTS", "KUBE-FORWARD",
                "KUBE-PROXY-FIREWALL")
@@ -131,33 +142,7 @@ def is_our_chain(chain):
     return chain.startswith(OUR_PREFIXES)
 
 
-# ---- rule text -------------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=4096)
-def _net(ip_or_cidr):
-    if "/" in ip_or_cidr:
-        return str(ipaddress.ip_network(ip_or_cidr, strict=False))
-    return "%s/%d" % (ip_or_cidr, 128 if ":" in ip_or_cidr else 32)
-
-
-def rule(chain, jump, src=None, dst=None, proto=None, comment=None, matches=(), not_src=False, not_dst=False,
-         dport=None):
-    """One rule in iptables-save's canonical order."""
-    parts = ["-A", chain]
-    if src:
-        parts += (["!"] if not_src else []) + ["-s", _net(src)]
-    if dst:
-        parts += (["!"] if not_dst else []) + ["-d", _net(dst)]
-    if proto:
-        parts += ["-p", proto]
-    if comment is not None:
-        parts += ["-m", "comment", "--comment", quote(comment)]
-    parts += list(matches)
-    if dport is not None:
-        parts += ["-m", proto, "--dport", str(dport)]
-    parts += ["-j", jump]
-    return " ".join(parts)
-
+# ---- rule text (rule() itself is in rules.py, shared with the IPVS mode) ----------------------
 
 def probability(n):
     """1/n as the statistic match stores it (a 31-bit fraction) and iptables-save prints it."""
@@ -350,7 +335,7 @@ def _endpoint_jumps(chain, name, sp, endpoints, config, comments):
 
 def base_chains(config):
     """The shared chains' fixed rules: {table: {chain: [rules]}} (per-port rules are added to them)."""
-    masq = "MASQUERADE" + (" --random-fully" if config.random_fully else "")
+    masq = "MASQUERADE --random-fully"
     mark = "0x%x" % MASQ_MARK
     nat = {
         "KUBE-SERVICES": [], "KUBE-NODEPORTS": [],
@@ -374,15 +359,13 @@ def nodeport_dispatch(config):
             dst = "" if config.localhost_nodeports else "! -d 127.0.0.0/8 "
         return ["-A KUBE-SERVICES %s-m comment --comment %s -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"
                 % (dst, comment)]
-    return ["-A KUBE-SERVICES -d %s -m comment --comment %s -j KUBE-NODEPORTS" % (_net(ip), comment)
+    return ["-A KUBE-SERVICES -d %s -m comment --comment %s -j KUBE-NODEPORTS" % (canonical_net(ip), comment)
             for ip in config.nodeport_addresses]
 
 
 def forward_rules(config):
     mark = "0x%x" % MASQ_MARK
-    rules = []
-    if not config.conntrack_tcp_liberal:
-        rules.append("-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP")
+    rules = ["-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP"]
     rules.append('-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark %s/%s '
                  '-j ACCEPT' % (mark, mark))
     rules.append('-A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack '
@@ -559,18 +542,6 @@ def restore_input(new, old=None, stale=()):
 
 # ---- the proxier ---------------------------------------------------------------------------------
 
-# The IPVS mode (kube_proxy/ipvs.py) has chains of these names too, and these same jumps to
-# them: while its own chains are in the kernel (a restart of it runs our cleanup), cleanup()
-# leaves them to it.
-IPVS_MODE_CHAINS = ("KUBE-NODE-PORT", "KUBE-LOAD-BALANCER", "KUBE-IPVS-FILTER")
-SHARED_WITH_IPVS = {NAT: ("KUBE-SERVICES", "KUBE-POSTROUTING", "KUBE-MARK-MASQ"),
-                    FILTER: ("KUBE-FORWARD", "KUBE-PROXY-FIREWALL")}
-SHARED_JUMPS = ((FILTER, "FORWARD", '-m comment --comment "kubernetes forwarding rules" -j KUBE-FORWARD'),
-                (NAT, "PREROUTING", '-m comment --comment "kubernetes service portals" -j KUBE-SERVICES'),
-                (NAT, "OUTPUT", '-m comment --comment "kubernetes service portals" -j KUBE-SERVICES'),
-                (NAT, "POSTROUTING", '-m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING'))
-
-
 def jump_input(saved_by_table, remove=False, keep=()):
     """Restore input that adds (or removes) the jumps from the built-in chains that are
     missing (or present), and declares our base chains that don't exist yet (declaring
@@ -651,7 +622,7 @@ def port_changes_input(changes):
     if write or delete or edits[NAT]:
         lines.append("*nat")
         lines += [":%s - [0:0]" % c for c in list(write) + delete]
-        for chain, rules in write.items():
+        for rules in write.values():
             lines += rules
         lines += edits[NAT]
         lines += ["-X %s" % c for c in delete]
@@ -680,43 +651,46 @@ class IptablesProxier:
     sync full."""
     mode = "iptables"
 
-    def __init__(self, config, restore=None, save=None):
+    def __init__(self, config: Config, restore: Callable[[str], object] | None = None,
+                 save: Callable[[str], str] | None = None) -> None:
         from podnet.net import iptables as ipt
         self.config = config
         self.ipv6 = config.family == 6
-        self._restore = restore or (lambda text: ipt.restore(text, ipv6=self.ipv6))
+        self._restore: Callable[[str], object] = restore or (lambda text: ipt.restore(text, ipv6=self.ipv6))
         # full syncs stream their input (rendering overlaps iptables-restore's parsing);
         # returns the bytes written. With an injected `restore` (tests), chunks are joined.
-        self._restore_stream = (lambda chunks: _joined(restore, chunks)) if restore else \
+        self._restore_stream: Callable[[Iterable[str]], int] = \
+            (lambda chunks: _joined(restore, chunks)) if restore else \
             (lambda chunks: ipt.restore_stream(chunks, ipv6=self.ipv6))
-        self._save = save or (lambda table: ipt.save(table, ipv6=self.ipv6))
+        self._save: Callable[[str], str] = save or (lambda table: ipt.save(table, ipv6=self.ipv6))
         self.synced = False
-        self.port_rules = {}
-        self.chains = {NAT: set(), FILTER: set()}      # our chains in the kernel, as of the last sync
+        self.port_rules: dict[ServicePortName, ServicePortRules] = {}
+        self.chains: dict[str, set[str]] = {NAT: set(), FILTER: set()}  # ours in the kernel, as of the last sync
         self.rules = {NAT: 0, FILTER: 0}
-        self.comments = None
-        self.chains_written = None  # by the last full sync: what it found different in the kernel
+        self.comments: bool | None = None
+        self.chains_written: int | None = None  # by the last full sync: what it found different in the kernel
 
     def _read_kernel(self):
         return {table: self._save(table) for table in (FILTER, NAT)}
 
-    def setup(self):
+    def setup(self) -> None:
         """Create our base chains and the jumps to them (idempotent; kube-proxy's ensure step)."""
         text = jump_input(self._read_kernel())
         if text:
             self._restore(text)
 
-    def cleanup(self):
+    def cleanup(self) -> None:
         """Remove every rule and chain of ours (kube-proxy --cleanup, or a switch to another mode).
-        While the IPVS mode's chains are there, the chains and jumps it shares with us stay,
-        only our rules in them go."""
+        While the IPVS mode's rules are there too (rules.other_mode_present), the chains and
+        jumps it shares with us (rules.SHARED_CHAINS, rules.SHARED_JUMPS) stay, only our rules
+        in them go."""
         saved = self._read_kernel()
-        ipvs = any(c in IPVS_MODE_CHAINS for t in (FILTER, NAT) for c in declared_chains(saved[t]))
-        keep = SHARED_WITH_IPVS if ipvs else {FILTER: (), NAT: ()}
+        shared_stays = other_mode_present(self.mode, saved)
+        keep: dict[str, tuple[str, ...]] = SHARED_CHAINS if shared_stays else {FILTER: (), NAT: ()}
         doomed = {t: [c for c in declared_chains(saved[t]) if (c in (FILTER_BASE if t == FILTER else NAT_BASE)
                                                           or is_our_chain(c)) and c not in keep[t]]
                   for t in (FILTER, NAT)}
-        text = jump_input(saved, remove=True, keep=SHARED_JUMPS if ipvs else ())
+        text = jump_input(saved, remove=True, keep=SHARED_JUMPS if shared_stays else ())
         unlink = []
         for table in (FILTER, NAT):       # our rules in the chains that stay (they jump to doomed ones)
             gone = set(doomed[table])
@@ -737,7 +711,7 @@ class IptablesProxier:
             self._restore("\n".join(lines) + "\n")
         self.synced = False
 
-    def sync(self, sync):
+    def sync(self, sync: Sync) -> SyncResult:
         import time
         started = time.monotonic()
         state = sync.state
@@ -784,8 +758,9 @@ class IptablesProxier:
             if text:
                 self._restore(text)
             written = len(text)
-            self.chains_written = sum(len(d) + sum(1 for c in w if c not in kernel[t] or _edits(t, c, kernel[t][c], new[t][c])
-                                          != []) for t, (w, d) in diff(kernel, new).items())
+            self.chains_written = sum(
+                len(d) + sum(1 for c in w if c not in kernel[t] or _edits(t, c, kernel[t][c], new[t][c]) != [])
+                for t, (w, d) in diff(kernel, new).items())
         self.chains = {t: set(new[t]) for t in (FILTER, NAT)}
         self.rules = rules_count(new)
         return written

@@ -43,21 +43,22 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kube_proxy import model
-from kube_proxy.iptables import rule
-from kube_proxy.proxier import SyncResult, clear_stale_udp_flows
+from kube_proxy.proxier import Config, SyncResult, clear_stale_udp_flows
+from kube_proxy.rules import FILTER, MASQ_MARK, NAT, SHARED_CHAINS, SHARED_JUMPS, other_mode_present, rule
+from kube_proxy.tracker import Sync
+from podnet.kube.endpointslices import Endpoint, ServicePortName
 from podnet.net.iptables import chain_rules, declared_chains
 
 log = logging.getLogger("kube_proxy.ipvs")
 
 DUMMY = "kube-ipvs0"
-MASQ_MARK = 0x4000
 DEFAULT_SCHEDULER = "rr"
 GRACE_PERIOD = 300.0            # seconds a drained-but-busy real server may keep connections
 GRACEFUL_INTERVAL = 10.0        # how often the background thread looks at terminating real servers
-NAT, FILTER = "nat", "filter"
 SYSCTLS = (("net/ipv4/vs/conntrack", 1), ("net/ipv4/vs/expire_nodest_conn", 1),
            ("net/ipv4/vs/expire_quiescent_template", 1), ("net/ipv4/ip_forward", 1))
 
@@ -308,13 +309,12 @@ class Aggregate:
 NAT_CHAINS = ("KUBE-SERVICES", "KUBE-POSTROUTING", "KUBE-NODE-PORT", "KUBE-LOAD-BALANCER", "KUBE-MARK-MASQ")
 FILTER_CHAINS = ("KUBE-FORWARD", "KUBE-NODE-PORT", "KUBE-PROXY-FIREWALL", "KUBE-SOURCE-RANGES-FIREWALL",
                  "KUBE-IPVS-FILTER", "KUBE-IPVS-OUT-FILTER")
-# Chains the iptables mode has too (same names): cleanup() leaves them to it when it is there.
-SHARED_CHAINS = {NAT: ("KUBE-SERVICES", "KUBE-POSTROUTING", "KUBE-MARK-MASQ"),
-                 FILTER: ("KUBE-FORWARD", "KUBE-PROXY-FIREWALL")}
-# Chains only this mode has.
+# Chains the iptables mode has too (same names) are rules.SHARED_CHAINS: cleanup() leaves
+# them to it when it is there. Chains only this mode has:
 OWN_CHAINS = {NAT: ("KUBE-NODE-PORT", "KUBE-LOAD-BALANCER"),
               FILTER: ("KUBE-NODE-PORT", "KUBE-SOURCE-RANGES-FIREWALL", "KUBE-IPVS-FILTER", "KUBE-IPVS-OUT-FILTER")}
-# Jumps from the built-in chains: (table, chain, rule text after "-A <chain> ").
+# Jumps from the built-in chains: (table, chain, rule text after "-A <chain> "); those the
+# iptables mode has too are rules.SHARED_JUMPS (cleanup() keeps them while it is there).
 JUMPS = (
     (NAT, "PREROUTING", '-m comment --comment "kubernetes service portals" -j KUBE-SERVICES'),
     (NAT, "OUTPUT", '-m comment --comment "kubernetes service portals" -j KUBE-SERVICES'),
@@ -326,11 +326,6 @@ JUMPS = (
     (FILTER, "FORWARD", '-m comment --comment "kubernetes forwarding rules" -j KUBE-FORWARD'),
     (FILTER, "OUTPUT", '-m comment --comment "kubernetes ipvs access filter" -j KUBE-IPVS-OUT-FILTER'),
 )
-# The same text as the iptables mode's jumps (cleanup() keeps them while it is there).
-SHARED_JUMPS = {j for j in JUMPS if j[2].endswith(("-j KUBE-SERVICES", "-j KUBE-POSTROUTING", "-j KUBE-FORWARD"))}
-# What shows that the iptables mode's rules are in the kernel (it never removes these but in cleanup).
-IPTABLES_MODE_CHAINS = {NAT: ("KUBE-NODEPORTS",), FILTER: ("KUBE-EXTERNAL-SERVICES", "KUBE-NODEPORTS")}
-IPTABLES_MODE_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-")
 
 
 def _match_set(set_name, dirs, negate=False):
@@ -400,7 +395,7 @@ def render_rules(nonempty, config, no_node_access=()):
         "-A KUBE-POSTROUTING -m mark ! --mark %s/%s -j RETURN" % (mark, mark),
         "-A KUBE-POSTROUTING -j MARK --set-xmark %s/0x0" % mark,
         '-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE'
-        + (" --random-fully" if config.random_fully else "")]
+        + " --random-fully"]
     nat["KUBE-MARK-MASQ"].append("-A KUBE-MARK-MASQ -j MARK --set-xmark %s/%s" % (mark, mark))
 
     filt["KUBE-SOURCE-RANGES-FIREWALL"].append("-A KUBE-SOURCE-RANGES-FIREWALL -j DROP")
@@ -480,15 +475,6 @@ def jumps_input(saved_by_table):
     return "\n".join(lines) + "\n" if lines else ""
 
 
-def iptables_mode_present(saved_by_table):
-    """Whether the iptables mode's chains are in these iptables-save texts."""
-    for table, names in IPTABLES_MODE_CHAINS.items():
-        declared = _declared(saved_by_table.get(table, ""))
-        if any(n in declared for n in names) or any(c.startswith(IPTABLES_MODE_PREFIXES) for c in declared):
-            return True
-    return False
-
-
 def _references_ours(line):
     """Whether a rule in a shared chain is this mode's: it matches one of our sets or jumps
     to one of our own chains."""
@@ -507,7 +493,7 @@ def cleanup_input(saved_by_table):
 
     When the iptables mode is there too (a switch back to it, or its restart, runs
     our cleanup), the chains both modes use keep everything but our rules in them."""
-    shared_stays = iptables_mode_present(saved_by_table)
+    shared_stays = other_mode_present("ipvs", saved_by_table)
     unlink, delete = [], []
     for table in (FILTER, NAT):
         saved = saved_by_table.get(table, "")
@@ -615,28 +601,30 @@ class IpvsProxier:
     servers (None: no thread; they are reaped at each sync)."""
     mode = "ipvs"
 
-    def __init__(self, config, scheduler=None, grace_period=GRACE_PERIOD, graceful_interval=GRACEFUL_INTERVAL,
-                 kernel=None, clock=time.monotonic):
+    def __init__(self, config: Config, scheduler: str | None = None, grace_period: float = GRACE_PERIOD,
+                 graceful_interval: float | None = GRACEFUL_INTERVAL, kernel: Kernel | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
-        self.scheduler = scheduler or getattr(config, "ipvs_scheduler", "") or DEFAULT_SCHEDULER
+        self.scheduler = scheduler or config.ipvs_scheduler or DEFAULT_SCHEDULER
         self.grace_period = grace_period
         self.graceful_interval = graceful_interval
         self.kernel = kernel or Kernel(config.family)
         self.clock = clock
         self.agg = Aggregate()
-        self.inputs = {}                        # ServicePortName -> (ServicePort, endpoints) rendered
+        # ServicePortName -> (ServicePort, endpoints) rendered
+        self.inputs: dict[ServicePortName, tuple[model.ServicePort, tuple[Endpoint, ...]]] = {}
         self.applied = Applied()
-        self.terminating = {}                   # (vs key, (ip, port)) -> since (clock)
-        self.node_ips, self.local_ips = (), frozenset()
+        self.terminating: dict[tuple[tuple[str, str, int], tuple[str, int]], float] = {}  # (vs key, dest) -> since
+        self.node_ips: tuple[str, ...] = ()
+        self.local_ips: frozenset[str] = frozenset()
         self.synced = False
-        self.last_ops = 0                       # kernel changes made by the last sync
         self.lock = threading.Lock()
-        self._thread = None
+        self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
     # ---- setup / cleanup ----
 
-    def setup(self):
+    def setup(self) -> None:
         """Check IPVS, set the sysctls it needs, create kube-ipvs0, our ipsets, chains and jumps
         (idempotent). A kernel without IPVS ends the process with one clear line."""
         from podnet.net.ipvs import IpvsUnavailable
@@ -660,7 +648,7 @@ class IpvsProxier:
     def stop(self):
         self._stop.set()
 
-    def cleanup(self):
+    def cleanup(self) -> None:
         """Remove every virtual server, kube-ipvs0, our chains, jumps and ipsets. Safe on a
         kernel without IPVS (nothing of ours can be there) and with the iptables mode's
         rules present (it keeps the chains it shares with us)."""
@@ -711,7 +699,7 @@ class IpvsProxier:
 
     # ---- syncing ----
 
-    def sync(self, sync):
+    def sync(self, sync: Sync) -> SyncResult:
         started = self.clock()
         full = sync.full or not self.synced
         with self.lock:
@@ -721,7 +709,6 @@ class IpvsProxier:
                 self.synced = False
                 raise
             self.synced = True
-            self.last_ops = ops
         deleted = clear_stale_udp_flows(sync, self.config.family == 6)
         # chains_written: what a full sync found different (virtual and real servers, addresses,
         # set members, restores); 0 means the kernel held exactly the desired state

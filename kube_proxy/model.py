@@ -34,15 +34,29 @@ Service ports by (port name, protocol) of the slice's `ports`, exactly as
 kube-proxy does; the Service's targetPort itself is validated but never used
 to pick backend ports.
 """
-import ipaddress
 import logging
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from podnet.kube.endpointslices import (SERVICE_NAME_LABEL, Endpoint, ServicePortName, SliceInfo,  # noqa: F401
-                                        build_slice_info, merge_endpoints, slice_info, slice_info_or_error)
-from podnet.kube.objects import (PROTOCOLS, InvalidObject, is_dns_label, is_port_name,  # noqa: F401
-                                 namespaced_metadata, object_key, short)
+from podnet.kube.endpointslices import (  # noqa: F401
+    SERVICE_NAME_LABEL,
+    Endpoint,
+    ServicePortName,
+    SliceInfo,
+    build_slice_info,
+    merge_endpoints,
+    slice_info,
+    slice_info_or_error,
+)
+from podnet.kube.objects import (  # noqa: F401
+    PROTOCOLS,
+    InvalidObject,
+    is_dns_label,
+    is_port_name,
+    namespaced_metadata,
+    object_key,
+    short,
+)
 from podnet.kube.objects import cidr as _cidr
 from podnet.kube.objects import get_field as _get
 from podnet.kube.objects import ip_address as _ip

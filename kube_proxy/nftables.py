@@ -68,11 +68,15 @@ import functools
 import hashlib
 import ipaddress
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import Any
 
 from kube_proxy import model
-from kube_proxy.proxier import Config, SyncResult, clear_stale_udp_flows  # noqa: F401  (Config: re-exported)
+from kube_proxy.proxier import Config, SyncResult, clear_stale_udp_flows
+from kube_proxy.tracker import Sync
+from podnet.kube.endpointslices import ServicePortName
 
 TABLE = "kube-proxy"
 MASQ_MARK = 0x4000
@@ -370,7 +374,7 @@ def fixed_chains(config):
                    ("" if config.nodeport_addresses else "fib daddr type local ") + nodeports +
                    " meta l4proto . th dport vmap @" + SERVICE_NODEPORTS],
         MASQUERADING: ["meta mark & %s == 0 return" % mark, "meta mark set meta mark ^ %s" % mark,
-                       "masquerade" + (" fully-random" if config.random_fully else "")],
+                       "masquerade fully-random"],
         MARK_MASQ: ["meta mark set meta mark | %s" % mark],
         REJECT_CHAIN: ["reject"],
         SERVICE_EP_CHECK: ["%s daddr . meta l4proto . th dport vmap @%s" % (ipx, NO_EP_SERVICES)],
@@ -652,7 +656,9 @@ class NftablesProxier:
     and makes the next sync full."""
     mode = "nftables"
 
-    def __init__(self, config, apply=None, list_json=None, list_text=None):
+    def __init__(self, config: Config, apply: Callable[[str], object] | None = None,
+                 list_json: Callable[..., list[dict[str, Any]]] | None = None,
+                 list_text: Callable[..., str] | None = None) -> None:
         from podnet.net import nft
         self.config = config
         self.ipv6 = config.family == 6
@@ -662,21 +668,21 @@ class NftablesProxier:
         self._list = list_json or nft.list_json
         self._list_text = list_text or nft.list_text
         self.synced = False
-        self.ports = {}
+        self.ports: dict[ServicePortName, PortObjects] = {}
         self.elements = Elements()
-        self.stale_chains, self.stale_sets = set(), set()
+        self.stale_chains: set[str] = set()
+        self.stale_sets: set[str] = set()
         self.rules = 0
         self.chain_count = 0
-        self.chains_written = None      # by the last full sync: every chain, and the stale ones it deleted
-        self.last_text = ""
+        self.chains_written: int | None = None  # by the last full sync: every chain, and the stale ones it deleted
 
-    def setup(self):
+    def setup(self) -> None:
         """Nothing to prepare: the first (full) sync creates the table. Fails early without nft."""
         if self._real:
             from podnet.net import nft
             nft.version()
 
-    def cleanup(self):
+    def cleanup(self) -> None:
         """Delete our tables (both families): kube-proxy --cleanup, or a switch to another mode."""
         try:
             self._apply(cleanup_text())
@@ -686,7 +692,7 @@ class NftablesProxier:
         self.ports, self.elements = {}, Elements()
         self.stale_chains, self.stale_sets = set(), set()
 
-    def sync(self, sync):
+    def sync(self, sync: Sync) -> SyncResult:
         started = time.monotonic()
         full = sync.full or not self.synced
         try:
@@ -695,7 +701,6 @@ class NftablesProxier:
             self.synced = False
             raise
         self.synced = True
-        self.last_text = text
         deleted = clear_stale_udp_flows(sync, self.ipv6)
         return SyncResult(full, time.monotonic() - started, len(sync.changed), len(text),
                           {TABLE: self.rules}, deleted, self.chains_written if full else None)

@@ -1,50 +1,70 @@
-"""What every proxy mode shares: the flags that shape the rules, what a sync reports,
-and the interface a mode implements (iptables.py, nftables.py, ipvs.py).
+"""What every proxy mode shares: the flags that shape the rules (`Config`), what a sync
+reports (`SyncResult`), and the interface a mode implements (`Proxier`: iptables.py,
+nftables.py, ipvs.py; server.py picks one with --proxy-mode).
 
-A proxier has:
-    mode                 "iptables" | "nftables" | "ipvs"
-    setup()              create what it needs once (base chains, tables, devices); idempotent
-    sync(sync) -> SyncResult
-                         apply one tracker.Sync: a full one may rewrite everything it owns,
-                         a partial one only `sync.changed`; raises if the kernel refused
-                         (the caller marks the next sync full)
-    cleanup()            remove everything it owns (kube-proxy --cleanup, and switching modes)
+This module knows no mode: the modes import it, never the other way round.
 """
+import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from kube_proxy.tracker import Sync
+    from podnet.net.conntrack import Flow
 
 
 @dataclass(frozen=True)
 class Config:
     """kube-proxy's flags that shape the rules."""
-    cluster_cidr: tuple = ()            # --cluster-cidr: traffic from elsewhere is masqueraded
-    masquerade_all: bool = False        # --masquerade-all
-    nodeport_addresses: tuple = ()      # --nodeport-addresses resolved to this node's IPs; (): all local
-    localhost_nodeports: bool = True    # --iptables-localhost-nodeports (IPv4 only)
-    node_ip: str = ""                   # for loadBalancerSourceRanges that contain the node
-    random_fully: bool = True           # MASQUERADE --random-fully
-    family: int = 4
-    conntrack_tcp_liberal: bool = False
-    ipvs_scheduler: str = "rr"          # --ipvs-scheduler
+    cluster_cidr: tuple[str, ...] = ()          # --cluster-cidr: traffic from elsewhere is masqueraded
+    masquerade_all: bool = False                # --masquerade-all
+    nodeport_addresses: tuple[str, ...] = ()    # --nodeport-addresses resolved to this node's IPs; (): all local
+    localhost_nodeports: bool = True            # --iptables-localhost-nodeports (IPv4 only)
+    node_ip: str = ""                           # for loadBalancerSourceRanges that contain the node
+    family: int = 4                             # the IP family rendered: 4, or 6 (the tracker's family)
+    ipvs_scheduler: str = "rr"                  # --ipvs-scheduler
 
     @property
-    def local_detector(self):
+    def local_detector(self) -> bool:
         return bool(self.cluster_cidr)
+
 
 @dataclass
 class SyncResult:
     full: bool
     seconds: float = 0.0
-    changed: int = 0                    # service ports rewritten
+    changed: int = 0                            # service ports rewritten
     restore_bytes: int = 0
-    rules: dict = field(default_factory=dict)   # {table: rules}
+    rules: dict[str, int] = field(default_factory=dict)     # {table: rules}
     conntrack_deleted: int = 0
-    chains_written: object = None       # full syncs: chains (re)written or deleted (0: the kernel was right)
+    chains_written: int | None = None           # full syncs: chains (re)written or deleted (0: the kernel was right)
 
 
-def clear_stale_udp_flows(sync, ipv6=False):
+class Proxier(Protocol):
+    """One proxy mode: what server.ProxyServer drives.
+
+    mode        "iptables" | "nftables" | "ipvs" (--proxy-mode)
+    setup()     create what it needs once (base chains, tables, devices); idempotent
+    sync(sync)  apply one tracker.Sync: a full one may rewrite everything it owns, a
+                partial one only `sync.changed`; raises if the kernel refused (the
+                caller marks the next sync full)
+    cleanup()   remove everything it owns (kube-proxy --cleanup, and switching modes),
+                leaving what another mode that is still there shares with it
+    """
+    mode: str
+
+    def setup(self) -> None: ...
+
+    def sync(self, sync: "Sync") -> SyncResult: ...
+
+    def cleanup(self) -> None: ...
+
+
+def clear_stale_udp_flows(sync: "Sync", ipv6: bool = False) -> int:
     """Conntrack entries of UDP flows to removed endpoints (and to Services that had no
     endpoints before) would keep sending datagrams nowhere: delete them, as kube-proxy does."""
-    doomed_dst, doomed_via = set(), set()
+    doomed_dst: set[tuple[str, int]] = set()
+    doomed_via: set[tuple[tuple[str | None, int], tuple[str, int]]] = set()
     for name in sync.changed:
         if name.protocol != "UDP":
             continue
@@ -52,8 +72,9 @@ def clear_stale_udp_flows(sync, ipv6=False):
         new_port = sync.state.service_ports.get(name)
         new_eps = {(e.ip, e.port) for e in sync.state.endpoints_for(name)} if new_port else set()
         if old_port is not None:
-            frontends = [(ip, old_port.port) for ip in (old_port.cluster_ip,) + old_port.external_ips
-                         + old_port.load_balancer_ips]
+            frontends: list[tuple[str | None, int]] = [
+                (ip, old_port.port) for ip in (old_port.cluster_ip,) + old_port.external_ips
+                + old_port.load_balancer_ips]
             if old_port.node_port:
                 frontends.append((None, old_port.node_port))
             for ep in old_eps:
@@ -65,7 +86,7 @@ def clear_stale_udp_flows(sync, ipv6=False):
     if not doomed_dst and not doomed_via:
         return 0
 
-    def doomed(flow):
+    def doomed(flow: "Flow") -> bool:
         if flow.proto != 17:
             return False
         if (flow.dst, flow.dport) in doomed_dst:
@@ -77,22 +98,6 @@ def clear_stale_udp_flows(sync, ipv6=False):
     try:
         return conntrack.delete_flows(doomed, 10 if ipv6 else 2)
     except OSError as e:
-        import logging
         logging.getLogger("kube_proxy").warning("could not clear stale UDP conntrack entries: %s", e)
         return 0
 
-
-MODES = ("iptables", "ipvs", "nftables")
-
-
-def make_proxier(mode, config):
-    if mode == "iptables":
-        from kube_proxy.iptables import IptablesProxier
-        return IptablesProxier(config)
-    if mode == "nftables":
-        from kube_proxy.nftables import NftablesProxier
-        return NftablesProxier(config)
-    if mode == "ipvs":
-        from kube_proxy.ipvs import IpvsProxier
-        return IpvsProxier(config)
-    raise ValueError("unknown proxy mode %r (have: %s)" % (mode, ", ".join(MODES)))

@@ -16,7 +16,11 @@ everything ours and exits, as kube-proxy's does.
 Flags are kube-proxy's where they apply (--proxy-mode, --cluster-cidr,
 --masquerade-all, --nodeport-addresses, --min-sync-period, --hostname-override,
 --kubeconfig, --metrics-bind-address, --healthz-bind-address, --cleanup, -v);
---manifests DIR is ours (standalone use without an API server).
+--manifests DIR and --sync-period (the full-sync period, kube-proxy's fixed
+FullSyncPeriod) are ours; --iptables-sync-period and --ipvs-sync-period have
+kube-proxy's meaning (the delay before a failed sync is retried).
+
+The proxy modes (Proxier, proxier.py) are picked here, by make_proxier().
 """
 import argparse
 import logging
@@ -26,8 +30,9 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Sequence
 
-from kube_proxy.proxier import MODES, Config, make_proxier
+from kube_proxy.proxier import Config, Proxier
 from podnet.kube.events import drain
 
 log = logging.getLogger("kube_proxy")
@@ -67,7 +72,7 @@ def _cidrs(text):
             try:
                 out.append(str(ipaddress.ip_network(part, strict=False)))
             except ValueError as e:
-                raise argparse.ArgumentTypeError(str(e))
+                raise argparse.ArgumentTypeError(str(e)) from None
     return tuple(out)
 
 
@@ -101,7 +106,24 @@ def resolve_nodeport_addresses(spec, family=4):
     return tuple(sorted(chosen, key=lambda ip: ipaddress.ip_address(ip)))
 
 
-def cleanup_other_modes(mode, config):
+MODES = ("iptables", "ipvs", "nftables")
+
+
+def make_proxier(mode: str, config: Config) -> Proxier:
+    """The proxier of --proxy-mode `mode` (the modes are imported on demand)."""
+    if mode == "iptables":
+        from kube_proxy.iptables import IptablesProxier
+        return IptablesProxier(config)
+    if mode == "nftables":
+        from kube_proxy.nftables import NftablesProxier
+        return NftablesProxier(config)
+    if mode == "ipvs":
+        from kube_proxy.ipvs import IpvsProxier
+        return IpvsProxier(config)
+    raise ValueError("unknown proxy mode %r (have: %s)" % (mode, ", ".join(MODES)))
+
+
+def cleanup_other_modes(mode: str, config: Config) -> None:
     """Remove what the other proxy modes left here (a switch of --proxy-mode), as kube-proxy
     does when it starts. Never fatal: leftovers cost unused rules, not a node without Services."""
     for other in MODES:
@@ -178,7 +200,7 @@ class ProxyServer:
         self.stopping.set()
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="podnet kube-proxy",
                                 description="A kube-proxy: programs the kernel for Kubernetes Services.")
     p.add_argument("--proxy-mode", default="iptables", choices=MODES)
@@ -197,8 +219,16 @@ def build_parser():
                         "(default: all)")
     p.add_argument("--min-sync-period", "--iptables-min-sync-period", dest="min_sync_period",
                    type=parse_duration, default=1.0, help="minimum time between syncs (default 1s)")
-    p.add_argument("--sync-period", "--iptables-sync-period", dest="full_sync_period", type=parse_duration,
+    p.add_argument("--sync-period", dest="full_sync_period", type=parse_duration,
                    default=3600.0, help="interval of full syncs (default 1h: partial syncs in between)")
+    # kube-proxy's SyncPeriod: since its partial syncs (1.27) the delay before a failed sync is
+    # retried, while syncs without changes and full syncs come every FullSyncPeriod (1h, our
+    # --sync-period). It once meant "rewrite everything this often": taken that way, the usual
+    # 30s would be a multi-second full sync every 30 s at 10k Services.
+    p.add_argument("--iptables-sync-period", "--ipvs-sync-period", dest="retry_period", type=parse_duration,
+                   default=None, metavar="DURATION",
+                   help="after a failed sync, wait this long before the next (full) one, as kube-proxy's "
+                        "SyncPeriod (default: --min-sync-period); full syncs are --sync-period")
     p.add_argument("--iptables-localhost-nodeports", type=lambda v: v.lower() in ("1", "true", "yes"),
                    default=True, help="NodePorts also answer on 127.0.0.1 (default true)")
     p.add_argument("--metrics-bind-address", default="127.0.0.1:10249", help='("" disables)')
@@ -210,7 +240,7 @@ def build_parser():
     return p
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     opts = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.DEBUG if opts.verbosity >= 4 else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -234,7 +264,7 @@ def main(argv=None):
     from kube_proxy.metrics import Metrics, parse_address, serve
     from kube_proxy.tracker import ChangeTracker
     tracker = ChangeTracker(hostname=hostname, min_sync_period=opts.min_sync_period,
-                            full_sync_period=opts.full_sync_period)
+                            full_sync_period=opts.full_sync_period, retry_period=opts.retry_period)
     metrics = Metrics(mode=opts.proxy_mode, health_timeout=max(60.0, 2 * opts.min_sync_period))
     if opts.manifests:
         from podnet.kube.manifests import ManifestSource

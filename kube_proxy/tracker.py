@@ -60,11 +60,16 @@ class Sync:
 
 class ChangeTracker:
     def __init__(self, family: int = 4, hostname: str | None = None, min_sync_period: float = 1.0,
-                 full_sync_period: float = 3600.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 full_sync_period: float = 3600.0, clock: Callable[[], float] = time.monotonic,
+                 retry_period: float | None = None) -> None:
         self.family = family
         self.hostname = hostname
         self.min_sync_period = float(min_sync_period)
         self.full_sync_period = float(full_sync_period)
+        # after a failed sync, the next one waits this long (kube-proxy's SyncPeriod); default
+        # min_sync_period
+        self.retry_period = float(min_sync_period if retry_period is None else retry_period)
+        self._retry_at: float | None = None
         self.clock = clock
         # (ns, name) -> a Service's {ServicePortName: ServicePort}, or a slice's SliceInfo
         self._objects = ObjectCache(("Service", "EndpointSlice"), self._parse)
@@ -191,8 +196,11 @@ class ChangeTracker:
             self._full_reason = reason
 
     def sync_failed(self, reason: str = "previous sync failed") -> None:
-        """The last Sync could not be applied: the next one is full."""
+        """The last Sync could not be applied: the next one is full, and not before
+        retry_period has passed since it was taken."""
         self._full_reason = reason
+        if self._last_sync is not None:
+            self._retry_at = self._last_sync + self.retry_period
 
     def _full_due(self, now: float) -> str | None:
         if self._full_reason is not None:
@@ -207,6 +215,8 @@ class ChangeTracker:
         if not self.ready:
             return None
         earliest = now if self._last_sync is None else max(now, self._last_sync + self.min_sync_period)
+        if self._retry_at is not None:
+            earliest = max(earliest, self._retry_at)
         if self._dirty or self._full_reason is not None:
             return earliest
         if self._last_full is not None:
@@ -244,6 +254,7 @@ class ChangeTracker:
         state = model.ProxyState.of(self._ports, {spn: eps for spn, eps in self._endpoints.items()
                                                   if spn in self._ports})
         self._last_sync = now
+        self._retry_at = None
         if full_reason is not None:
             self._last_full = now
             self._full_reason = None

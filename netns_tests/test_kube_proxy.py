@@ -17,11 +17,10 @@ import threading
 import time
 
 import pytest
+from helpers import wait_until
 
 from lab import manifests as k8s
 from lab.cluster import Cluster, Lab
-
-from helpers import wait_until
 
 HTTP = {"name": "http", "port": 80, "targetPort": "web"}        # a named target port
 HTTP_EP = {"name": "http", "port": 8080}
@@ -128,7 +127,8 @@ def env(request, netns_usable):
             cluster.start_kube_proxy(node, e.manifests, ["--proxy-mode", e.mode])
         wait_until(lambda: all(e.syncs(n) for n in cluster.nodes), TIMEOUT, "the first sync on every node")
         for pod in e.pods.values():     # every echo server answers
-            wait_until(lambda: e.get(e.node1, "%s:8080" % pod.ip)["answers"], TIMEOUT, "%s to serve" % pod.name)
+            wait_until(lambda pod=pod: e.get(e.node1, "%s:8080" % pod.ip)["answers"], TIMEOUT,
+                       "%s to serve" % pod.name)
         yield e
         for node in cluster.nodes:
             if node.role in cluster.kube_proxy:
@@ -384,7 +384,8 @@ def test_cleanup_removes_everything_of_ours_and_nothing_else(env):
     env.cluster.stop_kube_proxy(node)
     before = _others(node)
     source = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    node.run([env.cluster.python, "-c", "from kube_proxy.proxier import Config, make_proxier; "
+    node.run([env.cluster.python, "-c", "from kube_proxy.proxier import Config; "
+              "from kube_proxy.server import make_proxier; "
               "make_proxier(%r, Config()).cleanup()" % env.mode], env=dict(os.environ, PYTHONPATH=source))
     assert "KUBE-" not in node.run(["iptables-save"]).stdout
     assert "kube-proxy" not in node.run(["nft", "list", "tables"]).stdout
@@ -415,7 +416,7 @@ def _random_objects(rng, drawn):
             internal_traffic_policy=rng.choice([None, None, "Local"]),
             session_affinity_timeout=rng.choice([0, 0, 60, 3600])))
         eps = []
-        for j in range(rng.randint(0, 4)):
+        for _ in range(rng.randint(0, 4)):
             cond = rng.choice([{}, {}, {}, {"ready": False, "serving": True, "terminating": True},
                                {"ready": False, "serving": False}])
             eps.append(("10.244.%d.%d" % (rng.randint(1, 2), rng.randint(2, 9)), rng.choice(["node1", "node2"]),
@@ -428,12 +429,14 @@ def test_nftables_partial_syncs_leave_the_table_a_full_sync_writes(lab):
     """In a real kernel: 25 random rounds of changes, each applied as a partial sync, leave the table
     exactly as a fresh proxier's full sync of the same state writes it."""
     import random
+
     from kube_proxy import nftables as nk
+    from kube_proxy.proxier import Config
     from kube_proxy.tracker import ChangeTracker
     from podnet.net.netns import entered
 
     rng = random.Random(5)
-    config = nk.Config(cluster_cidr=("10.244.0.0/16",), node_ip="192.168.50.2")
+    config = Config(cluster_cidr=("10.244.0.0/16",), node_ip="192.168.50.2")
     partial_ns, full_ns = lab.namespace("nftpartial"), lab.namespace("nftfull")
     tracker = ChangeTracker(hostname="node1", min_sync_period=0)
     tracker.replace("Service", [])

@@ -31,11 +31,12 @@ import pytest
 from kube_proxy import ipvs as kipvs
 from kube_proxy import server
 from kube_proxy.iptables import IptablesProxier
-from kube_proxy.proxier import MODES, Config, make_proxier
+from kube_proxy.proxier import Config
+from kube_proxy.server import MODES, make_proxier
 from kube_proxy.tracker import ChangeTracker
 from lab import manifests as k8s
 from lab.cluster import Lab
-from podnet.net.ip import IP, AF_INET, IPNet, parse_ip
+from podnet.net.ip import AF_INET, IP, IPNet, parse_ip
 from podnet.net.netlink import Netlink
 from podnet.net.netns import entered
 

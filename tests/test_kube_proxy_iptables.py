@@ -7,9 +7,10 @@ proxier tests (ns1/svc1:p80 -> KUBE-SVC-XPGD46QRK7WJZT7O).
 from kube_proxy import iptables as ipt
 from kube_proxy import model
 from kube_proxy.model import Endpoint, ServicePort, ServicePortName
+from kube_proxy.proxier import Config
 
 NAME = ServicePortName("ns1", "svc1", "p80", "TCP")
-CFG = ipt.Config(cluster_cidr=("10.244.0.0/16",))
+CFG = Config(cluster_cidr=("10.244.0.0/16",))
 SVC = "KUBE-SVC-XPGD46QRK7WJZT7O"
 SVL = "KUBE-SVL-XPGD46QRK7WJZT7O"
 EXT = "KUBE-EXT-XPGD46QRK7WJZT7O"
@@ -83,10 +84,10 @@ def test_terminating_endpoints_are_used_when_none_ready():
 
 
 def test_masquerade_all_and_no_cluster_cidr():
-    r = ipt.render_service_port(port(), (ep("10.180.0.1"),), ipt.Config(masquerade_all=True))
+    r = ipt.render_service_port(port(), (ep("10.180.0.1"),), Config(masquerade_all=True))
     assert r.chains[SVC][0] == ('-A %s -d 172.30.0.41/32 -p tcp -m comment --comment "ns1/svc1:p80 cluster IP" '
                                 '-m tcp --dport 80 -j KUBE-MARK-MASQ' % SVC)
-    r = ipt.render_service_port(port(), (ep("10.180.0.1"),), ipt.Config())
+    r = ipt.render_service_port(port(), (ep("10.180.0.1"),), Config())
     assert len(r.chains[SVC]) == 1 and "KUBE-MARK-MASQ" not in r.chains[SVC][0]
 
 
@@ -165,8 +166,8 @@ def test_internal_traffic_policy_local():
 def test_load_balancer_source_ranges():
     p = port(type="LoadBalancer", node_port=3001, load_balancer_ips=("1.2.3.4",),
              load_balancer_source_ranges=("203.0.113.0/25", "192.168.0.0/16"))
-    r = ipt.render_service_port(p, (ep("10.180.0.1"),), ipt.Config(cluster_cidr=("10.244.0.0/16",),
-                                                                    node_ip="192.168.1.5"))
+    r = ipt.render_service_port(p, (ep("10.180.0.1"),), Config(cluster_cidr=("10.244.0.0/16",),
+                                                                node_ip="192.168.1.5"))
     assert r.nat_services[1].endswith("-j " + FW)
     assert r.chains[FW] == (
         '-A %s -s 203.0.113.0/25 -m comment --comment "ns1/svc1:p80 loadbalancer IP" -j %s' % (FW, EXT),
@@ -180,12 +181,12 @@ def test_load_balancer_source_ranges():
 def test_ipv6():
     name = ServicePortName("ns1", "svc1", "p80", "TCP")
     r = ipt.render_service_port(port(cluster_ip="fd00::41", session_affinity_timeout=60),
-                                (Endpoint("fd00:244::1", 80),), ipt.Config(family=6))
+                                (Endpoint("fd00:244::1", 80),), Config(family=6))
     s = ipt.endpoint_chain(name, Endpoint("fd00:244::1", 80))
     assert "-d fd00::41/128" in r.nat_services[0]
     assert r.chains[s][1].endswith("--mask ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff --rsource -m tcp -j DNAT "
                                    "--to-destination [fd00:244::1]:80")
-    r = ipt.render_service_port(port(cluster_ip="fd00::41"), (), ipt.Config(family=6))
+    r = ipt.render_service_port(port(cluster_ip="fd00::41"), (), Config(family=6))
     assert r.filter_services[0].endswith("-j REJECT --reject-with icmp6-port-unreachable")
 
 
@@ -214,10 +215,10 @@ def test_render_whole_ruleset():
 
 
 def test_nodeport_addresses_and_localhost():
-    cfg = ipt.Config(nodeport_addresses=("192.168.1.5", "10.0.0.7"))
+    cfg = Config(nodeport_addresses=("192.168.1.5", "10.0.0.7"))
     assert [r.split(" -d ")[1].split()[0] for r in ipt.nodeport_dispatch(cfg)] == ["192.168.1.5/32", "10.0.0.7/32"]
-    assert "! -d 127.0.0.0/8" in ipt.nodeport_dispatch(ipt.Config(localhost_nodeports=False))[0]
-    assert "! -d ::1/128" in ipt.nodeport_dispatch(ipt.Config(family=6))[0]
+    assert "! -d 127.0.0.0/8" in ipt.nodeport_dispatch(Config(localhost_nodeports=False))[0]
+    assert "! -d ::1/128" in ipt.nodeport_dispatch(Config(family=6))[0]
 
 
 def test_large_clusters_drop_per_endpoint_comments():
@@ -300,3 +301,34 @@ def test_both_policies_local_on_a_nodeport_still_has_the_cluster_chain():
     r = ipt.render_service_port(sp, (ep("10.180.0.1", local=True), ep("10.180.0.2")), CFG)
     jumped = {line.split(" -j ")[1].split()[0] for rules in r.chains.values() for line in rules if " -j " in line}
     assert SVC in jumped and SVC in r.chains
+
+
+# ---- what the iptables-based modes share (kube_proxy/rules.py) ----
+
+def test_shared_names_are_both_modes_and_markers_are_each_modes_own():
+    from kube_proxy import ipvs as kipvs
+    from kube_proxy import rules
+    own_ipt, prefixes = rules.MODE_CHAINS["iptables"]
+    assert prefixes == ipt.OUR_PREFIXES
+    assert set(own_ipt[rules.NAT]) <= set(ipt.NAT_BASE) and set(own_ipt[rules.FILTER]) <= set(ipt.FILTER_BASE)
+    own_ipvs, _ = rules.MODE_CHAINS["ipvs"]
+    ipvs_own = set(kipvs.OWN_CHAINS[rules.NAT]) | set(kipvs.OWN_CHAINS[rules.FILTER])
+    assert all(set(names) <= ipvs_own for names in own_ipvs.values())
+    for table, names in rules.SHARED_CHAINS.items():
+        assert set(names) <= set(ipt.NAT_BASE if table == rules.NAT else ipt.FILTER_BASE)
+        assert set(names) <= set(kipvs.NAT_CHAINS if table == rules.NAT else kipvs.FILTER_CHAINS)
+        assert not set(names) & (set(own_ipt.get(table, ())) | ipvs_own)
+    assert set(rules.SHARED_JUMPS) <= set(ipt.BUILTIN_JUMPS) and set(rules.SHARED_JUMPS) <= set(kipvs.JUMPS)
+    assert ipt.MASQ_MARK == kipvs.MASQ_MARK == 0x4000
+
+
+def test_other_mode_present():
+    from kube_proxy import rules
+    shared = {"nat": ":KUBE-SERVICES - [0:0]\n:KUBE-POSTROUTING - [0:0]\n", "filter": ":KUBE-FORWARD - [0:0]\n"}
+    assert not rules.other_mode_present("iptables", shared) and not rules.other_mode_present("ipvs", shared)
+    with_ipvs = dict(shared, filter=shared["filter"] + ":KUBE-IPVS-FILTER - [0:0]\n")
+    assert rules.other_mode_present("iptables", with_ipvs) and not rules.other_mode_present("ipvs", with_ipvs)
+    with_ipt = dict(shared, nat=shared["nat"] + ":KUBE-SVC-XPGD46QRK7WJZT7O - [0:0]\n")
+    assert rules.other_mode_present("ipvs", with_ipt) and not rules.other_mode_present("iptables", with_ipt)
+    assert rules.other_mode_present("ipvs", {"filter": ":KUBE-EXTERNAL-SERVICES - [0:0]\n"})
+    assert not rules.other_mode_present("ipvs", {})

@@ -6,7 +6,8 @@ import pytest
 
 from kube_proxy import ipvs as kipvs
 from kube_proxy import model
-from kube_proxy.proxier import Config, make_proxier, MODES
+from kube_proxy.proxier import Config
+from kube_proxy.server import MODES, make_proxier
 from kube_proxy.tracker import ChangeTracker
 from lab import manifests as k8s
 from podnet.net import ipvs as nipvs

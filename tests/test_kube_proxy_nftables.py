@@ -8,13 +8,14 @@ import json
 import pytest
 
 from kube_proxy import nftables as nk
-from kube_proxy import proxier as kp
+from kube_proxy import server
 from kube_proxy.model import Endpoint, ServicePort, ServicePortName
+from kube_proxy.proxier import Config
 from kube_proxy.tracker import ChangeTracker
 from lab import manifests as k8s
 
 NAME = ServicePortName("ns1", "svc1", "p80", "TCP")
-CFG = nk.Config(cluster_cidr=("10.244.0.0/16",))
+CFG = Config(cluster_cidr=("10.244.0.0/16",))
 SVC = "service-ULMVA6XW-ns1/svc1/tcp/p80"
 LOCAL = "local-ULMVA6XW-ns1/svc1/tcp/p80"
 EXT = "external-ULMVA6XW-ns1/svc1/tcp/p80"
@@ -158,8 +159,8 @@ def test_session_affinity_uses_per_endpoint_sets():
 def test_load_balancer_source_ranges():
     sp = port(type="LoadBalancer", node_port=3001, load_balancer_ips=("1.2.3.4",),
               load_balancer_source_ranges=("203.0.113.0/24", "192.168.0.0/16"))
-    r = nk.render_service_port(sp, (ep("10.180.0.1"),), nk.Config(cluster_cidr=("10.244.0.0/16",),
-                                                                   node_ip="192.168.1.5"))
+    r = nk.render_service_port(sp, (ep("10.180.0.1"),), Config(cluster_cidr=("10.244.0.0/16",),
+                                                               node_ip="192.168.1.5"))
     assert r.chains[FW] == ("ip saddr 203.0.113.0/24 return", "ip saddr 192.168.0.0/16 return",
                             "ip saddr 1.2.3.4 return", "drop")      # the node is allowed: so is the VIP itself
     assert elements(r, "firewall-ips") == {("firewall-ips", "1.2.3.4 . tcp . 80"): ("goto " + FW, "ns1/svc1:p80")}
@@ -169,11 +170,11 @@ def test_load_balancer_source_ranges():
 
 
 def test_masquerade_all_and_several_cluster_cidrs():
-    r = nk.render_service_port(port(), (ep("10.180.0.1"),), nk.Config(masquerade_all=True))
+    r = nk.render_service_port(port(), (ep("10.180.0.1"),), Config(masquerade_all=True))
     assert r.chains[SVC][0] == "ip daddr 172.30.0.41 tcp dport 80 jump mark-for-masquerade"
-    r = nk.render_service_port(port(), (ep("10.180.0.1"),), nk.Config())
+    r = nk.render_service_port(port(), (ep("10.180.0.1"),), Config())
     assert r.chains[SVC] == ("goto " + epc("10.180.0.1"),)             # no local detector: no masquerade
-    cfg = nk.Config(cluster_cidr=("10.244.0.0/16", "10.245.0.0/16", "fd00::/64"))
+    cfg = Config(cluster_cidr=("10.244.0.0/16", "10.245.0.0/16", "fd00::/64"))
     r = nk.render_service_port(port(), (ep("10.180.0.1"),), cfg)
     assert r.chains[SVC][0] == "ip daddr 172.30.0.41 tcp dport 80 ip saddr != @pod-cidrs jump mark-for-masquerade"
     assert nk.fixed_elements(cfg) == {"pod-cidrs": ["10.244.0.0/16", "10.245.0.0/16"]}
@@ -190,7 +191,7 @@ def test_udp_and_sctp():
 
 
 def test_ipv6():
-    cfg = nk.Config(cluster_cidr=("fd00:10:244::/64",), family=6)
+    cfg = Config(cluster_cidr=("fd00:10:244::/64",), family=6)
     sp = port(cluster_ip="fd00:10:96::1", type="NodePort", node_port=3001)
     r = nk.render_service_port(sp, (Endpoint("fd00:10:244::5", 8080),), cfg)
     e = nk.endpoint_chain(NAME, Endpoint("fd00:10:244::5", 8080))
@@ -218,12 +219,11 @@ def test_fixed_chains():
                                      "masquerade fully-random")
     assert fixed["filter-forward"] == ("ct state new jump service-endpoints-check",
                                        "ct state new jump cluster-ips-check")
-    cfg = nk.Config(nodeport_addresses=("192.168.50.2", "127.0.0.1"), random_fully=False)
+    cfg = Config(nodeport_addresses=("192.168.50.2", "127.0.0.1"))
     fixed = nk.fixed_chains(cfg)
     assert fixed["services"][1] == "ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports"
     assert fixed["nodeport-endpoints-check"] == ("ip daddr @nodeport-ips meta l4proto . th dport "
                                                  "vmap @no-endpoint-nodeports",)
-    assert fixed["masquerading"][-1] == "masquerade"
     assert nk.fixed_elements(cfg) == {"nodeport-ips": ["192.168.50.2"]}     # never localhost
 
 
@@ -343,7 +343,7 @@ def tracker_with(services):
 
 
 def new_proxier(fake):
-    return nk.NftablesProxier(nk.Config(cluster_cidr=("10.244.0.0/16",)), apply=fake.apply, list_json=fake.list_json,
+    return nk.NftablesProxier(Config(cluster_cidr=("10.244.0.0/16",)), apply=fake.apply, list_json=fake.list_json,
                               list_text=fake.list_text)
 
 
@@ -352,8 +352,8 @@ def chain_of(service, ip):
 
 
 def test_mode_is_registered():
-    assert "nftables" in kp.MODES
-    assert isinstance(kp.make_proxier("nftables", kp.Config()), nk.NftablesProxier)
+    assert "nftables" in server.MODES
+    assert isinstance(server.make_proxier("nftables", Config()), nk.NftablesProxier)
 
 
 def test_first_sync_is_full_and_deletes_our_stale_chains_only():

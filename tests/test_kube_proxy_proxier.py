@@ -6,6 +6,7 @@ import pytest
 from kube_proxy import iptables as ipt
 from kube_proxy import metrics as km
 from kube_proxy import server
+from kube_proxy.proxier import Config, SyncResult
 from kube_proxy.tracker import ChangeTracker
 from lab import manifests as k8s
 from podnet.net.conntrack import Flow
@@ -42,7 +43,7 @@ def tracker_with(services):
 
 
 def proxier(kernel):
-    return ipt.IptablesProxier(ipt.Config(cluster_cidr=("10.244.0.0/16",)), restore=kernel.restore,
+    return ipt.IptablesProxier(Config(cluster_cidr=("10.244.0.0/16",)), restore=kernel.restore,
                                save=kernel.save)
 
 
@@ -109,7 +110,7 @@ def test_a_failed_restore_makes_the_next_sync_full_and_read_the_kernel():
     p.sync(t.take())
     kernel.fail = True
     t.update_slice(k8s.endpoint_slice("web", [("10.244.1.3", "node1")], [{"name": "http", "port": 8080}]))
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError, match="iptables-restore"):
         p.sync(t.take())
     assert not p.synced
     kernel.fail = False
@@ -127,6 +128,29 @@ def test_cleanup_removes_jumps_and_every_chain_of_ours():
     assert '-D INPUT -m comment --comment "kubernetes health check service ports" -j KUBE-NODEPORTS' in text
     assert "-X KUBE-FORWARD" in text and "-X KUBE-SERVICES" in text and "-X KUBE-SVC-AAAAAAAAAAAAAAAA" in text
     assert "OTHER" not in text
+
+
+def test_cleanup_beside_the_ipvs_mode_keeps_the_chains_and_jumps_it_shares():
+    """The IPVS mode's chains are there (its start or restart runs our cleanup): the chains and
+    jumps both modes use (rules.SHARED_CHAINS, rules.SHARED_JUMPS) stay, our rules in them go."""
+    svc = "KUBE-SVC-AAAAAAAAAAAAAAAA"
+    kernel = FakeKernel({"filter": ":KUBE-FORWARD - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-IPVS-FILTER - [0:0]\n"
+                                   '-A FORWARD -m comment --comment "kubernetes forwarding rules" -j KUBE-FORWARD\n'
+                                   '-A INPUT -m comment --comment "kubernetes health check service ports" '
+                                   "-j KUBE-NODEPORTS\n",
+                         "nat": ":KUBE-SERVICES - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:%s - [0:0]\n"
+                                '-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES\n'
+                                "-A KUBE-SERVICES -d 10.96.0.1/32 -p tcp -j %s\n"
+                                "-A KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODE-PORT\n" % (svc, svc)})
+    proxier(kernel).cleanup()
+    text = "".join(kernel.restores)
+    assert "-D KUBE-SERVICES -d 10.96.0.1/32 -p tcp -j %s" % svc in text and "-X %s" % svc in text
+    assert '-D INPUT -m comment --comment "kubernetes health check service ports" -j KUBE-NODEPORTS' in text
+    assert "-X KUBE-NODEPORTS" in text
+    for shared in ("KUBE-SERVICES", "KUBE-MARK-MASQ", "KUBE-FORWARD"):
+        assert "-X %s" % shared not in text and ":%s " % shared not in text
+    assert "-D PREROUTING" not in text and "-D FORWARD" not in text and "KUBE-NODE-PORT\n" not in text
+    assert "KUBE-IPVS-FILTER" not in text
 
 
 def test_udp_flows_to_removed_endpoints_are_selected(monkeypatch):
@@ -164,8 +188,8 @@ def test_metrics_text_and_health():
     m = km.Metrics(health_timeout=60, clock=lambda: now[0])
     assert m.health()[0]            # just started
     m.queued()
-    m.synced(ipt.SyncResult(full=True, seconds=0.003, rules={"nat": 12, "filter": 3}), 2, 4)
-    m.synced(ipt.SyncResult(full=False, seconds=0.5, changed=1, rules={"nat": 14, "filter": 3}), 2, 5)
+    m.synced(SyncResult(full=True, seconds=0.003, rules={"nat": 12, "filter": 3}), 2, 4)
+    m.synced(SyncResult(full=False, seconds=0.5, changed=1, rules={"nat": 14, "filter": 3}), 2, 5)
     text = m.render()
     assert "kubeproxy_sync_proxy_rules_duration_seconds_count 2" in text
     assert 'kubeproxy_sync_proxy_rules_duration_seconds_bucket{le="0.004"} 1' in text
@@ -199,6 +223,19 @@ def test_flags_are_kube_proxys():
     assert opts.cluster_cidr == ("10.244.0.0/16",) and opts.masquerade_all and opts.min_sync_period == 2.0
     with pytest.raises(SystemExit):
         server.build_parser().parse_args(["--manifests", "/tmp/x", "--kubeconfig", "/tmp/k"])
+
+
+
+@pytest.mark.parametrize("flag", ["--iptables-sync-period", "--ipvs-sync-period"])
+def test_kube_proxys_sync_period_flags_have_kube_proxys_meaning(flag):
+    """kube-proxy's SyncPeriod is the delay before a failed sync is retried; it used to be taken
+    as the full-sync period here, making kube-proxy's usual 30s a full sync every 30 s."""
+    for argv in ([flag, "30s"], [flag + "=30s"]):
+        opts = server.build_parser().parse_args(["--manifests", "/tmp/x"] + argv)
+        assert opts.retry_period == 30.0 and opts.full_sync_period == 3600.0
+    opts = server.build_parser().parse_args(["--manifests", "/tmp/x", "--sync-period", "30m"])
+    assert opts.full_sync_period == 1800.0 and opts.retry_period is None
+    assert server.build_parser().parse_args(["--manifests", "/tmp/x"]).full_sync_period == 3600.0
 
 
 def test_partial_syncs_keep_rule_counts_and_chains_exact():
@@ -245,7 +282,7 @@ def test_full_sync_stream_is_restore_input_reordered():
     assert text.index("-X KUBE-SVC-GONEGONEGONEGONE") > text.index("-A KUBE-SERVICES")
 
 
-CONFIG = ipt.Config(cluster_cidr=("10.244.0.0/16",))
+CONFIG = Config(cluster_cidr=("10.244.0.0/16",))
 
 
 def test_full_sync_over_populated_kernel_rewrites_only_what_differs():

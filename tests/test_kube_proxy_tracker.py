@@ -5,8 +5,8 @@ Pure: a fake clock drives time, no root, no I/O.
 import copy
 
 from kube_proxy.model import ServicePortName
-from podnet.kube.events import Event
 from kube_proxy.tracker import ChangeTracker
+from podnet.kube.events import Event
 
 WEB = ServicePortName("default", "web", "http", "TCP")
 DNS = ServicePortName("kube-system", "dns", "dns", "UDP")
@@ -223,6 +223,21 @@ def test_failed_sync_makes_next_one_full():
     sync = t.take()
     assert sync.full and sync.reason == "previous sync failed"
     assert not t.take().full
+
+
+def test_a_failed_sync_is_retried_after_the_retry_period():
+    """--iptables-sync-period (kube-proxy's SyncPeriod): a failing kernel is not hammered with a
+    full sync every --min-sync-period; changes arriving meanwhile wait for the retry too."""
+    t, clock = ready_tracker(min_sync_period=1, retry_period=30)
+    t.sync_failed()                                       # the sync taken at 100.0 failed
+    assert t.next_sync_at() == 130.0
+    t.update_service(service("other", ip="10.96.0.11"))
+    assert t.next_sync_at() == 130.0 and not t.due(129.9)
+    clock.now = 130.0
+    sync = t.take()
+    assert sync.full and sync.reason == "previous sync failed"
+    t.update_service(service("third", ip="10.96.0.12"))
+    assert t.next_sync_at() == 131.0                      # back to --min-sync-period
 
 
 def test_ipv6_tracker_ignores_ipv4_objects():
