@@ -121,6 +121,7 @@ class Reflector:
 
     def __init__(self, args):
         import asyncio
+
         from calico_lite.bgp.speaker import Speaker
         self.args = args
         self.speaker = Speaker(args.local_as, args.router_id, listen_address=args.listen, port=args.port,

@@ -5,8 +5,9 @@
 
 Defaults as flannel documents them: SubnetLen 24, or two longer than Network
 when Network is smaller than a /22; SubnetMin the second subnet (the first
-holds the network address); SubnetMax the last one; Backend type "udp". Anything invalid raises ConfigError with a message an
-operator can act on; nothing is applied from a bad config.
+holds the network address); SubnetMax the last one; Backend type "udp".
+Anything invalid raises ConfigError with a message an operator can act on;
+nothing is applied from a bad config.
 """
 import json
 

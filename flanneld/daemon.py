@@ -12,16 +12,34 @@ subnet back), configure the device, write subnet.env, install the masquerade
 rules, then follow the other nodes' leases and keep the kernel in step with
 them, level-triggered. SIGTERM stops the daemon and leaves the datapath in
 place, so pods keep talking across a restart or upgrade.
+
+The daemon knows its backend and its subnet manager by their contracts only
+(flanneld.backend.base.Backend, flanneld.subnet.SubnetManager); main() picks
+the concrete ones.
 """
+from __future__ import annotations
+
 import argparse
+import functools
 import logging
 import os
 import signal
 import threading
 import time
+from typing import TYPE_CHECKING, TypeVar
 
 from flanneld.config import ConfigError
 from flanneld.subnet import DEFAULT_PREFIX, DEFAULT_TTL
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from flanneld.backend.base import Backend
+    from flanneld.config import NetworkConfig
+    from flanneld.subnet import Lease, SubnetManager
+    from podnet.net.ip import IPNet
+
+T = TypeVar("T")
 
 log = logging.getLogger("flanneld")
 
@@ -40,7 +58,8 @@ def parse_args(argv=None):
                    help="interface (name or IP) for inter-node traffic; default: the default route's")
     p.add_argument("--public-ip", default=None, help="IP other nodes reach this node at (default: --iface's)")
     p.add_argument("--ip-masq", action="store_true", help="masquerade traffic leaving the cluster network")
-    p.add_argument("--subnet-file", default=DEFAULT_SUBNET_FILE, help="where to write subnet.env (default: %(default)s)")
+    p.add_argument("--subnet-file", default=DEFAULT_SUBNET_FILE,
+                   help="where to write subnet.env (default: %(default)s)")
     p.add_argument("--subnet-lease-renew-margin", type=float, default=60,
                    help="renew the lease this many minutes before it expires (default: %(default)s; "
                         "fractions allowed)")
@@ -121,15 +140,15 @@ def find_external_interface(ifaces, public_ip=None):
 # ---- the daemon --------------------------------------------------------------------
 
 class Daemon:
-    def __init__(self, opts, subnet_manager):
+    def __init__(self, opts: argparse.Namespace, subnet_manager: SubnetManager) -> None:
         self.opts = opts
         self.sm = subnet_manager
         self.stop = threading.Event()
         self.ready = threading.Event()
-        self.backend = None
-        self.lease = None
+        self.backend: Backend | None = None
+        self.lease: Lease | None = None
 
-    def wait_for_config(self):
+    def wait_for_config(self) -> NetworkConfig | None:
         """The network config; a missing or bad one is logged and retried, never applied."""
         delay = 1
         while not self.stop.is_set():
@@ -144,7 +163,7 @@ class Daemon:
             delay = min(delay * 2, 10)
         return None
 
-    def run(self):
+    def run(self) -> int:
         from flanneld import ipmasq
         from flanneld.backend import backend_class
         config = self.wait_for_config()
@@ -173,7 +192,7 @@ class Daemon:
         log.info("stopped; the datapath stays in place")
         return 0
 
-    def _retry(self, action, what):
+    def _retry(self, action: Callable[[], T], what: str) -> T | None:
         delay = 1
         while not self.stop.is_set():
             try:
@@ -184,8 +203,9 @@ class Daemon:
                 delay = min(delay * 2, 10)
         return None
 
-    def _follow_leases(self):
+    def _follow_leases(self) -> None:
         """List, sync, then apply every watch event and sync again (level-triggered)."""
+        assert self.lease is not None, "run() acquires the lease first"
         while not self.stop.is_set():
             listed = self._retry(self.sm.list_leases, "list leases")
             if listed is None:
@@ -200,20 +220,23 @@ class Daemon:
                         and event[1].public_ip != self.lease.public_ip:
                     log.error("our subnet %s was taken by %s", self.lease.subnet, event[1].public_ip)
 
-    def _sync(self, remotes):
+    def _sync(self, remotes: dict[IPNet, Lease]) -> None:
+        assert self.backend is not None, "run() registers the backend first"
         try:
             self.backend.sync(list(remotes.values()))
         except Exception:   # one bad round must not stop the daemon: the next event retries
             log.exception("backend sync failed")
 
-    def _renew_loop(self):
+    def _renew_loop(self) -> None:
         margin = self.opts.subnet_lease_renew_margin * 60
         while not self.stop.is_set():
-            expires = self.lease.expiration or (time.time() + self.opts.subnet_lease_ttl)
+            lease = self.lease      # only this thread replaces it, once run() has acquired it
+            assert lease is not None, "run() acquires the lease first"
+            expires = lease.expiration or (time.time() + self.opts.subnet_lease_ttl)
             wait = max(1.0, expires - margin - time.time())
             if self.stop.wait(wait):
                 return
-            renewed = self._retry(lambda: self.sm.renew_lease(self.lease), "renew the lease")
+            renewed = self._retry(functools.partial(self.sm.renew_lease, lease), "renew the lease")
             if renewed is not None:
                 self.lease = renewed
                 log.info("lease renewed: %s until %s", self.lease.subnet,
@@ -241,7 +264,7 @@ def serve_healthz(daemon, address, port):
     return server
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if opts.verbose else logging.INFO,
                         format="%(asctime)s %(levelname).1s flanneld: %(message)s")

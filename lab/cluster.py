@@ -310,7 +310,7 @@ class Lab:
     interpreter exits; `teardown_stale` covers runs that were SIGKILLed.
     """
 
-    _open = set()               # labs not yet cleaned up, for the atexit hook
+    _open: set["Lab"] = set()   # labs not yet cleaned up, for the atexit hook
 
     def __init__(self, prefix=PREFIX, kill_timeout=3.0):
         self.prefix = lab_prefix(prefix)
@@ -811,9 +811,6 @@ class CalicoCluster(Cluster):
                                                 env=dict(os.environ, PYTHONPATH=_SOURCE_ROOT))
         node.calico_role = role
         return self.agents[node.role]
-
-    def stop_agent(self, node, timeout=10):
-        _stop_one(node, self.agents.pop(node.role), timeout)
 
     def agent_log(self, node):
         return os.path.join(self.node_dir(node), "calico-agent.log")

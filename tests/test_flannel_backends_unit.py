@@ -19,7 +19,7 @@ import pytest
 from flanneld import config as cfgmod
 from flanneld import ipmasq
 from flanneld.backend import backend_class
-from flanneld.backend.base import ExternalInterface
+from flanneld.backend.base import Backend, ExternalInterface
 from flanneld.backend.host_gw import HostGWBackend
 from flanneld.backend.routes import diff, routes_by_dst
 from flanneld.backend.vxlan import VXLANBackend, parse_mac, random_mac
@@ -61,6 +61,24 @@ def hostgw(**kw):
 def test_backend_class_finds_ours():
     assert backend_class("vxlan") is VXLANBackend
     assert backend_class("host-gw") is HostGWBackend
+
+
+@pytest.mark.parametrize("kind", ["vxlan", "host-gw", "udp"])
+def test_every_backend_implements_the_contract(kind):
+    cls = backend_class(kind)
+    assert issubclass(cls, Backend) and cls.type == kind
+    assert not cls.__abstractmethods__      # register, configure, desired, sync, close
+
+
+def test_a_backend_missing_a_method_cannot_be_made():
+    class Half(Backend):
+        type = "half"
+
+        def register(self):
+            return {}, 1500
+
+    with pytest.raises(TypeError, match="abstract"):
+        Half(config(), ext())
 
 
 def test_vxlan_defaults():

@@ -10,8 +10,7 @@ import sys
 import pytest
 
 from flanneld.config import ConfigError, parse
-from flanneld.subnet import (DEFAULT_PREFIX, Lease, LeaseError, choose_subnet, parse_lease, subnet_from_key,
-                             subnet_key)
+from flanneld.subnet import DEFAULT_PREFIX, Lease, LeaseError, choose_subnet, parse_lease, subnet_from_key, subnet_key
 from podnet.net.ip import AF_INET, IP, parse_cidr, parse_ip
 
 NET = {"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}
@@ -75,7 +74,8 @@ def test_choose_subnet_skips_taken_ones():
     config = cfg(Network="10.5.0.0/28", SubnetLen=30)
     all_free = [str(IP(AF_INET, v)) for v in config.subnets()]
     assert all_free == ["10.5.0.4", "10.5.0.8", "10.5.0.12"]        # the first /30 is never leased
-    first = lambda free: free[0]
+    def first(free):
+        return free[0]
     assert str(choose_subnet(config, set(), pick=first)) == "10.5.0.4/30"
     taken = {parse_cidr("10.5.0.4/30"), parse_cidr("10.5.0.12/30")}
     assert str(choose_subnet(config, taken, pick=first)) == "10.5.0.8/30"
@@ -190,9 +190,6 @@ def test_watch_event_translation(caplog):
     assert "malformed lease" in caplog.text and "junk" in caplog.text
 
 
-def test_prefix_range_end():
-    from flanneld.subnet.etcd import _prefix_end
-    assert _prefix_end("/coreos.com/network/subnets/") == b"/coreos.com/network/subnets0"
 
 
 def test_importing_the_manager_does_not_load_the_client():

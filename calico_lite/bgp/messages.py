@@ -215,12 +215,12 @@ class PathAttributes:
     """
     origin: int = ORIGIN_IGP
     as_path: tuple = ()
-    next_hop: str = None
-    med: int = None
-    local_pref: int = None
+    next_hop: str | None = None
+    med: int | None = None
+    local_pref: int | None = None
     atomic_aggregate: bool = False
-    aggregator: tuple = None          # (AS number, address)
-    originator_id: str = None
+    aggregator: tuple | None = None   # (AS number, address)
+    originator_id: str | None = None
     cluster_list: tuple = ()
     other: tuple = field(default=())
 
@@ -380,7 +380,7 @@ class Open:
     afi_safi: tuple = ((AFI_IPV4, SAFI_UNICAST),)   # empty: no multiprotocol capability sent
     unknown_capabilities: tuple = ()                 # (code, value) we did not understand
     version: int = VERSION
-    my_as_field: int = None                          # the 2-octet field as received
+    my_as_field: int | None = None                   # the 2-octet field as received
 
     @property
     def ipv4_unicast(self):
@@ -410,10 +410,10 @@ class Update:
     prefixes are merged into `nlri` when they share its next hop, else kept in
     `mp_nlri` with `mp_next_hop` (RFC 4760 lets them differ)."""
     withdrawn: tuple = ()
-    attrs: PathAttributes = None
+    attrs: PathAttributes | None = None
     nlri: tuple = ()
     mp_nlri: tuple = ()
-    mp_next_hop: str = None
+    mp_next_hop: str | None = None
 
     def announced(self):
         """[(prefix, attributes)] this message announces, next hops resolved."""

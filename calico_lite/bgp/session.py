@@ -23,10 +23,32 @@ import time
 from dataclasses import dataclass
 
 from calico_lite.bgp.messages import (
-    CEASE, CEASE_ADMIN_SHUTDOWN, CEASE_COLLISION, FSM_ERROR, FSM_IN_ESTABLISHED, FSM_IN_OPENCONFIRM,
-    FSM_IN_OPENSENT, HEADER_LEN, HOLD_TIMER_EXPIRED, KEEPALIVE, KEEPALIVE_BYTES, NOTIFICATION, OPEN,
-    ROUTE_REFRESH, UPDATE, BGPError, Open, RouteRefresh, Update, check_open, decode_body, decode_open,
-    decode_update, ip_key, ip_to_bytes, parse_header)
+    CEASE,
+    CEASE_ADMIN_SHUTDOWN,
+    CEASE_COLLISION,
+    FSM_ERROR,
+    FSM_IN_ESTABLISHED,
+    FSM_IN_OPENCONFIRM,
+    FSM_IN_OPENSENT,
+    HEADER_LEN,
+    HOLD_TIMER_EXPIRED,
+    KEEPALIVE,
+    KEEPALIVE_BYTES,
+    NOTIFICATION,
+    OPEN,
+    ROUTE_REFRESH,
+    UPDATE,
+    BGPError,
+    Open,
+    Update,
+    check_open,
+    decode_body,
+    decode_open,
+    decode_update,
+    ip_key,
+    ip_to_bytes,
+    parse_header,
+)
 
 log = logging.getLogger("calico_lite.bgp")
 
@@ -81,13 +103,13 @@ class PeerConfig:
     remote_as: int
     passive: bool = False
     rr_client: bool = False
-    md5_password: str = None
+    md5_password: str | None = None
     hold_time: int = 90
-    local_address: str = None
-    next_hop_self: bool = None
+    local_address: str | None = None
+    next_hop_self: bool | None = None
     port: int = 179
     connect_retry: float = 5.0
-    keepalive: float = None
+    keepalive: float | None = None
     treat_as_withdraw: bool = False
 
     def __post_init__(self):
@@ -231,11 +253,6 @@ class Session:
         """Bytes for the established connection (UPDATEs); dropped if there is none."""
         if self._established is not None:
             self._established.send(data)
-
-    def request_refresh(self):
-        """Ask the peer to send its routes again (RFC 2918), if it can."""
-        if self._established is not None and self._established.peer_open.route_refresh:
-            self._established.send(RouteRefresh().encode())
 
     # -- connecting --
     async def _connect_loop(self):

@@ -28,10 +28,21 @@ import socket
 import threading
 
 from calico_lite.bgp.messages import (
-    AFI_IPV4, AS_SEQUENCE, CEASE_PEER_DECONFIGURED, MALFORMED_AS_PATH, ORIGIN_IGP, SAFI_UNICAST, UPDATE_ERROR,
-    BGPError, PathAttributes, encode_update, ip_to_bytes, normalize_prefix, pack_updates)
-from calico_lite.bgp.rib import (ExportPolicy, Rib, Route, Source, export_attributes, import_attributes,
-                                 local_source)
+    AFI_IPV4,
+    AS_SEQUENCE,
+    CEASE_PEER_DECONFIGURED,
+    MALFORMED_AS_PATH,
+    ORIGIN_IGP,
+    SAFI_UNICAST,
+    UPDATE_ERROR,
+    BGPError,
+    PathAttributes,
+    encode_update,
+    ip_to_bytes,
+    normalize_prefix,
+    pack_updates,
+)
+from calico_lite.bgp.rib import ExportPolicy, Rib, Route, Source, export_attributes, import_attributes, local_source
 from calico_lite.bgp.session import ESTABLISHED, PeerConfig, Session, set_md5
 
 log = logging.getLogger("calico_lite.bgp")
@@ -318,10 +329,6 @@ class Speaker:
         """{prefix: PathAttributes} last advertised to the peer."""
         peer = self._peers.get(address)
         return dict(peer.adj_out) if peer else {}
-
-    def refresh(self, address):
-        """Ask the peer to re-send its routes (ROUTE-REFRESH), if it supports it."""
-        self._in_loop(self._peers[address].session.request_refresh)
 
     # ---- what sessions report (through _SessionEvents) ---------------------------------
 

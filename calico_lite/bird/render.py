@@ -4,7 +4,6 @@
     text = render.render_config(snapshot, "node1", timers=render.FAST_TIMERS)
     render.validate(text)                          # `bird -p`: raises BirdConfigError
     render.write_atomic("/etc/bird/bird.conf", text)
-    render.reconfigure("/run/bird/bird.ctl")       # `birdc configure`, if BIRD runs
 
 `snapshot` is a calico_lite.datastore.Snapshot (or anything with .config,
 .nodes {name: Node}, .blocks {IPNet: name}, .revision). `context()` builds the
@@ -191,13 +190,3 @@ def write_atomic(path, text):
         f.write(text)
     os.replace(tmp, path)
     return True
-
-
-def reconfigure(socket_path, birdc="birdc"):
-    """Ask a running BIRD to load its configuration file again (`birdc configure`)."""
-    import subprocess
-    proc = subprocess.run([birdc, "-s", socket_path, "configure"], capture_output=True, text=True, timeout=30)
-    out = proc.stdout + proc.stderr
-    if proc.returncode != 0 or not any(w in out for w in ("Reconfigured", "Reconfiguration in progress")):
-        raise BirdConfigError("birdc configure failed: %s" % out.strip())
-    return out.strip()

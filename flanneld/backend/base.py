@@ -7,15 +7,31 @@ A rerun with the same leases changes nothing; a restarted daemon finds its
 own earlier state in the kernel and leaves it alone.
 
 Lifecycle, as the daemon calls it:
-    backend = BACKENDS[type](network_config, external_interface)
+    backend = backend_class(type)(network_config, external_interface)
     data, mtu = backend.register()     # create the device; BackendData for our lease, pod MTU
     backend.configure(own_lease)       # device addresses for our subnet
     backend.sync(remote_leases)        # many times: program routes / neighbours / FDB
     backend.close()                    # stop threads; the datapath stays in place
 
+`Backend` states this as code: an abstract base class, because every backend
+shares its constructor (`config`, `ext`) and its `type` attribute, and the
+daemon constructs one through the class that `backend_class` returns; a
+backend that lacks one of the five methods cannot be instantiated.
+
 Routes a backend installs carry ROUTE_PROTOCOL, so that the diff recognises
 its own routes (and `ip route show proto 77` shows them to an operator).
 """
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+    from flanneld.config import NetworkConfig
+    from flanneld.subnet import BackendData, Lease
+    from podnet.net.ip import IP
 
 ROUTE_PROTOCOL = 77      # "podnet flanneld" in route listings
 
@@ -25,41 +41,52 @@ class ExternalInterface:
 
     __slots__ = ("name", "index", "ip", "prefixlen", "mtu")
 
-    def __init__(self, name, index, ip, prefixlen, mtu):
+    name: str
+    index: int
+    ip: IP
+    prefixlen: int
+    mtu: int
+
+    def __init__(self, name: str, index: int, ip: IP, prefixlen: int, mtu: int) -> None:
         self.name = name
         self.index = index
         self.ip = ip                # IP: the public IP (flannel's --public-ip)
         self.prefixlen = prefixlen  # of that address: which remotes are on our L2 segment
         self.mtu = mtu
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "ExternalInterface(%s %s/%d mtu %d)" % (self.name, self.ip, self.prefixlen, self.mtu)
 
 
-class Backend:
-    type = ""
+class Backend(ABC):
+    """One backend type (vxlan, host-gw, udp) on one node."""
 
-    def __init__(self, config, ext):
-        self.config = config        # flanneld.config.NetworkConfig
-        self.ext = ext              # ExternalInterface
+    type: ClassVar[str] = ""     # the config's Backend.Type, and the BackendType of our lease
 
-    def register(self):
+    def __init__(self, config: NetworkConfig, ext: ExternalInterface) -> None:
+        self.config = config
+        self.ext = ext
+
+    @abstractmethod
+    def register(self) -> tuple[BackendData, int]:
         """Create what the backend needs once; returns (BackendData dict, pod MTU)."""
-        raise NotImplementedError
 
-    def configure(self, own_lease):
+    @abstractmethod
+    def configure(self, own_lease: Lease) -> None:
         """Addresses for this node's subnet on the backend's device (if any)."""
-        raise NotImplementedError
 
-    def desired(self, remote_leases):
-        """Pure: the kernel state wanted for these leases, as plain data."""
-        raise NotImplementedError
+    @abstractmethod
+    def desired(self, remote_leases: Sequence[Lease]) -> Mapping[Any, object]:
+        """Pure: the kernel state wanted for these leases, as plain data (each
+        backend's own shape)."""
 
-    def sync(self, remote_leases):
+    @abstractmethod
+    def sync(self, remote_leases: Sequence[Lease]) -> Sequence[str] | None:
         """Make the kernel match desired(remote_leases). Idempotent. Leases of
-        another backend type, or unusable ones, are logged and skipped."""
-        raise NotImplementedError
+        another backend type, or unusable ones, are logged and skipped. Returns
+        the changes made, if the backend reports them (the daemon ignores it)."""
 
-    def close(self):
+    @abstractmethod
+    def close(self) -> None:
         """Stop background work. Never tears down the datapath: pods keep talking
         across a daemon restart."""

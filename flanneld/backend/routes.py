@@ -15,7 +15,7 @@ import logging
 from flanneld.backend.base import ROUTE_PROTOCOL
 from podnet.net import routes as _routes
 from podnet.net.netlink import Netlink
-from podnet.net.routes import attempt, diff, routes_by_dst   # noqa: F401 (the backends' API)
+from podnet.net.routes import attempt, diff, routes_by_dst  # noqa: F401 (the backends' API)
 
 log = logging.getLogger("flanneld.backend")
 

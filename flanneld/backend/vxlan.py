@@ -24,9 +24,16 @@ import os
 from flanneld.backend.base import Backend
 from flanneld.backend.routes import NetlinkOwner, RoutePlan, attempt, diff, routes_by_dst
 from podnet.net.ip import AF_INET, IPNet, parse_ip
-from podnet.net.netlink import NUD_PERMANENT, mac_bytes, mac_str
-from podnet.net.netlink import (IFLA_VXLAN_ID, IFLA_VXLAN_LEARNING, IFLA_VXLAN_LINK,
-                                IFLA_VXLAN_LOCAL, IFLA_VXLAN_PORT)
+from podnet.net.netlink import (
+    IFLA_VXLAN_ID,
+    IFLA_VXLAN_LEARNING,
+    IFLA_VXLAN_LINK,
+    IFLA_VXLAN_LOCAL,
+    IFLA_VXLAN_PORT,
+    NUD_PERMANENT,
+    mac_bytes,
+    mac_str,
+)
 
 log = logging.getLogger("flanneld.backend.vxlan")
 

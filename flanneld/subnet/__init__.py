@@ -5,14 +5,31 @@ flannel's etcd layout (kept, so operators' tools and habits apply):
     <prefix>/subnets/10.244.3.0-24       one lease per node, with a TTL:
         {"PublicIP": "192.168.50.3", "BackendType": "vxlan",
          "BackendData": {"VtepMAC": "c2:..."}}
+
+SubnetManager is what the daemon needs from wherever leases are kept (etcd:
+flanneld.subnet.etcd.EtcdSubnetManager; the Kubernetes Node objects next);
+each manager implements it without inheriting from it.
 """
+from __future__ import annotations
+
 import json
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from podnet.etcd import net_from_key, net_key_name
 from podnet.net.ip import IPNet, parse_ip
 
+if TYPE_CHECKING:
+    import threading
+    from collections.abc import Callable, Collection, Iterator, Sequence
+
+    from flanneld.config import NetworkConfig
+    from podnet.net.ip import IP
+
 DEFAULT_PREFIX = "/coreos.com/network"
 DEFAULT_TTL = 24 * 3600
+
+# A lease's BackendData: the backend's JSON object (vxlan: {"VNI": 1, "VtepMAC": "..."}).
+BackendData = dict[str, Any]
 
 
 class Lease:
@@ -20,32 +37,39 @@ class Lease:
 
     __slots__ = ("subnet", "public_ip", "backend_type", "backend_data", "expiration")
 
-    def __init__(self, subnet, public_ip, backend_type, backend_data=None, expiration=None):
+    subnet: IPNet
+    public_ip: IP
+    backend_type: str
+    backend_data: BackendData
+    expiration: float | None
+
+    def __init__(self, subnet: IPNet, public_ip: IP, backend_type: str, backend_data: BackendData | None = None,
+                 expiration: float | None = None) -> None:
         self.subnet = subnet                  # IPNet (masked)
         self.public_ip = public_ip            # IP
         self.backend_type = backend_type      # "vxlan" | "host-gw" | "udp"
         self.backend_data = backend_data or {}
         self.expiration = expiration          # unix time, or None if unknown
 
-    def key(self, prefix=DEFAULT_PREFIX):
+    def key(self, prefix: str = DEFAULT_PREFIX) -> str:
         return subnet_key(prefix, self.subnet)
 
-    def value(self):
+    def value(self) -> str:
         """The JSON stored in etcd, byte-compatible with flannel's."""
-        out = {"PublicIP": str(self.public_ip), "BackendType": self.backend_type}
+        out: dict[str, Any] = {"PublicIP": str(self.public_ip), "BackendType": self.backend_type}
         if self.backend_data:
             out["BackendData"] = self.backend_data
         return json.dumps(out, separators=(",", ":"))
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         return isinstance(other, Lease) and (self.subnet, self.public_ip, self.backend_type,
                                              self.backend_data) == (other.subnet, other.public_ip,
                                                                     other.backend_type, other.backend_data)
 
-    def __hash__(self):
+    def __hash__(self) -> int:
         return hash((self.subnet, self.public_ip))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "Lease(%s -> %s %s)" % (self.subnet, self.public_ip, self.backend_type)
 
 
@@ -53,11 +77,45 @@ class LeaseError(ValueError):
     pass
 
 
-def subnet_key(prefix, subnet):
+# What watch_leases yields: a lease created or changed, the subnet of one deleted
+# or expired, or the complete set after events may have been missed.
+LeaseEvent = tuple[Literal["put"], Lease] | tuple[Literal["delete"], IPNet] | tuple[Literal["resync"], list[Lease]]
+
+
+class SubnetManager(Protocol):
+    """Where the leases live, as the daemon uses it (in its order: config, lease,
+    list + watch, renew). Every method may be called from any thread."""
+
+    def get_network_config(self) -> NetworkConfig:
+        """The network config; ConfigError if it is invalid, another error if it
+        cannot be read (yet): the daemon logs either and asks again."""
+        ...
+
+    def acquire_lease(self, public_ip: IP, backend_type: str, backend_data: BackendData,
+                      ttl: int = DEFAULT_TTL) -> Lease:
+        """This node's lease, with its expiration: the subnet `public_ip` already
+        holds (a restarted node gets it back), else a free one, taken atomically."""
+        ...
+
+    def list_leases(self) -> tuple[list[Lease], int]:
+        """(every valid lease, the revision to watch from); malformed ones are skipped."""
+        ...
+
+    def watch_leases(self, revision: int, stop_event: threading.Event) -> Iterator[LeaseEvent]:
+        """Events after `revision` until stop_event is set; ("resync", leases)
+        whenever some may have been missed. Outages are retried, not raised."""
+        ...
+
+    def renew_lease(self, lease: Lease) -> Lease:
+        """The same lease (subnet, public IP, backend) with a later expiration."""
+        ...
+
+
+def subnet_key(prefix: str, subnet: IPNet) -> str:
     return "%s/subnets/%s" % (prefix.rstrip("/"), net_key_name(subnet))
 
 
-def subnet_from_key(key):
+def subnet_from_key(key: str) -> IPNet:
     """'/coreos.com/network/subnets/10.244.3.0-24' -> IPNet (masked), or LeaseError."""
     try:
         return net_from_key(key).masked()
@@ -65,7 +123,7 @@ def subnet_from_key(key):
         raise LeaseError("not a subnet key: %r" % key) from None
 
 
-def parse_lease(key, value, expiration=None):
+def parse_lease(key: str, value: str | bytes, expiration: float | None = None) -> Lease:
     """A Lease from an etcd key and its JSON value; LeaseError if malformed."""
     subnet = subnet_from_key(key)
     try:
@@ -80,7 +138,8 @@ def parse_lease(key, value, expiration=None):
     return Lease(subnet, public_ip, backend_type, backend_data, expiration)
 
 
-def choose_subnet(config, taken, pick=None):
+def choose_subnet(config: NetworkConfig, taken: Collection[IPNet],
+                  pick: Callable[[Sequence[int]], int] | None = None) -> IPNet | None:
     """A free subnet of `config` not in `taken` (a set of IPNet), or None.
 
     flannel picks at random among the free ones so that concurrent nodes rarely

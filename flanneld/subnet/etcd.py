@@ -29,10 +29,8 @@ import threading
 import time
 
 from flanneld.config import ConfigError, parse
-from flanneld.subnet import (DEFAULT_PREFIX, DEFAULT_TTL, Lease, LeaseError, choose_subnet, parse_lease,
-                             subnet_from_key)
+from flanneld.subnet import DEFAULT_PREFIX, DEFAULT_TTL, Lease, LeaseError, choose_subnet, parse_lease, subnet_from_key
 from podnet.etcd import EtcdClient, EtcdError, WatchCompacted, cmp_absent, cmp_mod, decode_event, op_delete, op_put
-from podnet.etcd import prefix_end as _prefix_end  # noqa: F401  (its name here before podnet.etcd)
 
 log = logging.getLogger("flanneld.subnet.etcd")
 
