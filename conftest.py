@@ -15,7 +15,8 @@ IN_LANE = os.environ.get("PODNET_FULLKERNEL") == "1"
 def pytest_collection_modifyitems(config, items):
     if IN_LANE:
         return
-    skip = pytest.mark.skip(reason="needs a kernel feature this machine lacks: runs in the full-kernel lane (./dev test)")
+    skip = pytest.mark.skip(
+        reason="needs a kernel feature this machine lacks: runs in the full-kernel lane (./dev test)")
     for item in items:
         if "fullkernel" in item.keywords:
             item.add_marker(skip)

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cni.executable import install  # noqa: E402
 from cni.fastjson import dumps  # noqa: E402
 from lab.cluster import Lab  # noqa: E402
+
 from benchlib import bridge_config, run_plugin, summary  # noqa: E402
 
 REF_DIR = "/usr/lib/cni"

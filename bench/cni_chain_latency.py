@@ -36,6 +36,7 @@ from cni.executable import install  # noqa: E402
 from cni.plugins.flannel import delegate_config, parse_subnet_env  # noqa: E402
 from lab.cluster import Lab  # noqa: E402
 from podnet.net.netns import entered  # noqa: E402
+
 from benchlib import summary  # noqa: E402
 
 REF_DIR = "/usr/lib/cni"

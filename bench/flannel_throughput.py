@@ -16,8 +16,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchlib import VXLAN_MTU, attach_pod, iperf, setup_vxlan  # noqa: E402
 from lab.cluster import Cluster, Lab  # noqa: E402
+
+from benchlib import VXLAN_MTU, attach_pod, iperf, setup_vxlan  # noqa: E402
 
 
 def raw_paths(seconds):

@@ -31,6 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from lab.cluster import Lab  # noqa: E402
+
 from benchlib import UDP_MTU, VXLAN_MTU, attach_pod, iperf, setup_vxlan  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")

@@ -537,7 +537,7 @@ def main():
     print("|---|" + "---|" * len(results))
     for name in names:
         cells = []
-        for n, res in results.items():
+        for res in results.values():
             value = res.get(name)
             cell = fmt(value)
             if isinstance(value, float) and not name.startswith("r") and "baseline" in res:
@@ -545,7 +545,7 @@ def main():
             cells.append(cell)
         print("| %s | %s |" % (name, " | ".join(cells)))
     for n, res in results.items():
-        for strategy, row in res.get("race", {}).items():
+        for row in res.get("race", {}).values():
             print("race %d: %s" % (n, row))
 
 

@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cni.executable import install  # noqa: E402
 from cni.fastjson import dumps, loads  # noqa: E402
 from lab.cluster import Lab  # noqa: E402
+
 from benchlib import run_plugin  # noqa: E402
 
 REF_DIR = "/usr/lib/cni"

@@ -137,7 +137,7 @@ class Ingress:
     class_name: str = ""        # spec.ingressClassName
     class_annotation: str = ""  # the deprecated kubernetes.io/ingress.class annotation
     rules: tuple = ()
-    default_backend: ServiceBackend = None
+    default_backend: ServiceBackend | None = None
     tls: tuple = ()
     created: str = ""           # metadata.creationTimestamp (RFC 3339: sorts as text)
 
@@ -181,8 +181,8 @@ class Location:
 class Server:
     host: str                   # "" for the catch-all default server
     locations: tuple = ()       # (Location, ...): Exact first, then longest path first
-    fallback: ServiceBackend = None     # for requests no location matches; None: 404
-    tls: tuple = None           # (namespace, secret name) or None
+    fallback: ServiceBackend | None = None      # for requests no location matches; None: 404
+    tls: tuple[str, str] | None = None          # (namespace, secret name) or None
 
     @property
     def wildcard(self):

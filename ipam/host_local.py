@@ -256,7 +256,7 @@ def _allocate_from(store, idx, rs, want, held, used, container_id, ifname):
                            "range set %s" % (ip_string(want), rs))
         ip = want
     else:
-        for r, ip in rs.free(used, store.last_reserved(idx)):
+        for r, ip in rs.free(used, store.last_reserved(idx)):  # noqa: B007 (r is returned below)
             if store.reserve(ip, container_id, ifname):
                 break
             used.add(ip.value)   # taken by a writer that ignored the lock

@@ -29,16 +29,28 @@ import struct
 import time
 
 import pytest
+from test_bgp_interop import Bird, OurSpeaker, bird_client_conf, tail, wait_until
 
 from podnet.net.netns import entered
 
-from test_bgp_interop import Bird, OurSpeaker, bird_client_conf, tail, wait_until
-
 scapy_bgp = pytest.importorskip("scapy.contrib.bgp")
 from scapy.all import fuzz, raw  # noqa: E402
-from scapy.contrib.bgp import (BGPHeader, BGPNLRI_IPv4, BGPOpen, BGPOptParam, BGPCapMultiprotocol,  # noqa: E402
-                               BGPPAASPath, BGPPAAggregator, BGPPALocalPref, BGPPAMultiExitDisc, BGPPANextHop,
-                               BGPPAOrigin, BGPPathAttr, BGPUpdate, BGPKeepAlive)
+from scapy.contrib.bgp import (  # noqa: E402
+    BGPCapMultiprotocol,
+    BGPHeader,
+    BGPKeepAlive,
+    BGPNLRI_IPv4,
+    BGPOpen,
+    BGPOptParam,
+    BGPPAAggregator,
+    BGPPAASPath,
+    BGPPALocalPref,
+    BGPPAMultiExitDisc,
+    BGPPANextHop,
+    BGPPAOrigin,
+    BGPPathAttr,
+    BGPUpdate,
+)
 
 AS = 64512
 NET = "192.168.79"
@@ -146,7 +158,7 @@ def attribute_cases(rng):
         # lengths that contradict fixed-size attributes
         code = rng.choice([c for c, (_, s) in KNOWN.items() if s is not None])
         want, size = KNOWN[code]
-        bad_len = rng.choice([n for n in range(0, 12) if n != size])
+        bad_len = rng.choice([n for n in range(12) if n != size])
         attr = raw_attr(want, code, bytes([1]) * bad_len)
         yield "length %d of %d" % (bad_len, code), True, update_with_raw_attrs(valid_attr_bytes({code}) + attr), \
             (3, 5, attr)

@@ -414,7 +414,7 @@ def test_bird_reflector_between_our_speakers_and_gobgp(lab):
     def diag():
         return "learned: %s\nbird: %s\n%s" % (learned(), bird.routes(), tail(ours[OURS1].log))
     wait_until(converged, 15, "every client to learn every other client's prefix through BIRD", diag)
-    for address, speaker in ours.items():
+    for speaker in ours.values():
         for prefix, route in speaker.routes().items():
             origin = next(a for a in everyone if prefix_of(a) == prefix)
             assert route["peer"] == RR2

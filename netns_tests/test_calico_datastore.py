@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from calico_lite.datastore import (ClusterConfig, DataError, Datastore, EtcdError, Node,
-                                   PoolExhaustedError)
-from helpers import free_port, requires_etcd
+from calico_lite.datastore import ClusterConfig, DataError, Datastore, EtcdError, Node, PoolExhaustedError
 from podnet.net.ip import parse_cidr
+
+from helpers import free_port, requires_etcd
 
 pytestmark = requires_etcd
 

@@ -17,8 +17,9 @@ import pytest
 
 from flanneld.config import ConfigError
 from flanneld.subnet import Lease, parse_lease
-from helpers import EtcdServer, requires_etcd
 from podnet.net.ip import parse_ip
+
+from helpers import EtcdServer, requires_etcd
 
 pytestmark = requires_etcd
 

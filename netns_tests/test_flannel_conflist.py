@@ -30,7 +30,6 @@ import textwrap
 
 import pytest
 
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REF_DELEGATES = ("bridge", "host-local", "portmap", "loopback")
 SUBNET_ENV = ("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\n"

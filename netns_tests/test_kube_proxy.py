@@ -17,10 +17,11 @@ import threading
 import time
 
 import pytest
-from helpers import wait_until
 
 from lab import manifests as k8s
 from lab.cluster import Cluster, Lab
+
+from helpers import wait_until
 
 HTTP = {"name": "http", "port": 80, "targetPort": "web"}        # a named target port
 HTTP_EP = {"name": "http", "port": 8080}

@@ -404,8 +404,18 @@ def test_scapy_reads_our_messages():
 
 
 def test_we_read_scapys_messages():
-    from scapy.contrib.bgp import (BGPHeader, BGPNLRI_IPv4, BGPOpen, BGPPAAS4BytesPath, BGPPANextHop,
-                                   BGPPAOrigin, BGPPathAttr, BGPUpdate, BGPCapFourBytesASN, BGPOptParam)
+    from scapy.contrib.bgp import (
+        BGPCapFourBytesASN,
+        BGPHeader,
+        BGPNLRI_IPv4,
+        BGPOpen,
+        BGPOptParam,
+        BGPPAAS4BytesPath,
+        BGPPANextHop,
+        BGPPAOrigin,
+        BGPPathAttr,
+        BGPUpdate,
+    )
     opn = BGPHeader(type=1) / BGPOpen(my_as=64512, hold_time=30, bgp_id="10.0.0.7", opt_params=[
         BGPOptParam(param_type=2, param_value=BGPCapFourBytesASN(asn=64512))])
     decoded = m.decode(bytes(opn))

@@ -1,8 +1,16 @@
 """Best-path selection, the Loc-RIB, import checks and Adj-RIB-Out rules
 (iBGP split horizon, route reflection per RFC 4456, eBGP), all as pure data."""
 from calico_lite.bgp.messages import AS_SEQUENCE, AS_SET, ORIGIN_EGP, ORIGIN_IGP, ORIGIN_INCOMPLETE, PathAttributes
-from calico_lite.bgp.rib import (ExportPolicy, Rib, Route, Source, export_attributes, import_attributes,
-                                 local_source, select_best)
+from calico_lite.bgp.rib import (
+    ExportPolicy,
+    Rib,
+    Route,
+    Source,
+    export_attributes,
+    import_attributes,
+    local_source,
+    select_best,
+)
 
 LOCAL_AS, ROUTER_ID, CLUSTER_ID = 64512, "10.0.0.1", "10.0.0.1"
 P = "10.65.1.0/26"

@@ -7,8 +7,19 @@ import subprocess
 import pytest
 
 from lab import cluster
-from lab.cluster import (IFNAMSIZ, AddressPool, CommandFailed, Lab, check_role, cni_env,
-                            exec_argv, lab_prefix, parse_netns_list, port_name, stale_pattern)
+from lab.cluster import (
+    IFNAMSIZ,
+    AddressPool,
+    CommandFailed,
+    Lab,
+    check_role,
+    cni_env,
+    exec_argv,
+    lab_prefix,
+    parse_netns_list,
+    port_name,
+    stale_pattern,
+)
 
 
 def test_lab_prefix_shape_and_uniqueness():

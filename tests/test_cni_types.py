@@ -12,8 +12,7 @@ import pytest
 
 from cni import errors
 from cni.errors import CNIError
-from cni.types import (LATEST, SUPPORTED_VERSIONS, check_supported, empty_result,
-                       from_version, to_version, version_tuple)
+from cni.types import LATEST, SUPPORTED_VERSIONS, check_supported, empty_result, from_version, to_version, version_tuple
 
 V020 = ("0.1.0", "0.2.0")
 V040 = ("0.3.0", "0.3.1", "0.4.0")

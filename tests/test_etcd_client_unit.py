@@ -143,7 +143,7 @@ def test_error_descriptions():
             try:
                 raise inner
             except Exception:
-                raise outer
+                raise outer  # noqa: B904 (an implicitly chained error is the case under test)
         except Exception as e:
             return e
 

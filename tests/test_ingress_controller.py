@@ -22,7 +22,7 @@ import pytest
 from ingress import controller as ctl
 from ingress import render
 from podnet.kube.events import Event
-from tests.test_ingress_model import be, ingress, path, rule
+from tests.test_ingress_model import ingress, path, rule
 
 FAKE_NGINX = textwrap.dedent("""\
     #!%s
@@ -293,8 +293,8 @@ def test_bad_arguments(argv, message, capsys, monkeypatch):
 
 def test_controller_follows_the_kubernetes_api(tmp_path, fake_nginx):
     """The API source with every kind the controller asks for, against recorded-format responses."""
-    from podnet.kube.events import INGRESS_KINDS
     from podnet.kube.api import KubeApiSource
+    from podnet.kube.events import INGRESS_KINDS
     from tests.test_kube_sources import FakeApiServer
 
     def lst(kind, api, items):

@@ -6,9 +6,20 @@ import logging
 import pytest
 
 from ingress import model
-from ingress.model import (IngressClass, InvalidIngress, ServiceBackend, build_routes, host_matches,
-                                      normalize_request_host, owned, parse_ingress, parse_ingress_class,
-                                      parse_tls_secret, path_matches, resolve_backends)
+from ingress.model import (
+    IngressClass,
+    InvalidIngress,
+    ServiceBackend,
+    build_routes,
+    host_matches,
+    normalize_request_host,
+    owned,
+    parse_ingress,
+    parse_ingress_class,
+    parse_tls_secret,
+    path_matches,
+    resolve_backends,
+)
 from kube_proxy.model import Endpoint, InvalidObject, ServicePortName
 
 

@@ -8,7 +8,7 @@ import pytest
 from ingress import model, render
 from ingress.model import Upstream
 from kube_proxy.model import Endpoint, ServicePortName
-from tests.test_ingress_model import PRECEDENCE, be, ingress, path, rule, sb
+from tests.test_ingress_model import PRECEDENCE, be, ingress, path, rule
 
 
 def routes_of(*objs):

@@ -6,8 +6,20 @@ import pytest
 
 from podnet.net import ipvs
 from podnet.net.ip import AF_INET, AF_INET6
-from podnet.net.netlink import (IFLA_IFNAME, IFLA_INFO_KIND, IFLA_LINKINFO, IFLA_MTU, F_CREATE, F_EXCL,
-                                RTM_NEWLINK, Netlink, NetlinkError, attr, nested, parse_attrs)
+from podnet.net.netlink import (
+    F_CREATE,
+    F_EXCL,
+    IFLA_IFNAME,
+    IFLA_INFO_KIND,
+    IFLA_LINKINFO,
+    IFLA_MTU,
+    RTM_NEWLINK,
+    Netlink,
+    NetlinkError,
+    attr,
+    nested,
+    parse_attrs,
+)
 
 
 def top(body):

@@ -1,9 +1,20 @@
 """podnet.kube.objects: the checks every consumer of Kubernetes objects shares (no root)."""
 import pytest
 
-from podnet.kube.objects import (InvalidObject, LabelSelector, check_label_key, check_label_value, get_field,
-                                 is_dns_label, is_dns_subdomain, is_port_name, labels_of, object_key,
-                                 parse_selector, port_number)
+from podnet.kube.objects import (
+    InvalidObject,
+    LabelSelector,
+    check_label_key,
+    check_label_value,
+    get_field,
+    is_dns_label,
+    is_dns_subdomain,
+    is_port_name,
+    labels_of,
+    object_key,
+    parse_selector,
+    port_number,
+)
 
 
 def test_get_field_says_where_and_what():

@@ -26,10 +26,10 @@ import urllib.parse
 import pytest
 
 from kube_proxy.model import ServicePortName
-from podnet.kube.events import Event
-from podnet.kube.api import KubeApiSource
-from podnet.kube.manifests import ManifestSource
 from kube_proxy.tracker import ChangeTracker
+from podnet.kube.api import KubeApiSource
+from podnet.kube.events import Event
+from podnet.kube.manifests import ManifestSource
 
 # ---------------------------------------------------------------------------------------------
 # the manifests directory

@@ -14,8 +14,21 @@ from flanneld import config as fconfig
 from flanneld.backend import backend_class
 from flanneld.backend.base import ExternalInterface
 from flanneld.backend.udp import (
-    SOL_UDP, UDP_GRO, UDP_SEGMENT, VNET_HDR_LEN, VNET_NONE, Forwarder, UDPBackend, _run_mask, fold,
-    gro_segments, ip_checksum, lookup, pseudo_header_sum, route_table)
+    SOL_UDP,
+    UDP_GRO,
+    UDP_SEGMENT,
+    VNET_HDR_LEN,
+    VNET_NONE,
+    Forwarder,
+    UDPBackend,
+    _run_mask,
+    fold,
+    gro_segments,
+    ip_checksum,
+    lookup,
+    pseudo_header_sum,
+    route_table,
+)
 from flanneld.subnet import Lease
 from podnet.net.ip import parse_ip, parse_net
 

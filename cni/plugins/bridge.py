@@ -26,8 +26,8 @@ import os
 import time
 
 from cni import errors
-from cni.errors import CNIError
 from cni.container import container_netlink, kernel_error, open_container_netns, roll_back
+from cni.errors import CNIError
 from cni.invoke import delegate
 from cni.iptables_names import chain_name
 from cni.skel import conf_value
@@ -211,7 +211,8 @@ def _create_veth(host, cont, ns_fd, conf, ifname):
             if e.errno != _EEXIST:
                 raise kernel_error("failed to create veth pair", e) from None
             if cont.link(ifname) is not None:
-                raise CNIError(errors.INVALID_ENV, "container veth name provided (%s) already exists" % ifname)
+                raise CNIError(errors.INVALID_ENV,
+                               "container veth name provided (%s) already exists" % ifname) from None
             # else: the random host-side name collided; draw another one
     raise CNIError(errors.KERNEL, "failed to find a free host veth name")
 
@@ -503,15 +504,17 @@ def cmd_check(args):
         by_name = {i.get("name"): i for i in result["interfaces"]}
         br_if = by_name.get(conf.bridge)
         if br_if is None or br_if.get("sandbox"):
-            raise CNIError(errors.INVALID_NETCONF, "CNI created bridge %s in host namespace was not found" % conf.bridge)
+            raise CNIError(errors.INVALID_NETCONF,
+                           "CNI created bridge %s in host namespace was not found" % conf.bridge)
         br = host.link(conf.bridge)
         if br is None or br.kind != "bridge":
             raise CNIError(errors.INVALID_NETCONF, "Interface %s does not have link type of bridge" % conf.bridge)
         if br_if.get("mac") and br_if["mac"] != br.mac:
-            raise CNIError(errors.INVALID_NETCONF, "Bridge interface %s Mac doesn't match: %s" % (br.name, br_if["mac"]))
+            raise CNIError(errors.INVALID_NETCONF,
+                           "Bridge interface %s Mac doesn't match: %s" % (br.name, br_if["mac"]))
         if br.promisc != conf.promisc:
-            raise CNIError(errors.INVALID_NETCONF, "Bridge interface %s configured Promisc Mode %s doesn't match current state"
-                           % (br.name, conf.promisc))
+            raise CNIError(errors.INVALID_NETCONF, "Bridge interface %s configured Promisc Mode %s doesn't "
+                           "match current state" % (br.name, conf.promisc))
         c_if = by_name.get(args.ifname)
         if c_if is None or c_if.get("sandbox") != args.netns:
             raise CNIError(errors.INVALID_NETCONF, "Sandbox in prevResult %s doesn't match configured netns: %s"

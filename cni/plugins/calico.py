@@ -38,8 +38,8 @@ the address, DEL is idempotent and works without the netns.
 import os
 
 from cni import errors
-from cni.errors import CNIError
 from cni.container import container_netlink, kernel_error, open_container_netns, roll_back
+from cni.errors import CNIError
 from cni.invoke import delegate
 from cni.skel import conf_value
 from podnet.net import sysctl
@@ -52,7 +52,8 @@ GATEWAY4 = "169.254.1.1"
 GATEWAY6 = "fe80::ecee:eeff:feee:eeee"     # link-local of HOST_MAC (modified EUI-64)
 DEFAULT_BLOCKS_FILE = "/run/calico-lite/blocks"
 USE_NODE_BLOCK = "useNodeBlock"
-_PLACEHOLDER_RANGE = "169.254.1.0/30"      # for DEL/CHECK/GC when the blocks are unknown: host-local ignores ranges then
+# for DEL/CHECK/GC when the blocks are unknown: host-local ignores ranges then
+_PLACEHOLDER_RANGE = "169.254.1.0/30"
 _EEXIST, _ENODEV, _ESRCH = 17, 19, 3
 
 

@@ -22,8 +22,18 @@ import ipaddress
 import logging
 from dataclasses import dataclass
 
-from podnet.kube.objects import (DNS_SUBDOMAIN, InvalidObject, get_field, ip_address, is_dns_label,
-                                 namespaced_metadata, object_key, port_number, protocol, short)
+from podnet.kube.objects import (
+    DNS_SUBDOMAIN,
+    InvalidObject,
+    get_field,
+    ip_address,
+    is_dns_label,
+    namespaced_metadata,
+    object_key,
+    port_number,
+    protocol,
+    short,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
