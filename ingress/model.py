@@ -69,7 +69,7 @@ from dataclasses import dataclass, field
 
 from podnet.kube.endpointslices import ServicePortName
 from podnet.kube.objects import DNS_SUBDOMAIN as _DNS_SUBDOMAIN
-from podnet.kube.objects import InvalidObject, get_field, is_dns_label, is_port_name, object_key
+from podnet.kube.objects import InvalidObject, get_field, is_dns_label, is_port_name, parse_or_skip
 from podnet.kube.objects import short as _short
 
 log = logging.getLogger("ingress.model")
@@ -456,15 +456,7 @@ def parse_ingress(obj):
 
 def ingress_or_error(obj):
     """(Ingress, None) or (None, reason); the reason is logged."""
-    try:
-        return parse_ingress(obj), None
-    except InvalidObject as e:
-        reason = str(e)
-    except Exception as e:                      # a shape nobody foresaw: still only this object
-        reason = "unexpected %s: %s" % (type(e).__name__, e)
-    key = object_key(obj)
-    log.warning("skipping Ingress %s: %s", "%s/%s" % key if key else "(unnamed)", reason)
-    return None, reason
+    return parse_or_skip("Ingress", parse_ingress, obj, (), None, log)
 
 
 def parse_ingress_class(obj):

@@ -55,6 +55,7 @@ from podnet.kube.objects import (  # noqa: F401
     is_port_name,
     namespaced_metadata,
     object_key,
+    parse_or_skip,
     short,
 )
 from podnet.kube.objects import cidr as _cidr
@@ -281,15 +282,7 @@ def service_ports(obj, family=4):
 
 def service_ports_or_error(obj, family=4):
     """({ServicePortName: ServicePort}, None) or ({}, reason); the reason is logged."""
-    try:
-        return build_service_ports(obj, family), None
-    except InvalidObject as e:
-        reason = str(e)
-    except Exception as e:                      # a shape nobody foresaw: still only this object
-        reason = "unexpected %s: %s" % (type(e).__name__, e)
-    key = object_key(obj)
-    log.warning("skipping Service %s: %s", "%s/%s" % key if key else "(unnamed)", reason)
-    return {}, reason
+    return parse_or_skip("Service", build_service_ports, obj, (family,), {}, log)
 
 
 # ---- choosing endpoints --------------------------------------------------------------

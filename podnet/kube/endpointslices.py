@@ -29,7 +29,7 @@ from podnet.kube.objects import (
     ip_address,
     is_dns_label,
     namespaced_metadata,
-    object_key,
+    parse_or_skip,
     port_number,
     protocol,
     short,
@@ -185,15 +185,7 @@ def slice_info(obj: Any, family: int = 4, hostname: str | None = None) -> SliceI
 
 def slice_info_or_error(obj: Any, family: int = 4,
                         hostname: str | None = None) -> tuple[SliceInfo | None, str | None]:
-    try:
-        return build_slice_info(obj, family, hostname), None
-    except InvalidObject as e:
-        reason = str(e)
-    except Exception as e:
-        reason = "unexpected %s: %s" % (type(e).__name__, e)
-    key = object_key(obj)
-    log.warning("skipping EndpointSlice %s: %s", "%s/%s" % key if key else "(unnamed)", reason)
-    return None, reason
+    return parse_or_skip("EndpointSlice", build_slice_info, obj, (family, hostname), None, log)
 
 
 def _endpoint_order(ep: Endpoint) -> tuple[int, bytes, int]:

@@ -15,8 +15,11 @@ from dataclasses import dataclass
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Mapping
-    from typing import Any
+    import logging
+    from collections.abc import Callable, Mapping
+    from typing import Any, TypeVar
+    T = TypeVar("T")
+    D = TypeVar("D")
 
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 
@@ -134,6 +137,22 @@ def object_key(obj: object) -> tuple[str, str] | None:
     if not isinstance(name, str) or not name or not isinstance(namespace, str):
         return None
     return (namespace, name)
+
+
+def parse_or_skip(what: str, parse: Callable[..., T], obj: object, args: tuple[Any, ...], default: D,
+                  logger: logging.Logger) -> tuple[T | D, str | None]:
+    """(parse(obj, *args), None), or (default, reason) for an object that cannot be used, the
+    reason logged ("skipping Service shop/web: spec.ports[0].port: ..."). Any exception counts:
+    a shape nobody foresaw still costs only this object, never the consumer's loop."""
+    try:
+        return parse(obj, *args), None
+    except InvalidObject as e:
+        reason = str(e)
+    except Exception as e:
+        reason = "unexpected %s: %s" % (type(e).__name__, e)
+    key = object_key(obj)
+    logger.warning("skipping %s %s: %s", what, "%s/%s" % key if key else "(unnamed)", reason)
+    return default, reason
 
 
 # ---- labels and label selectors ---------------------------------------------------------
