@@ -22,6 +22,8 @@ The bridge plugin runs this in-process through cni.invoke, so the command
 functions return the internal result or raise CNIError; main() is the
 executable's entry point.
 """
+from __future__ import annotations
+
 import os
 
 from cni import errors
@@ -31,6 +33,10 @@ from cni.types import empty_result
 from ipam.allocator import ip_string, parse_addr, parse_range_sets
 from ipam.store import Store
 from podnet.net.ip import AF_INET, AF_INET6, parse_cidr
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from cni.skel import Commands
 
 ABOUT = "CNI host-local IPAM plugin (podnet)"
 
@@ -336,7 +342,7 @@ def cmd_status(args):
     return None
 
 
-COMMANDS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "GC": cmd_gc, "STATUS": cmd_status}
+COMMANDS: Commands = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "GC": cmd_gc, "STATUS": cmd_status}
 
 
 def _invalid(msg):
@@ -348,7 +354,7 @@ def _io_error(e):
     return CNIError(errors.IO_FAILURE, "host-local:%s: %s" % (where, e.strerror or e))
 
 
-def main():
+def main() -> None:
     run_plugin(COMMANDS, about=ABOUT)
 
 

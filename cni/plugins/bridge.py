@@ -22,6 +22,8 @@ keeps the better behaviour (several are bugs fixed upstream since):
   own fresh ADD then);
 - veths keep the kernel's default txqueuelen (1.1.1 sets 0: plugins#1100).
 """
+from __future__ import annotations
+
 import os
 import time
 
@@ -35,6 +37,10 @@ from podnet.net import sysctl
 from podnet.net.ip import AF_INET, AF_INET6, IPNet, parse_cidr, parse_ip
 from podnet.net.netlink import Netlink, NetlinkError
 from podnet.net.netns import entered, open_netns
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from cni.skel import Commands
 
 DEFAULT_BRIDGE = "cni0"
 _EEXIST = 17
@@ -560,9 +566,9 @@ def cmd_status(args):
         delegate(conf.ipam_type, "STATUS", args)
 
 
-COMMANDS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "GC": cmd_gc, "STATUS": cmd_status}
+COMMANDS: Commands = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "GC": cmd_gc, "STATUS": cmd_status}
 
 
-def main():
+def main() -> None:
     from cni.skel import run_plugin
     run_plugin(COMMANDS, about="podnet bridge plugin")

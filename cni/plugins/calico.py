@@ -35,6 +35,8 @@ Deliberate behaviour (as the bridge plugin): ADD is idempotent (a rerun
 re-applies the same attachment), a failed ADD removes the veth and releases
 the address, DEL is idempotent and works without the netns.
 """
+from __future__ import annotations
+
 import os
 
 from cni import errors
@@ -46,6 +48,10 @@ from podnet.net import sysctl
 from podnet.net.ip import AF_INET, AF_INET6, IPNet, parse_cidr, parse_ip
 from podnet.net.netlink import RT_SCOPE_LINK, Netlink, NetlinkError
 from podnet.net.netns import entered
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from cni.skel import Commands
 
 HOST_MAC = "ee:ee:ee:ee:ee:ee"
 GATEWAY4 = "169.254.1.1"
@@ -366,9 +372,9 @@ def cmd_status(args):
     delegate(conf.ipam_type, "STATUS", args, ipam_netconf(conf, args, need_blocks=False))
 
 
-COMMANDS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "GC": cmd_gc, "STATUS": cmd_status}
+COMMANDS: Commands = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "GC": cmd_gc, "STATUS": cmd_status}
 
 
-def main():
+def main() -> None:
     from cni.skel import run_plugin
     run_plugin(COMMANDS, about="podnet calico plugin")

@@ -21,6 +21,8 @@ Deliberate differences from the reference:
   network of its family, comments, blank lines and quotes are allowed;
 - CHECK is implemented (delegate CHECK with the saved config and prevResult).
 """
+from __future__ import annotations
+
 import os
 
 from cni import errors
@@ -28,6 +30,10 @@ from cni.errors import CNIError
 from cni.fastjson import JSONError, dumps, loads
 from cni.invoke import delegate
 from podnet.net.ip import parse_cidr
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from cni.skel import Commands
 
 DEFAULT_SUBNET_FILE = "/run/flannel/subnet.env"
 DEFAULT_DATA_DIR = "/var/lib/cni/flannel"
@@ -254,9 +260,9 @@ def cmd_status(args):
     delegate(deleg["type"], "STATUS", args, deleg)
 
 
-COMMANDS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "GC": cmd_gc, "STATUS": cmd_status}
+COMMANDS: Commands = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "GC": cmd_gc, "STATUS": cmd_status}
 
 
-def main():
+def main() -> None:
     from cni.skel import run_plugin
     run_plugin(COMMANDS, about="podnet flannel plugin")

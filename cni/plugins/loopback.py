@@ -1,4 +1,6 @@
 """loopback: bring `lo` up in the container (and down again on DEL)."""
+from __future__ import annotations
+
 import os
 
 from cni import errors
@@ -6,6 +8,10 @@ from cni.errors import CNIError
 from podnet.net.ip import AF_INET6
 from podnet.net.netlink import Netlink, NetlinkError
 from podnet.net.netns import open_netns
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from cni.skel import Commands
 
 
 def _open(args):
@@ -62,9 +68,9 @@ def cmd_check(args):
     return None
 
 
-COMMANDS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check}
+COMMANDS: Commands = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check}
 
 
-def main():
+def main() -> None:
     from cni.skel import run_plugin
     run_plugin(COMMANDS, about="podnet loopback plugin")

@@ -58,10 +58,16 @@ How it differs from the reference, deliberately:
   iptables refuses).
 - masqAll (added after 1.1.1) is not supported.
 """
+from __future__ import annotations
+
 from cni import errors
 from cni.errors import CNIError
 from cni.iptables_names import chain_name
 from podnet.net.ip import AF_INET, AF_INET6, parse_cidr, parse_ip
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from cni.skel import Commands
 
 DNAT_CHAIN = "CNI-HOSTPORT-DNAT"
 SETMARK_CHAIN = "CNI-HOSTPORT-SETMARK"
@@ -619,9 +625,9 @@ def _failed_rule(message, rules):
     return message
 
 
-COMMANDS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check}
+COMMANDS: Commands = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check}
 
 
-def main():
+def main() -> None:
     from cni.skel import run_plugin
     run_plugin(COMMANDS, about="podnet portmap plugin")
