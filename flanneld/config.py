@@ -7,13 +7,27 @@ Defaults as flannel documents them: SubnetLen 24, or two longer than Network
 when Network is smaller than a /22; SubnetMin the second subnet (the first
 holds the network address); SubnetMax the last one; Backend type "udp".
 Anything invalid raises ConfigError with a message an operator can act on;
-nothing is applied from a bad config.
+nothing is applied from a bad config. That includes the backend's options
+(BACKEND_OPTIONS: a VNI or port out of range, a flag that is not true/false):
+they are checked here, with the rest, so that the daemon waits a bad one out
+like any other bad config instead of failing when it builds the backend.
 """
 import json
 
 from podnet.net.ip import AF_INET, parse_cidr, parse_ip
 
 BACKENDS = ("vxlan", "host-gw", "udp")
+
+# The options each backend reads: key -> (lowest, highest) for a whole number, or
+# bool for a flag. An option that is absent or null takes the backend's default.
+# Other keys are ignored, as flannel ignores them.
+BACKEND_OPTIONS = {
+    "vxlan": {"VNI": (0, 9999999),         # flannel.<VNI> must fit a device name (15 bytes)
+              "Port": (0, 65535),          # 0: the default, 8472
+              "Learning": bool, "GBP": bool, "DirectRouting": bool},
+    "host-gw": {},
+    "udp": {"Port": (1, 65535)},
+}
 
 
 class ConfigError(ValueError):
@@ -30,6 +44,11 @@ class NetworkConfig:
         self.subnet_max = subnet_max    # IP: last one
         self.backend_type = backend_type
         self.backend = backend          # the Backend object as a dict (Type, VNI, Port, ...)
+
+    def option(self, key, default):
+        """A backend option, checked by parse(); `default` if it is absent or null."""
+        value = self.backend.get(key)
+        return default if value is None else value
 
     def subnets(self):
         """Every leasable subnet's network address, in order (an iterator)."""
@@ -91,8 +110,25 @@ def parse(raw):
     if not isinstance(backend, dict):
         raise ConfigError("Backend must be an object")
     backend_type = backend.get("Type", "udp")
-    if backend_type not in BACKENDS:
+    if not isinstance(backend_type, str) or backend_type not in BACKENDS:
         raise ConfigError("unknown backend type %r (supported: %s)" % (backend_type, ", ".join(BACKENDS)))
+    check_backend_options(backend_type, backend)
     from podnet.net.ip import IP
     return NetworkConfig(network, subnet_len, IP(AF_INET, subnet_min), IP(AF_INET, subnet_max),
                          backend_type, dict(backend))
+
+
+def check_backend_options(backend_type, options):
+    """ConfigError naming the first option of BACKEND_OPTIONS[backend_type] that is wrong."""
+    for key, kind in BACKEND_OPTIONS[backend_type].items():
+        value = options.get(key)
+        if value is None:
+            continue
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise ConfigError("%s %s must be true or false, not %r" % (backend_type, key, value))
+            continue
+        low, high = kind
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise ConfigError("%s %s must be a whole number from %d to %d, not %r"
+                              % (backend_type, key, low, high, value))

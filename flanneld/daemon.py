@@ -10,8 +10,11 @@ one is logged and waited out: nothing is configured from it), register the
 backend (e.g. create the VTEP), acquire the lease (a restarted node gets its
 subnet back), configure the device, write subnet.env, install the masquerade
 rules, then follow the other nodes' leases and keep the kernel in step with
-them, level-triggered. SIGTERM stops the daemon and leaves the datapath in
-place, so pods keep talking across a restart or upgrade.
+them, level-triggered. Every --reconcile-period (5 s) the backend is synced
+again with the leases already known, without reading etcd, so what was
+deleted by hand (the VTEP, a route, a neighbour or FDB entry) comes back.
+SIGTERM stops the daemon and leaves the datapath in place, so pods keep
+talking across a restart or upgrade.
 
 The daemon knows its backend and its subnet manager by their contracts only
 (flanneld.backend.base.Backend, flanneld.subnet.SubnetManager); main() picks
@@ -44,6 +47,7 @@ T = TypeVar("T")
 log = logging.getLogger("flanneld")
 
 DEFAULT_SUBNET_FILE = "/run/flannel/subnet.env"
+DEFAULT_RECONCILE_PERIOD = 5.0      # as the calico agent's reconcile
 
 
 def parse_args(argv=None):
@@ -64,10 +68,33 @@ def parse_args(argv=None):
                    help="renew the lease this many minutes before it expires (default: %(default)s; "
                         "fractions allowed)")
     p.add_argument("--subnet-lease-ttl", type=int, default=DEFAULT_TTL, help=argparse.SUPPRESS)
+    p.add_argument("--config-retry-max", type=_positive, default=10.0, metavar="SECONDS",
+                   help="while the network config is missing, unreadable or invalid, read it again after "
+                        "1 s, doubling up to this (default: %(default)s)")
+    p.add_argument("--reconcile-period", type=_seconds, default=DEFAULT_RECONCILE_PERIOD, metavar="SECONDS",
+                   help="every this often, sync the backend again with the leases already known (no etcd "
+                        "read): what was deleted by hand (the VTEP, a route, a neighbour or FDB entry) comes "
+                        "back; 0 turns it off (default: %(default)s)")
     p.add_argument("--healthz-ip", default="0.0.0.0", help="address of the health endpoint (default: %(default)s)")
     p.add_argument("--healthz-port", type=int, default=0, help="port of /healthz; 0 disables it (default)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
+
+
+def _seconds(text, zero=True):
+    """A finite number of seconds, positive or (if `zero`) 0: an argparse type."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (0 < value < float("inf") or zero and value == 0):
+        raise argparse.ArgumentTypeError("must be a %snumber of seconds, not %r"
+                                         % ("" if zero else "positive ", text))
+    return value
+
+
+def _positive(text):
+    return _seconds(text, zero=False)
 
 
 # ---- pure pieces ---------------------------------------------------------------
@@ -77,6 +104,12 @@ def subnet_env(network, subnet, mtu, ipmasq):
     gateway = subnet.network + 1
     return ("FLANNEL_NETWORK=%s\nFLANNEL_SUBNET=%s/%d\nFLANNEL_MTU=%d\nFLANNEL_IPMASQ=%s\n"
             % (network, gateway, subnet.prefixlen, mtu, "true" if ipmasq else "false"))
+
+
+def describe(e):
+    """An exception as a log line shows it: its text, or its type when it has none
+    (a MemoryError, a bare RuntimeError())."""
+    return str(e) or type(e).__name__
 
 
 def write_file_atomically(path, text):
@@ -147,10 +180,17 @@ class Daemon:
         self.ready = threading.Event()
         self.backend: Backend | None = None
         self.lease: Lease | None = None
+        # backend.sync() runs in the watch thread (after each event) and in the reconcile
+        # thread (every --reconcile-period): one at a time, always with the latest leases.
+        self._sync_lock = threading.Lock()
+        self._remotes: dict[IPNet, Lease] | None = None     # what the last sync was given
+        self._last_failure: str | None = None
+        self._iptables_pending: Callable[[], object] | None = None     # until it has worked once
 
     def wait_for_config(self) -> NetworkConfig | None:
         """The network config; a missing or bad one is logged and retried, never applied."""
-        delay = 1
+        longest = self.opts.config_retry_max
+        delay = min(1.0, longest)
         while not self.stop.is_set():
             try:
                 return self.sm.get_network_config()
@@ -158,9 +198,9 @@ class Daemon:
                 log.error("invalid network config at %s/config: %s (waiting for a valid one)",
                           self.opts.etcd_prefix, e)
             except Exception as e:   # etcd unreachable or the key missing
-                log.error("cannot read the network config: %s (retrying)", e)
+                log.error("cannot read the network config: %s (retrying)", describe(e))
             self.stop.wait(delay)
-            delay = min(delay * 2, 10)
+            delay = min(delay * 2, longest)
         return None
 
     def run(self) -> int:
@@ -184,11 +224,17 @@ class Daemon:
                               subnet_env(config.network, self.lease.subnet, mtu, self.opts.ip_masq))
         # As flannel: the FORWARD accept rules always (a node whose FORWARD
         # policy is DROP must still forward pod traffic), masquerade on --ip-masq.
-        ipmasq.apply(config.network, self.lease.subnet, masquerade=self.opts.ip_masq)
+        # A failure is logged and retried by the reconcile thread; it stops nothing else.
+        self._iptables_pending = functools.partial(ipmasq.apply, config.network, self.lease.subnet,
+                                                   masquerade=self.opts.ip_masq)
+        self._apply_iptables()
         threading.Thread(target=self._renew_loop, name="renew", daemon=True).start()
+        if self.opts.reconcile_period or self._iptables_pending is not None:
+            threading.Thread(target=self._reconcile_loop, name="reconcile", daemon=True).start()
         self.ready.set()
         self._follow_leases()
-        self.backend.close()
+        with self._sync_lock:       # not under a reconcile round's feet
+            self.backend.close()
         log.info("stopped; the datapath stays in place")
         return 0
 
@@ -198,7 +244,7 @@ class Daemon:
             try:
                 return action()
             except Exception as e:
-                log.error("failed to %s: %s (retrying in %ds)", what, e, delay)
+                log.error("failed to %s: %s (retrying in %gs)", what, describe(e), delay)
                 self.stop.wait(delay)
                 delay = min(delay * 2, 10)
         return None
@@ -220,12 +266,60 @@ class Daemon:
                         and event[1].public_ip != self.lease.public_ip:
                     log.error("our subnet %s was taken by %s", self.lease.subnet, event[1].public_ip)
 
-    def _sync(self, remotes: dict[IPNet, Lease]) -> None:
+    def _sync(self, remotes: dict[IPNet, Lease] | None, why: str = "event") -> bool:
+        """backend.sync() with these remote leases (None: the ones of the last sync);
+        False if it failed. A failure is logged (its traceback once, then a line per
+        repeat) and stops nothing: the next event or reconcile round tries again."""
         assert self.backend is not None, "run() registers the backend first"
+        with self._sync_lock:
+            if remotes is not None:
+                self._remotes = dict(remotes)       # a copy: the watch thread updates its own map
+            if self._remotes is None:
+                return True                         # nothing listed yet: nothing to reconcile
+            try:
+                self.backend.sync(list(self._remotes.values()))
+            except Exception as e:
+                text = describe(e)
+                if text != self._last_failure:
+                    log.exception("backend sync failed (%s)", why)
+                else:
+                    log.error("backend sync failed again (%s): %s", why, text)
+                self._last_failure = text
+                return False
+            if self._last_failure is not None:
+                log.info("backend sync works again (%s)", why)
+                self._last_failure = None
+            return True
+
+    def _apply_iptables(self) -> bool:
+        """The iptables rules, if they are still to be installed; False if that failed."""
+        apply = self._iptables_pending
+        if apply is None:
+            return True
         try:
-            self.backend.sync(list(remotes.values()))
-        except Exception:   # one bad round must not stop the daemon: the next event retries
-            log.exception("backend sync failed")
+            apply()
+        except Exception as e:
+            log.error("failed to install the iptables rules: %s (retrying)", describe(e))
+            return False
+        self._iptables_pending = None
+        return True
+
+    def _reconcile_loop(self) -> None:
+        """Every --reconcile-period: sync the backend again with the leases already
+        known, without reading etcd. The sync computes the whole desired state and
+        applies only the difference, so a round that finds everything in place
+        changes nothing and costs a few netlink dumps; what was deleted by hand (the
+        VTEP, a route, a neighbour or FDB entry) comes back. Failed rounds back off
+        (doubling, up to a minute); iptables rules not yet installed are retried here."""
+        period = self.opts.reconcile_period or DEFAULT_RECONCILE_PERIOD
+        delay = period
+        while not self.stop.wait(delay):
+            ok = self._apply_iptables()
+            if self.opts.reconcile_period:
+                ok = self._sync(None, "reconcile") and ok
+            elif self._iptables_pending is None:
+                return          # reconciling is off and the rules are in: nothing left to do
+            delay = period if ok else min(delay * 2, max(period, 60.0))
 
     def _renew_loop(self) -> None:
         margin = self.opts.subnet_lease_renew_margin * 60

@@ -50,27 +50,53 @@ def jump_rule(table):
     return "-A %s %s -j %s" % (builtin, _comment(comment), chain)
 
 
+def _rule(chain, *parts):
+    """One rule from (option, network) matches and a tail, spelled as iptables-save
+    prints it: a match on a /0 is no match at all and is not written; a negated
+    /0 matches no packet, so the whole rule is left out (None). iptables-nft
+    refuses `! -s 0.0.0.0/0` outright; a Network of 0.0.0.0/0 needs both."""
+    words = ["-A", chain]
+    for part in parts:
+        if isinstance(part, str):
+            words.append(part)
+            continue
+        option, net = part
+        if net.prefixlen == 0:
+            if option.startswith("!"):
+                return None
+            continue
+        words += [option, str(net)]
+    return " ".join(words)
+
+
+def _rules(*rules):
+    out = []
+    for rule in rules:
+        if rule is not None and rule not in out:
+            out.append(rule)
+    return out
+
+
 def masq_rules(network, subnet, random_fully=True):
     """FLANNEL-POSTRTG's rules for the cluster `network` and this node's `subnet` (IPNets)."""
     c = _comment(MASQ_COMMENT)
     masq = "MASQUERADE --random-fully" if random_fully else "MASQUERADE"
     net, sub = network.masked(), subnet.masked()
-    return [
+    return _rules(
         "-A %s -m mark --mark %s %s -j RETURN" % (POSTRTG, KUBE_PROXY_MARK, c),
-        "-A %s -s %s -d %s %s -j RETURN" % (POSTRTG, sub, net, c),
-        "-A %s -s %s -d %s %s -j RETURN" % (POSTRTG, net, sub, c),
-        "-A %s ! -s %s -d %s %s -j RETURN" % (POSTRTG, net, sub, c),
-        "-A %s -s %s ! -d %s %s -j %s" % (POSTRTG, net, MULTICAST, c, masq),
-        "-A %s ! -s %s -d %s %s -j %s" % (POSTRTG, net, net, c, masq),
-    ]
+        _rule(POSTRTG, ("-s", sub), ("-d", net), c, "-j RETURN"),
+        _rule(POSTRTG, ("-s", net), ("-d", sub), c, "-j RETURN"),
+        _rule(POSTRTG, ("! -s", net), ("-d", sub), c, "-j RETURN"),
+        _rule(POSTRTG, ("-s", net), "! -d", MULTICAST, c, "-j", masq),
+        _rule(POSTRTG, ("! -s", net), ("-d", net), c, "-j", masq),
+    )
 
 
 def forward_rules(network):
     """FLANNEL-FWD's rules: accept what comes from or goes to the cluster network."""
     c = _comment(FWD_COMMENT)
     net = network.masked()
-    return ["-A %s -s %s %s -j ACCEPT" % (FWD, net, c),
-            "-A %s -d %s %s -j ACCEPT" % (FWD, net, c)]
+    return _rules(_rule(FWD, ("-s", net), c, "-j ACCEPT"), _rule(FWD, ("-d", net), c, "-j ACCEPT"))
 
 
 def chain_rules(saved, chain):

@@ -33,6 +33,7 @@ from lab.cluster import Cluster, Lab, exec_argv
 from helpers import Capture, ping_many, ping_stats, wait_until
 
 PREFIX = "/coreos.com/network"
+SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEASE_ARGS = ["--subnet-lease-ttl", "20", "--subnet-lease-renew-margin", "0.25"]   # renew every ~5 s
 PODS_PER_NODE = 2
 TCP_PORT = 8080
@@ -466,6 +467,139 @@ def test_bad_network_config_is_refused_until_a_valid_one_appears(bare):
         assert "FLANNEL-POSTRTG" in node.run(["iptables-save"]).stdout, case
         keys = c.etcdctl("get", "--prefix", "--keys-only", "/podnet-test/%s/subnets/" % case).stdout.split()
         assert len(keys) == 1, (case, keys)
+
+
+def _config(backend=None, **fields):
+    raw = {"Network": "10.244.0.0/16"}
+    raw.update(fields)
+    raw["Backend"] = backend if backend is not None else {"Type": "vxlan"}
+    return json.dumps(raw)
+
+
+# 30 different ways to be wrong, each with what the log must say about it.
+THIRTY_BAD = [
+    ('{"Network": "10.244.0.0/16",', "network config is not valid JSON"),
+    ("[1, 2]", "network config must be a JSON object"),
+    ("null", "network config must be a JSON object"),
+    ('{"Backend": {"Type": "vxlan"}}', "network config has no Network"),
+    (_config(Network="10.244.0.0/33"), "Network '10.244.0.0/33' is not a valid CIDR"),
+    (_config(Network="bogus"), "Network 'bogus' is not a valid CIDR"),
+    (_config(Network=10), "Network 10 is not a valid CIDR"),
+    (_config(Network="fd00::/48"), "Network must be IPv4"),
+    (_config(SubnetLen=12), "SubnetLen 12 must be longer than the Network's /16"),
+    (_config(SubnetLen=31), "SubnetLen 31 must be longer than the Network's /16 and at most 30"),
+    (_config(SubnetLen="24"), "SubnetLen must be a number, not '24'"),
+    (_config(SubnetLen=True), "SubnetLen must be a number, not True"),
+    (_config(SubnetMin="10.244.1.5"), "SubnetMin 10.244.1.5 is not the start of a /24 inside 10.244.0.0/16"),
+    (_config(SubnetMax="10.245.0.0"), "SubnetMax 10.245.0.0 is not the start of a /24 inside 10.244.0.0/16"),
+    (_config(SubnetMin="nonsense"), "SubnetMin 'nonsense' is not an IPv4 address"),
+    (_config(SubnetMin="10.244.9.0", SubnetMax="10.244.3.0"), "SubnetMin is after SubnetMax"),
+    (_config({"Type": "wireguard"}), "unknown backend type 'wireguard'"),
+    (_config({"Type": 5}), "unknown backend type 5"),
+    (_config("vxlan"), "Backend must be an object"),
+    (_config({"Type": "vxlan", "VNI": "x"}), "vxlan VNI must be a whole number from 0 to 9999999, not 'x'"),
+    (_config({"Type": "vxlan", "VNI": -1}), "vxlan VNI must be a whole number from 0 to 9999999, not -1"),
+    (_config({"Type": "vxlan", "VNI": 10 ** 7}), "vxlan VNI must be a whole number from 0 to 9999999, not 10000000"),
+    (_config({"Type": "vxlan", "VNI": 1.5}), "vxlan VNI must be a whole number from 0 to 9999999, not 1.5"),
+    (_config({"Type": "vxlan", "VNI": True}), "vxlan VNI must be a whole number from 0 to 9999999, not True"),
+    (_config({"Type": "vxlan", "Port": 70000}), "vxlan Port must be a whole number from 0 to 65535"),
+    (_config({"Type": "vxlan", "Port": -1}), "vxlan Port must be a whole number from 0 to 65535"),
+    (_config({"Type": "vxlan", "Port": "8472"}), "vxlan Port must be a whole number from 0 to 65535"),
+    (_config({"Type": "vxlan", "Learning": "yes"}), "vxlan Learning must be true or false, not 'yes'"),
+    (_config({"Type": "udp", "Port": "x"}), "udp Port must be a whole number from 1 to 65535, not 'x'"),
+    (_config({"Type": "udp", "Port": 70000}), "udp Port must be a whole number from 1 to 65535, not 70000"),
+]
+
+
+def test_thirty_bad_network_configs_in_a_row_then_a_good_one(bare):
+    """30 bad network configs in a row, then a good one: the daemon never exits
+    (each is refused with its reason, nothing is configured from it) and takes
+    the good one. With --config-retry-max 0.2 it reads the config every 0.2 s."""
+    assert len({text for text, _ in THIRTY_BAD}) == 30
+    c = bare
+    prefix = "/podnet-test/thirty"
+    c.etcdctl("put", prefix + "/config", THIRTY_BAD[0][0])
+    node = c.add_node("thirty", extra=["--etcd-prefix", prefix, "--config-retry-max", "0.2",
+                                       "--healthz-port", HEALTHZ_PORT])
+    proc = c.flanneld[node.role]
+    log = c.flanneld_log(node)
+    started = time.monotonic()
+    for i, (text, why) in enumerate(THIRTY_BAD):
+        offset = os.path.getsize(log)
+        if i:
+            c.etcdctl("put", prefix + "/config", text)
+        refused = "invalid network config at %s/config: %s" % (prefix, why)
+        wait_until(lambda refused=refused, offset=offset: proc.poll() is not None or refused in read(log, offset),
+                   TIMEOUT, "bad config %d (%s) to be refused" % (i, why))
+        assert proc.poll() is None, "flanneld exited (%s) on bad config %d %s:\n%s" % (
+            proc.returncode, i, text, read(log)[-3000:])
+    print("30 bad configs refused in %.1fs" % (time.monotonic() - started))
+    assert untouched(node, c) == [] and healthz(node) == "503"
+    assert c.etcdctl("get", "--prefix", "--keys-only", prefix + "/subnets/").stdout.strip() == ""
+
+    c.etcdctl("put", prefix + "/config", json.dumps({"Network": "10.244.0.0/16",
+                                                     "Backend": {"Type": "vxlan", "VNI": 1, "Port": 8472}}))
+    wait_until(lambda: healthz(node) == "200", TIMEOUT, "the daemon to take the good config")
+    assert proc.poll() is None
+    keys = c.etcdctl("get", "--prefix", "--keys-only", prefix + "/subnets/").stdout.split()
+    assert len(keys) == 1 and os.path.exists(c.subnet_file(node)) and "flannel.1" in node.link_names()
+    assert "Traceback" not in read(log)
+    c.stop_flanneld(node)
+
+
+def proc_status(pid, field):
+    """A /proc/PID/status figure in kB (VmHWM: peak resident set; VmSize: address space)."""
+    for line in read("/proc/%d/status" % pid).splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+RSS_LIMIT_MB = 60
+GUARD_AS = 2 << 30      # address space a regression may take before MemoryError (the machine is shared)
+
+
+def test_the_whole_ipv4_space_in_slash_30s_leases_in_little_memory(bare):
+    """{"Network": "0.0.0.0/0", "SubnetLen": 30} (2^30 subnets, the udp backend by
+    default): choosing a subnet used to list them all (3 GB, then MemoryError and
+    "failed to acquire a lease: "). Now the daemon leases the first free /30 after
+    the network address, and its peak RSS stays under RSS_LIMIT_MB.
+
+    The daemon's address space is capped at GUARD_AS (set on its PID while it still
+    waits for a config) so that a regression fails here, not on the machine."""
+    import resource
+    c = bare
+    prefix = "/podnet-test/everything"
+    node = c.add_node("everything", extra=["--etcd-prefix", prefix, "--config-retry-max", "0.2"])
+    proc = c.flanneld[node.role]
+    log = c.flanneld_log(node)
+    wait_until(lambda: "cannot read the network config" in read(log), TIMEOUT, "the daemon to wait for a config")
+    assert "flanneld.daemon" in read("/proc/%d/cmdline" % proc.pid)       # `ip netns exec` exec()s in place
+    resource.prlimit(proc.pid, resource.RLIMIT_AS, (GUARD_AS, GUARD_AS))
+    c.etcdctl("put", prefix + "/config", '{"Network":"0.0.0.0/0","SubnetLen":30}')
+    wait_until(lambda: proc.poll() is not None or os.path.exists(c.subnet_file(node)), TIMEOUT,
+               "a lease in 0.0.0.0/0", interval=0.1)
+    assert proc.poll() is None, read(log)[-3000:]
+    env = read(c.subnet_file(node))
+    assert "FLANNEL_NETWORK=0.0.0.0/0\n" in env
+    subnet = ipaddress.ip_network(node_subnet(c, node))
+    assert subnet.prefixlen == 30 and subnet.network_address != ipaddress.ip_address("0.0.0.0"), subnet
+    assert int(subnet.network_address) < 4 * 101          # flannel's: among the first 100 free
+    keys = c.etcdctl("get", "--prefix", "--keys-only", prefix + "/subnets/").stdout.split()
+    assert keys == [lease_key(str(subnet)).replace(PREFIX, prefix)]
+    peak_mb = proc_status(proc.pid, "VmHWM") / 1024
+    print("0.0.0.0/0 in /30s: leased %s, flanneld peak RSS %.1f MB (VmSize %.0f MB)"
+          % (subnet, peak_mb, proc_status(proc.pid, "VmSize") / 1024))
+    assert peak_mb < RSS_LIMIT_MB
+    assert "MemoryError" not in read(log) and "Traceback" not in read(log), read(log)[-4000:]
+    # The iptables rules went in (iptables-nft refuses `! -s 0.0.0.0/0`) as iptables-save
+    # spells them: applying them again changes nothing.
+    assert "FLANNEL-POSTRTG" in node.run(["iptables-save", "-t", "nat"]).stdout
+    again = node.run([c.python, "-c", "from flanneld import ipmasq; from podnet.net.ip import parse_cidr; "
+                      "print(ipmasq.apply(parse_cidr('0.0.0.0/0'), parse_cidr('%s')))" % subnet],
+                     env=dict(os.environ, PYTHONPATH=SOURCE_ROOT))
+    assert again.stdout.strip() == "[]"
+    c.stop_flanneld(node)
 
 
 def test_healthz(bare):

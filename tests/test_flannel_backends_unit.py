@@ -208,6 +208,55 @@ def test_hostgw_skips_unusable_leases(bad, why, caplog):
     assert len(caplog.records) == 1 and why in caplog.text
 
 
+# ---- a bad lease is reported once -------------------------------------------------------
+
+def _udp():
+    from flanneld.backend.udp import UDPBackend
+    b = UDPBackend(config({"Type": "udp"}), ext())
+    b.own = lease("10.244.1.0/24", "192.168.50.1", "udp")
+    return b
+
+
+# backend, its logger, a usable lease, a bad one, the same bad one changed, a word of the reason
+SKIP_CASES = {
+    "vxlan": (vxlan, "flanneld.backend.vxlan", lease("10.244.2.0/24", "192.168.50.2", mac=MAC2),
+              lease("10.244.5.0/24", "192.168.50.5"), lease("10.244.5.0/24", "192.168.50.5", mac="bad"),
+              "VtepMAC"),
+    "host-gw": (hostgw, "flanneld.backend.host_gw", lease("10.244.2.0/24", "192.168.50.2", "host-gw"),
+                lease("10.244.4.0/24", "192.168.60.5", "host-gw"), lease("10.244.4.0/24", "192.168.60.6", "host-gw"),
+                "direct L2 reachability"),
+    "udp": (_udp, "flanneld.udp", lease("10.244.2.0/24", "192.168.50.2", "udp"),
+            lease("10.244.5.0/24", "192.168.50.5", "vxlan"), lease("10.244.5.0/24", "192.168.50.6", "vxlan"),
+            "not udp"),
+}
+
+
+@pytest.mark.parametrize("kind", list(SKIP_CASES))
+def test_a_bad_lease_is_logged_once_until_it_changes_or_goes_away(kind, caplog):
+    """Every event re-syncs every lease: a bad one must not be reported on every
+    sync (31,449 lines for ~450 events), only when it first appears, when it
+    changes, and when it comes back after having gone or been fixed."""
+    make, logger, good, bad, changed, why = SKIP_CASES[kind]
+    b = make()
+
+    def said(leases, times=3):
+        caplog.clear()
+        for _ in range(times):
+            b.desired(leases)
+        return [r.getMessage() for r in caplog.records]
+
+    with caplog.at_level(logging.WARNING, logger=logger):
+        first = said([good, bad], times=5)
+        assert len(first) == 1 and why in first[0] and str(bad.subnet) in first[0]
+        assert said([good, bad]) == []                          # the same lease, the same reason: quiet
+        again = said([good, changed])                           # changed (another public IP): said again
+        assert len(again) == 1 and str(changed.public_ip) in again[0]
+        assert said([good, changed]) == []
+        assert said([good]) == []                               # gone
+        assert len(said([good, changed])) == 1                  # and back: said again
+        assert said([good]) == [] and said([good, changed]) != []
+
+
 # ---- the diff ----------------------------------------------------------------------
 
 def test_diff():
@@ -270,6 +319,24 @@ def test_forward_rules_are_flannels():
         '-A FLANNEL-FWD -d 10.244.0.0/16 -m comment --comment "flanneld forward" -j ACCEPT',
     ]
     assert ipmasq.jump_rule("filter") == '-A FORWARD -m comment --comment "flanneld forward" -j FLANNEL-FWD'
+
+
+def test_rules_for_the_whole_ipv4_space():
+    """Network 0.0.0.0/0: iptables-nft refuses `! -s 0.0.0.0/0` (Invalid argument: the
+    daemon died after leasing), and iptables-save never prints `-s 0.0.0.0/0`. A
+    negated /0 matches nothing, so that rule is left out; a plain /0 is no match at
+    all, so it is not written (as iptables-save spells the rule)."""
+    everything, sub = parse_cidr("0.0.0.0/0"), parse_cidr("0.0.0.96/30")
+    c = '-m comment --comment "flanneld masq"'
+    assert ipmasq.masq_rules(everything, sub) == [
+        "-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 %s -j RETURN" % c,
+        "-A FLANNEL-POSTRTG -s 0.0.0.96/30 %s -j RETURN" % c,
+        "-A FLANNEL-POSTRTG -d 0.0.0.96/30 %s -j RETURN" % c,
+        "-A FLANNEL-POSTRTG ! -d 224.0.0.0/4 %s -j MASQUERADE --random-fully" % c,
+    ]
+    assert ipmasq.forward_rules(everything) == [
+        '-A FLANNEL-FWD -m comment --comment "flanneld forward" -j ACCEPT']
+    assert not any("0.0.0.0/0" in r for r in ipmasq.masq_rules(everything, sub) + ipmasq.forward_rules(everything))
 
 
 def test_render_into_an_empty_table():

@@ -172,3 +172,90 @@ def test_open_tun_busy_is_explained_and_closes_the_fd(kernel):
     assert str(e.value) == ("[Errno 16] cannot open TUN flannel0: Device or resource busy: "
                             "another process holds it (a flanneld still running?)")
     assert k.closed == [42] and len(k.calls) == 2     # no TUNSETPERSIST
+
+
+# ---- interrupted dumps (NLM_F_DUMP_INTR) ------------------------------------------------
+
+class FakeDumpSocket:
+    """A netlink socket that answers the n-th request with rounds[n]: a list of
+    datagrams, each a list of (type, flags, payload) messages carrying the request's
+    sequence number. A request sent before the previous answer was read to its end
+    is an error (the rest of an interrupted dump must be drained first)."""
+
+    def __init__(self, rounds):
+        self.rounds = list(rounds)
+        self.sent = []
+        self.queue = []
+
+    def send(self, data):
+        assert not self.queue, "a new request before the previous answer was read to its end"
+        self.sent.append(data)
+        _, _, _, seq, _ = nlmod._HDR.unpack_from(data)
+        for datagram in self.rounds.pop(0):
+            chunk = b""
+            for mtype, mflags, payload in datagram:
+                length = 16 + len(payload)
+                chunk += nlmod._HDR.pack(length, mtype, mflags, seq, 0) + payload + b"\0" * (-length & 3)
+            self.queue.append(chunk)
+        return len(data)
+
+    def recv_into(self, buf):
+        chunk = self.queue.pop(0)
+        buf[:len(chunk)] = chunk
+        return len(chunk)
+
+    def close(self):
+        pass
+
+
+def fake_netlink(rounds, cls=Netlink):
+    nl = cls.__new__(cls)
+    nl.sock = FakeDumpSocket(rounds)
+    nl.seq = 0
+    nl._buf = bytearray(1 << 16)
+    return nl
+
+
+MULTI, INTR = nlmod.F_MULTI, 0x10
+DONE = (nlmod.NLMSG_DONE, MULTI, b"\0\0\0\0")
+
+
+def link_msg(index, name, flags=MULTI):
+    return (RTM_NEWLINK, flags, nlmod._IFINFO.pack(0, 0, index, 0, 0) + attr(IFLA_IFNAME, name))
+
+
+def test_an_interrupted_dump_is_read_to_its_end_and_asked_again():
+    nl = fake_netlink([
+        [[link_msg(1, "lo"), link_msg(2, "eth0", MULTI | INTR)], [link_msg(3, "gone")], [DONE]],
+        [[link_msg(1, "lo"), link_msg(4, "flannel.1"), DONE]],
+    ])
+    assert [(l.index, l.name) for l in nl.links()] == [(1, "lo"), (4, "flannel.1")]   # the second, whole snapshot
+    first, second = nl.sock.sent
+    assert first[4:8] == second[4:8] and first[16:] == second[16:]          # the same request, a new sequence number
+    assert nlmod._HDR.unpack_from(second)[2] & nlmod.F_DUMP == nlmod.F_DUMP
+
+
+def test_the_interrupted_flag_on_the_done_message_counts_too():
+    intr_done = (nlmod.NLMSG_DONE, MULTI | INTR, b"\0\0\0\0")
+    nl = fake_netlink([[[link_msg(1, "lo"), intr_done]], [[link_msg(1, "lo"), link_msg(2, "eth0"), DONE]]])
+    assert [l.name for l in nl.links()] == ["lo", "eth0"] and len(nl.sock.sent) == 2
+
+
+def test_a_dump_interrupted_every_time_fails_clearly_after_5_attempts():
+    always = [[[link_msg(1, "lo", MULTI | INTR), DONE]]] * 6
+    nl = fake_netlink(always)
+    with pytest.raises(nlmod.NetlinkError) as e:
+        nl.routes()
+    assert e.value.errno == errno.EINTR
+    assert len(nl.sock.sent) == 5
+    assert "interrupted 5 times" in str(e.value) and "changed while it was being read" in str(e.value)
+
+
+def test_conntrack_and_ipvs_dumps_share_the_retry():
+    from podnet.net import conntrack, ipvs
+    nfgen = b"\2\0\0\0"
+    ct = fake_netlink([[[(0x100, MULTI | INTR, nfgen), DONE]], [[DONE]]], cls=conntrack.Conntrack)
+    assert ct.entries() == [] and len(ct.sock.sent) == 2
+    vs = fake_netlink([[[(30, MULTI | INTR, ipvs.genl_header(1)), DONE]], [[DONE]]], cls=ipvs.Ipvs)
+    vs.family, vs.ops = 30, 0
+    assert vs.services() == [] and len(vs.sock.sent) == 2

@@ -11,7 +11,7 @@ import pytest
 
 from flanneld.config import ConfigError, parse
 from flanneld.subnet import DEFAULT_PREFIX, Lease, LeaseError, choose_subnet, parse_lease, subnet_from_key, subnet_key
-from podnet.net.ip import AF_INET, IP, parse_cidr, parse_ip
+from podnet.net.ip import AF_INET, IP, IPNet, parse_cidr, parse_ip
 
 NET = {"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}
 
@@ -95,6 +95,96 @@ def test_choose_subnet_honours_min_and_max():
     assert str(choose_subnet(config, taken)) == "10.244.12.0/24"
 
 
+def test_choose_subnet_memory_does_not_grow_with_the_network():
+    """0.0.0.0/0 in /30s is 2^30 subnets: the choice must not list them (it drove
+    flanneld to 3 GB and a MemoryError). 10.0.0.0/12 first: before the fix it costs
+    ~10 MB here, so the test fails without ever trying the 2^30 case."""
+    import tracemalloc
+    for network, low in (("10.0.0.0/12", "10.0.0.4"), ("0.0.0.0/0", "0.0.0.4")):
+        config = cfg(Network=network, SubnetLen=30)
+        # the first subnet holds the network address: never leased by default; the last one is
+        assert str(config.subnet_min) == low
+        assert str(config.subnet_max) == ("10.15.255.252" if network.startswith("10") else "255.255.255.252")
+        taken = {parse_cidr(low + "/30"), parse_cidr("10.0.0.8/30")}
+        tracemalloc.start()
+        try:
+            got = choose_subnet(config, taken)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 256 * 1024, "%s: %d bytes" % (network, peak)
+        assert got.prefixlen == 30 and got not in taken and got.network.value % 4 == 0
+        assert config.subnet_min.value <= got.network.value <= config.subnet_max.value
+
+
+def test_choose_subnet_counts_an_overlapping_lease_as_taken():
+    # As flannel (sn.Overlaps(l.Subnet)): a lease of another length still covers its addresses.
+    config = cfg(Network="10.5.0.0/28", SubnetLen=30)          # candidates .4 .8 .12
+
+    def first(free):
+        return free[0]
+    assert str(choose_subnet(config, {parse_cidr("10.5.0.0/29")}, pick=first)) == "10.5.0.8/30"
+    assert str(choose_subnet(config, {parse_cidr("10.5.0.9/32")}, pick=first)) == "10.5.0.4/30"
+    assert str(choose_subnet(config, {parse_cidr("10.5.0.4/32"), parse_cidr("10.5.0.8/31")},
+                             pick=first)) == "10.5.0.12/30"
+    assert choose_subnet(config, {parse_cidr("10.0.0.0/8")}) is None
+    assert choose_subnet(config, {parse_cidr("10.5.0.4/30"), parse_cidr("10.5.0.8/29")}) is None
+    # leases outside SubnetMin..SubnetMax (or the network) change nothing
+    assert str(choose_subnet(config, {parse_cidr("10.5.0.0/30"), parse_cidr("10.6.0.0/16")},
+                             pick=first)) == "10.5.0.4/30"
+
+
+def test_choose_subnet_picks_among_the_first_100_free_like_flannel():
+    # flannel's allocateSubnet: walk from SubnetMin, keep the first 100 free, pick one at random.
+    config = cfg()
+    taken = {parse_cidr("10.244.%d.0/24" % i) for i in range(1, 51)}
+    offered = []
+
+    def record(free):
+        offered.append(list(free))
+        return free[-1]
+    assert str(choose_subnet(config, taken, pick=record)) == "10.244.150.0/24"
+    (free,) = offered
+    assert [str(IP(AF_INET, v)) for v in free] == ["10.244.%d.0" % i for i in range(51, 151)]
+    few = cfg(SubnetMin="10.244.250.0")
+    offered.clear()
+    choose_subnet(few, {parse_cidr("10.244.252.0/24")}, pick=record)
+    assert [str(IP(AF_INET, v)) for v in offered[0]] == ["10.244.250.0", "10.244.251.0", "10.244.253.0",
+                                                         "10.244.254.0", "10.244.255.0"]
+
+
+def test_free_subnets_matches_flannels_walk():
+    """free_subnets against flannel's own loop (every candidate from SubnetMin, skip
+    those overlapping a lease, stop at 100), on random small networks and leases."""
+    import random
+
+    from flanneld.subnet import free_subnets
+    rng = random.Random(12)
+    for _ in range(300):
+        plen = rng.randint(16, 26)
+        sublen = rng.randint(plen + 1, min(plen + 10, 30))
+        raw = {"Network": "10.%d.0.0/%d" % (rng.randint(0, 255), plen), "SubnetLen": sublen}
+        config = cfg(**raw)
+        step = 1 << (32 - sublen)
+        span = (config.subnet_max.value - config.subnet_min.value) // step
+        if rng.random() < 0.5 and span:
+            lo = config.subnet_min.value + rng.randint(0, span) * step
+            config = cfg(SubnetMin=str(IP(AF_INET, lo)), **raw)
+        taken = set()
+        for _ in range(rng.randint(0, 60)):
+            tlen = rng.randint(max(plen - 2, 8), 32)
+            value = config.network.network.value + rng.randint(-(1 << (32 - plen)), 2 << (32 - plen))
+            taken.add(IPNet(IP(AF_INET, value % (1 << 32)), tlen).masked())
+        limit = rng.choice([1, 5, 100])
+        walk = []
+        v = config.subnet_min.value
+        while v <= config.subnet_max.value and len(walk) < limit:
+            if not any(IPNet(IP(AF_INET, v), sublen).overlaps(t) for t in taken):
+                walk.append(v)
+            v += step
+        assert free_subnets(config, taken, limit) == walk, (raw, sorted(map(str, taken)))
+
+
 # ---- the network config ---------------------------------------------------------------
 
 def test_config_defaults():
@@ -129,10 +219,33 @@ def test_config_defaults():
     ('{"Network": "10.244.0.0/16", "SubnetMin": "10.244.9.0", "SubnetMax": "10.244.3.0"}', "after SubnetMax"),
     ('{"Network": "10.244.0.0/16", "Backend": {"Type": "ipsec"}}', "unknown backend type 'ipsec'"),
     ('{"Network": "10.244.0.0/16", "Backend": "vxlan"}', "Backend must be an object"),
+    ('{"Network": "10.244.0.0/16", "Backend": {"Type": 5}}', "unknown backend type 5"),
+    ('{"Network": "10.244.0.0/16", "Backend": {"Type": ["vxlan"]}}', "unknown backend type"),
+    # backend options: refused with the rest of the config, not when the backend is built
+    ('{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "VNI": "x"}}',
+     "vxlan VNI must be a whole number from 0 to 9999999, not 'x'"),
+    ('{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "VNI": -1}}', "vxlan VNI .* not -1"),
+    ('{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "VNI": 10000000}}', "vxlan VNI"),
+    ('{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "Port": 70000}}',
+     "vxlan Port must be a whole number from 0 to 65535, not 70000"),
+    ('{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "Port": 8472.0}}', "vxlan Port"),
+    ('{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "Learning": "yes"}}',
+     "vxlan Learning must be true or false, not 'yes'"),
+    ('{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "DirectRouting": 1}}', "DirectRouting must be true"),
+    ('{"Network": "10.244.0.0/16", "Backend": {"Type": "udp", "Port": "x"}}',
+     "udp Port must be a whole number from 1 to 65535, not 'x'"),
+    ('{"Network": "10.244.0.0/16", "Backend": {"Type": "udp", "Port": 0}}', "udp Port .* not 0"),
 ])
 def test_bad_configs(raw, words):
     with pytest.raises(ConfigError, match=words):
         parse(raw)
+
+
+def test_backend_options_absent_or_null_take_the_default():
+    c = parse('{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "VNI": null, "Port": 4789}}')
+    assert c.option("VNI", 1) == 1 and c.option("Port", 0) == 4789 and c.option("Learning", False) is False
+    assert c.backend == {"Type": "vxlan", "VNI": None, "Port": 4789}       # kept as written
+    assert parse('{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw", "VNI": "x"}}').backend_type == "host-gw"
 
 
 # ---- EtcdSubnetManager without a server ------------------------------------------------

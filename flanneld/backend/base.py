@@ -20,6 +20,10 @@ backend that lacks one of the five methods cannot be instantiated.
 
 Routes a backend installs carry ROUTE_PROTOCOL, so that the diff recognises
 its own routes (and `ip route show proto 77` shows them to an operator).
+
+A lease a backend cannot use is skipped with a log line saying why, once
+(SkippedLeases): every sync sees every lease again, and a bad lease must not
+be reported on each of them.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
+    import logging
     from collections.abc import Mapping, Sequence
 
     from flanneld.config import NetworkConfig
@@ -82,11 +87,45 @@ class Backend(ABC):
 
     @abstractmethod
     def sync(self, remote_leases: Sequence[Lease]) -> Sequence[str] | None:
-        """Make the kernel match desired(remote_leases). Idempotent. Leases of
-        another backend type, or unusable ones, are logged and skipped. Returns
-        the changes made, if the backend reports them (the daemon ignores it)."""
+        """Make the kernel match desired(remote_leases). Idempotent, and cheap when
+        nothing is to change: the daemon calls it after every event and every
+        --reconcile-period. Leases of another backend type, or unusable ones, are
+        skipped, said once (SkippedLeases). Returns the changes made, if the
+        backend reports them (the daemon ignores it)."""
 
     @abstractmethod
     def close(self) -> None:
         """Stop background work. Never tears down the datapath: pods keep talking
         across a daemon restart."""
+
+
+class SkippedLeases:
+    """Says once why a lease is skipped. A round is one desired() call:
+
+        self.skipped.begin()
+        ... self.skipped.skip(lease, logging.WARNING, "skipping lease %s: %s", lease.subnet, why)
+        self.skipped.end()
+
+    A skip is logged when it was not in the previous round: the first time, when
+    the lease (public IP, backend type, data) or the reason changes, and when the
+    lease comes back after a round in which it was gone or usable. The same bad
+    lease in round after round is logged only the first time.
+    """
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+        self._said: set[tuple[str, str, str]] = set()       # the previous round's (subnet, lease, message)
+        self._now: set[tuple[str, str, str]] = set()
+
+    def begin(self) -> None:
+        self._now = set()
+
+    def skip(self, lease: Lease, level: int, msg: str, *args: object) -> None:
+        text = msg % args if args else msg
+        key = (str(lease.subnet), lease.value(), text)
+        self._now.add(key)
+        if key not in self._said:
+            self.logger.log(level, "%s", text)
+
+    def end(self) -> None:
+        self._said, self._now = self._now, set()

@@ -10,7 +10,7 @@ other nodes keep working. No device, no MTU cost, no BackendData.
 """
 import logging
 
-from flanneld.backend.base import Backend
+from flanneld.backend.base import Backend, SkippedLeases
 from flanneld.backend.routes import NetlinkOwner, routes_by_dst, sync_routes
 from podnet.net.ip import AF_INET, IPNet
 
@@ -24,6 +24,7 @@ class HostGWBackend(NetlinkOwner, Backend):
         super().__init__(config, ext)
         self.netns = netns
         self.own = None
+        self.skipped = SkippedLeases(log)
         self.segment = IPNet(ext.ip, ext.prefixlen).masked()   # what we reach directly
 
     def __repr__(self):
@@ -38,36 +39,38 @@ class HostGWBackend(NetlinkOwner, Backend):
     def desired(self, remote_leases):
         """{"routes": [{"dst", "via", "dev", "onlink": False}, ...]}."""
         routes, seen = [], set()
+        self.skipped.begin()
         for lease in sorted(remote_leases, key=lambda l: (l.subnet.network.value, l.subnet.prefixlen)):
             problem = self._problem(lease, seen)
             if problem:
-                problem[0](*problem[1:])
+                self.skipped.skip(lease, *problem)       # logged once, not on every sync
                 continue
             seen.add(lease.subnet)
             routes.append({"dst": str(lease.subnet), "via": str(lease.public_ip), "dev": self.ext.name,
                            "onlink": False})
+        self.skipped.end()
         return {"routes": routes}
 
     def _problem(self, lease, seen):
-        """None, or (log function, format, args...) saying why the lease is skipped."""
+        """None, or (log level, format, args...) saying why the lease is skipped."""
         skip = "skipping lease %s (public IP %s): %s"
         if lease.backend_type != self.type:
-            return (log.warning, skip, lease.subnet, lease.public_ip,
+            return (logging.WARNING, skip, lease.subnet, lease.public_ip,
                     "backend type %r, not host-gw" % (lease.backend_type,))
         if lease.subnet.family != AF_INET or lease.public_ip.family != AF_INET:
-            return (log.warning, skip, lease.subnet, lease.public_ip, "not IPv4")
+            return (logging.WARNING, skip, lease.subnet, lease.public_ip, "not IPv4")
         network = self.config.network
         if lease.subnet.prefixlen < network.prefixlen or not network.contains(lease.subnet.network):
-            return (log.warning, skip, lease.subnet, lease.public_ip, "outside the network %s" % network)
+            return (logging.WARNING, skip, lease.subnet, lease.public_ip, "outside the network %s" % network)
         if self.own is not None and lease.subnet.overlaps(self.own.subnet):
-            return (log.warning, skip, lease.subnet, lease.public_ip,
+            return (logging.WARNING, skip, lease.subnet, lease.public_ip,
                     "overlaps this node's subnet %s" % self.own.subnet)
         if lease.public_ip == self.ext.ip:
-            return (log.warning, skip, lease.subnet, lease.public_ip, "its public IP is this node's")
+            return (logging.WARNING, skip, lease.subnet, lease.public_ip, "its public IP is this node's")
         if lease.subnet in seen:
-            return (log.warning, skip, lease.subnet, lease.public_ip, "a second lease for the same subnet")
+            return (logging.WARNING, skip, lease.subnet, lease.public_ip, "a second lease for the same subnet")
         if not self.segment.contains(lease.public_ip):
-            return (log.error, "host-gw requires direct L2 reachability: %s via %s is not on %s's %s",
+            return (logging.ERROR, "host-gw requires direct L2 reachability: %s via %s is not on %s's %s",
                     lease.subnet, lease.public_ip, self.ext.name, self.segment)
         return None
 

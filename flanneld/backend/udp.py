@@ -66,7 +66,7 @@ import struct
 import sys
 import threading
 
-from flanneld.backend.base import Backend
+from flanneld.backend.base import Backend, SkippedLeases
 
 log = logging.getLogger("flanneld.udp")
 
@@ -592,10 +592,7 @@ class UDPBackend(Backend):
 
     def __init__(self, config, ext, offload=True, tun_name=TUN_NAME):
         super().__init__(config, ext)
-        port = config.backend.get("Port", DEFAULT_PORT)
-        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
-            raise ValueError("udp backend Port must be a number from 1 to 65535, not %r" % (port,))
-        self.port = port
+        self.port = config.option("Port", DEFAULT_PORT)     # checked by flanneld.config
         self.offload = offload          # False: no GSO/GRO (benchmarks compare)
         self.tun_name = tun_name
         self.mtu = ext.mtu - ENCAP_OVERHEAD
@@ -606,7 +603,7 @@ class UDPBackend(Backend):
         self.own = None
         self.forwarder = None
         self._current = {}              # the last desired() applied
-        self._warned = set()
+        self.skipped = SkippedLeases(log)
 
     def _netlink(self):
         from podnet.net.netlink import Netlink
@@ -654,6 +651,7 @@ class UDPBackend(Backend):
         """{remote subnet IPNet: (public ip str, port)} for the udp leases that can be used."""
         from podnet.net.ip import AF_INET
         out = {}
+        self.skipped.begin()
         for lease in remote_leases:
             subnet = lease.subnet.masked()
             why = None
@@ -668,11 +666,10 @@ class UDPBackend(Backend):
             elif self.own is not None and subnet == self.own.subnet.masked():
                 why = "our own subnet"
             if why:
-                if (subnet, why) not in self._warned:
-                    self._warned.add((subnet, why))
-                    log.warning("skipping lease %s -> %s: %s", subnet, lease.public_ip, why)
+                self.skipped.skip(lease, logging.WARNING, "skipping lease %s -> %s: %s", subnet, lease.public_ip, why)
                 continue
             out[subnet] = (str(lease.public_ip), self.port)
+        self.skipped.end()
         return out
 
     def sync(self, remote_leases):

@@ -21,7 +21,7 @@ their entries valid across a restart.
 import logging
 import os
 
-from flanneld.backend.base import Backend
+from flanneld.backend.base import Backend, SkippedLeases
 from flanneld.backend.routes import NetlinkOwner, RoutePlan, attempt, diff, routes_by_dst
 from podnet.net.ip import AF_INET, IPNet, parse_ip
 from podnet.net.netlink import (
@@ -71,18 +71,19 @@ class VXLANBackend(NetlinkOwner, Backend):
     def __init__(self, config, ext, netns=None):
         super().__init__(config, ext)
         self.netns = netns
-        options = config.backend or {}
-        self.vni = _int_option(options, "VNI", DEFAULT_VNI, 0, 9999999)   # flannel.<VNI> must fit IFNAMSIZ
-        self.port = _int_option(options, "Port", 0, 0, 65535) or DEFAULT_PORT
-        self.learning = bool(options.get("Learning", False))
+        # The options were checked with the rest of the config (flanneld.config.BACKEND_OPTIONS).
+        self.vni = config.option("VNI", DEFAULT_VNI)
+        self.port = config.option("Port", 0) or DEFAULT_PORT
+        self.learning = config.option("Learning", False)
         for unsupported in ("GBP", "DirectRouting"):
-            if options.get(unsupported):
+            if config.option(unsupported, False):
                 log.warning("vxlan option %s is not supported; ignoring it", unsupported)
         self.name = "flannel.%d" % self.vni
         self.mtu = ext.mtu - ENCAP_OVERHEAD
         self.index = None        # the VTEP's ifindex once registered
         self.mac = None          # and its MAC
         self.own = None          # our lease, once configure()d
+        self.skipped = SkippedLeases(log)
 
     def __repr__(self):
         return "VXLANBackend(%s vni %d port %d on %s)" % (self.name, self.vni, self.port, self.ext)
@@ -174,15 +175,18 @@ class VXLANBackend(NetlinkOwner, Backend):
         """{"routes": [...], "neighbours": [...], "fdb": [...]}, each a list of dicts.
 
         Leases of another backend type, or unusable ones (no valid VtepMAC, not
-        IPv4, outside the network, ours, a duplicate), are logged and skipped.
+        IPv4, outside the network, ours, a duplicate), are skipped, logged once
+        (SkippedLeases).
         """
         routes, neighbours, fdb = [], [], []
         seen_subnets, seen_macs = set(), {}
+        self.skipped.begin()
         for lease in sorted(remote_leases, key=lambda l: (l.subnet.network.value, l.subnet.prefixlen)):
             try:
                 mac = self._check(lease, seen_subnets, seen_macs)
             except ValueError as e:
-                log.warning("skipping lease %s (public IP %s): %s", lease.subnet, lease.public_ip, e)
+                self.skipped.skip(lease, logging.WARNING, "skipping lease %s (public IP %s): %s",
+                                  lease.subnet, lease.public_ip, e)
                 continue
             seen_subnets.add(lease.subnet)
             seen_macs[mac] = lease.subnet
@@ -190,6 +194,7 @@ class VXLANBackend(NetlinkOwner, Backend):
             routes.append({"dst": str(lease.subnet), "via": gateway, "dev": self.name, "onlink": True})
             neighbours.append({"ip": gateway, "mac": mac, "dev": self.name})
             fdb.append({"mac": mac, "dst": str(lease.public_ip), "dev": self.name})
+        self.skipped.end()
         return {"routes": routes, "neighbours": neighbours, "fdb": fdb}
 
     def _check(self, lease, seen_subnets, seen_macs):
@@ -265,11 +270,18 @@ class VXLANBackend(NetlinkOwner, Backend):
 
     def _ensure_vtep(self):
         """Re-make the VTEP (adopting one of that name, else creating it with our
-        MAC) and its address if it has disappeared since register()."""
+        MAC) and its address if it has disappeared since register(); configure it
+        again if it was set down or lost its address."""
         if self.index is None:
             raise RuntimeError("register() before sync()")
         link = self.nl.link(index=self.index)
         if link is not None and link.name == self.name:
+            if self.own is not None:
+                want = IPNet(self.own.subnet.network, 32)
+                if not link.up or not any(a.net == want for a in self.nl.addrs(index=self.index, family=AF_INET)):
+                    log.warning("VTEP %s is %s: configuring it again", self.name,
+                                "down" if not link.up else "missing its address %s" % want)
+                    self.configure(self.own)
             return
         log.error("VTEP %s (index %d) has disappeared: setting it up again", self.name, self.index)
         mac = self.mac
@@ -281,10 +293,3 @@ class VXLANBackend(NetlinkOwner, Backend):
 
     def close(self):
         self.close_netlink()
-
-
-def _int_option(options, key, default, low, high):
-    value = options.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise ValueError("vxlan %s must be a number from %d to %d, not %r" % (key, low, high, value))
-    return value

@@ -16,14 +16,13 @@ import json
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from podnet.etcd import net_from_key, net_key_name
-from podnet.net.ip import IPNet, parse_ip
+from podnet.net.ip import AF_INET, IP, IPNet, parse_ip
 
 if TYPE_CHECKING:
     import threading
-    from collections.abc import Callable, Collection, Iterator, Sequence
+    from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 
     from flanneld.config import NetworkConfig
-    from podnet.net.ip import IP
 
 DEFAULT_PREFIX = "/coreos.com/network"
 DEFAULT_TTL = 24 * 3600
@@ -138,20 +137,63 @@ def parse_lease(key: str, value: str | bytes, expiration: float | None = None) -
     return Lease(subnet, public_ip, backend_type, backend_data, expiration)
 
 
+# flannel's allocateSubnet walks from SubnetMin and picks at random among the
+# first 100 free subnets it meets.
+CANDIDATES = 100
+
+
+def free_subnets(config: NetworkConfig, taken: Iterable[IPNet], limit: int = CANDIDATES) -> list[int]:
+    """The network addresses of the first `limit` free subnets of `config`, from
+    SubnetMin up to SubnetMax, in order. A subnet is free unless it overlaps one
+    in `taken` (a lease of another length too, as flannel's Overlaps).
+
+    Never lists the network: each taken subnet becomes a run of blocked candidate
+    indices, the runs are sorted, and the free ones are read off between them, so
+    time and memory grow with len(taken) and `limit`, not with the network
+    (0.0.0.0/0 in /30s is 2^30 candidates)."""
+    shift = 32 - config.subnet_len
+    low = config.subnet_min.value
+    count = ((config.subnet_max.value - low) >> shift) + 1     # candidates; SubnetMin is aligned
+    end = low + (count << shift)                               # one past the last candidate's addresses
+    blocked = []
+    for t in taken:
+        if t.family != AF_INET:
+            continue
+        first = t.network.value
+        last = first + (1 << (32 - t.prefixlen)) - 1
+        if last < low or first >= end:
+            continue
+        blocked.append((max(first - low, 0) >> shift, (min(last, end - 1) - low) >> shift))
+    blocked.sort()
+    out: list[int] = []
+    index = 0
+    for a, b in blocked:
+        while index < a and len(out) < limit:
+            out.append(low + (index << shift))
+            index += 1
+        if len(out) >= limit:
+            return out
+        index = max(index, b + 1)
+    while index < count and len(out) < limit:
+        out.append(low + (index << shift))
+        index += 1
+    return out
+
+
 def choose_subnet(config: NetworkConfig, taken: Collection[IPNet],
                   pick: Callable[[Sequence[int]], int] | None = None) -> IPNet | None:
-    """A free subnet of `config` not in `taken` (a set of IPNet), or None.
+    """A free subnet of `config` (overlapping nothing in `taken`), or None if there is none.
 
-    flannel picks at random among the free ones so that concurrent nodes rarely
-    collide (the etcd create is still atomic); `pick` chooses from the list
-    (default: random.choice) so tests can be deterministic.
+    As flannel: one of the first CANDIDATES free subnets from SubnetMin, at random,
+    so that nodes starting together rarely race for the same one (the etcd create
+    is atomic anyway) while the leases stay packed at the start of the range.
+    `pick` chooses from that list (default: random.choice), so tests can be
+    deterministic. Cost: free_subnets(), whatever the size of the network.
     """
-    taken_values = {t.network.value for t in taken}
-    free = [v for v in config.subnets() if v not in taken_values]
+    free = free_subnets(config, taken)
     if not free:
         return None
     if pick is None:
         import random
         pick = random.choice
-    from podnet.net.ip import AF_INET, IP
     return IPNet(IP(AF_INET, pick(free)), config.subnet_len)

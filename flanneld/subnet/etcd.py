@@ -159,7 +159,8 @@ class EtcdSubnetManager:
                 lease.subnet = choose_subnet(config, taken)
                 if lease.subnet is None:
                     count = (config.subnet_max.value - config.subnet_min.value >> 32 - config.subnet_len) + 1
-                    raise NetworkFullError("network %s is full: all %d /%d subnets from %s to %s are leased"
+                    raise NetworkFullError("network %s is full: all %d /%d subnets from %s to %s are leased "
+                                           "(or overlap a lease)"
                                            % (config.network, count, config.subnet_len,
                                               config.subnet_min, config.subnet_max))
                 done = self._put_lease(lease, ttl, compare=cmp_absent(lease.key(self.prefix)))

@@ -7,6 +7,13 @@ with `struct` over an AF_NETLINK socket from the C-level `_socket` module.
 
 Every request asks for an ACK, so errors surface as NetlinkError carrying the
 errno and, where the kernel gives one, its extended-ack message.
+
+A dump the kernel marks NLM_F_DUMP_INTR (the table changed while it was being
+read: the snapshot may miss or repeat entries) is read to its end and asked
+again, up to DUMP_ATTEMPTS times with a short growing pause, then fails with
+NetlinkDumpInterrupted: a sync must not diff against an inconsistent snapshot.
+Every dump goes through Netlink.request, so rtnetlink, ctnetlink
+(podnet.net.conntrack) and IPVS (podnet.net.ipvs) all get this.
 """
 from __future__ import annotations
 
@@ -37,6 +44,7 @@ RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
 
 # flags
 F_REQUEST, F_MULTI, F_ACK = 0x1, 0x2, 0x4
+F_DUMP_INTR = 0x10          # NLM_F_DUMP_INTR: the dump is inconsistent (the table changed meanwhile)
 F_DUMP = 0x300
 F_REPLACE, F_EXCL, F_CREATE, F_APPEND = 0x100, 0x200, 0x400, 0x800
 
@@ -96,8 +104,18 @@ _NDMSG = struct.Struct("=BxxxiHBB")
 _RTA = struct.Struct("=HH")
 
 
+# Attempts at a dump the kernel keeps marking interrupted (containernetworking's
+# netlinksafe allows 5), with a pause of 1, 2, 4, 8 ms between them.
+DUMP_ATTEMPTS = 5
+_EINTR = 4
+
+
 class NetlinkError(OSError):
     pass
+
+
+class NetlinkDumpInterrupted(NetlinkError):
+    """A dump stayed inconsistent (NLM_F_DUMP_INTR) on every one of DUMP_ATTEMPTS tries."""
 
 
 # ---- attribute encoding -------------------------------------------------
@@ -339,12 +357,27 @@ class Netlink:
 
     # One request, all its answers. Dumps return [(type, payload)], others [].
     def request(self, msgtype: int, flags: int, body: bytes) -> list[tuple[int, bytes]]:
+        dump = flags & F_DUMP == F_DUMP
+        for attempt in range(DUMP_ATTEMPTS):
+            out, interrupted = self._exchange(msgtype, flags, body, dump)
+            if not interrupted:
+                return out
+            if attempt + 1 < DUMP_ATTEMPTS:
+                import time
+                time.sleep(0.001 * (1 << attempt))
+        raise NetlinkDumpInterrupted(
+            _EINTR, "netlink dump (message type %d) interrupted %d times: the kernel's table changed while "
+                    "it was being read, every time; not using an inconsistent snapshot" % (msgtype, DUMP_ATTEMPTS))
+
+    def _exchange(self, msgtype: int, flags: int, body: bytes, dump: bool) -> tuple[list[tuple[int, bytes]], bool]:
+        """Send one request and read its answers to the end: (answers, whether the
+        kernel marked any of them NLM_F_DUMP_INTR)."""
         self.seq = (self.seq + 1) & 0xFFFFFFFF
         seq = self.seq
         flags |= F_REQUEST | F_ACK
         self.sock.send(_HDR.pack(_HDR.size + len(body), msgtype, flags, seq, 0) + body)
         out: list[tuple[int, bytes]] = []
-        dump = flags & F_DUMP == F_DUMP
+        interrupted = False
         while True:
             n = self.sock.recv_into(self._buf)
             data = bytes(self._buf[:n])
@@ -357,15 +390,17 @@ class Netlink:
                 offset += (length + 3) & ~3
                 if mseq != seq:
                     continue
+                if mflags & F_DUMP_INTR and dump:
+                    interrupted = True      # keep reading: the rest of this dump must be drained
                 if mtype == NLMSG_ERROR:
                     err = -struct.unpack_from("=i", payload)[0]
                     if err:
                         raise NetlinkError(err, os.strerror(err) + _extack(payload, mflags))
                     if not dump:
-                        return out
+                        return out, False
                     continue
                 if mtype == NLMSG_DONE:
-                    return out
+                    return out, interrupted
                 out.append((mtype, payload))
 
     # ---- links ----
