@@ -32,11 +32,22 @@ bookkeeping linear).
 import functools
 import hashlib
 import ipaddress
+import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from kube_proxy import model
-from kube_proxy.proxier import Config, SyncResult, clear_stale_udp_flows
+from kube_proxy.proxier import (
+    REFUSED,
+    Config,
+    Isolation,
+    Quarantine,
+    SyncResult,
+    clear_stale_udp_flows,
+    isolate,
+    one_line,
+)
 from kube_proxy.rules import (
     FILTER,
     MASQ_MARK,
@@ -50,6 +61,8 @@ from kube_proxy.rules import (
 from kube_proxy.tracker import Sync
 from podnet.kube.endpointslices import ServicePortName
 from podnet.net.iptables import chain_rules, declared_chains, quote
+
+log = logging.getLogger("kube_proxy.iptables")
 
 LARGE_CLUSTER_ENDPOINTS = 1000      # above: no per-endpoint comments (kube-proxy's largeClusterMode)
 S_TRICK_CHAINS = 500                # declare more chains than this in one restore: lead with `-S`
@@ -636,6 +649,50 @@ def _joined(restore, chunks):
     return len(text)
 
 
+def held(rendered, kernel, shared):
+    """Whether the kernel (parsed: {table: {chain: rules}}; `shared`: {(table, chain): set of
+    rules} of the shared chains) holds all of one port's ServicePortRules."""
+    nat = kernel[NAT]
+    return (all(nat.get(chain) == rules for chain, rules in rendered.chains.items())
+            and all(r in shared[(table, chain)] for fld, table, chain in SHARED_FIELDS for r in getattr(rendered, fld)))
+
+
+def additive_input(table, rendered, kernel, shared):
+    """Restore input for one table that adds what the ServicePortRules in `rendered` need and
+    the kernel lacks: their own chains that differ, written whole, and their missing rules
+    in the shared chains, inserted. It deletes nothing (what it replaces goes with the
+    settling restore_input() afterwards). Returns (text, commit): commit() records in
+    `kernel` and `shared` that the text was applied."""
+    writes, adds = {}, {}
+    for r in rendered:
+        if table == NAT:
+            for chain, rules in r.chains.items():
+                if chain not in writes and kernel[NAT].get(chain) != rules:
+                    writes[chain] = rules
+        for fld, t, chain in SHARED_FIELDS:
+            if t == table:
+                have = shared[(t, chain)]
+                adds.setdefault(chain, []).extend(x for x in getattr(r, fld) if x not in have)
+    adds = {chain: list(dict.fromkeys(rules)) for chain, rules in adds.items() if rules}
+    if not writes and not adds:
+        return "", lambda: None
+    lines = ["*" + table] + (["-S"] if len(writes) > S_TRICK_CHAINS else [])
+    lines += [":%s - [0:0]" % c for c in writes]
+    for rules in writes.values():
+        lines += rules
+    for chain, rules in adds.items():
+        prefix = len("-A %s " % chain)
+        lines += ["-I %s 1 %s" % (chain, r[prefix:]) for r in reversed(rules)]
+    lines.append("COMMIT")
+
+    def commit():
+        kernel[table].update(writes)
+        for chain, rules in adds.items():
+            kernel[table][chain] = tuple(rules) + tuple(kernel[table].get(chain, ()))
+            shared[(table, chain)].update(rules)
+    return "\n".join(lines) + "\n", commit
+
+
 class IptablesProxier:
     """Applies the tracker's Syncs to the kernel (the current network namespace).
 
@@ -647,8 +704,10 @@ class IptablesProxier:
     earlier run's rules without touching the unchanged ones). A partial
     sync renders and writes only the changed ports (port_changes_input); a
     change touching more than a tenth of the ports is done as a full sync. A
-    failed restore raises and clears `synced`: the caller marks the next
-    sync full."""
+    refused restore is narrowed down to the service ports the kernel refuses
+    (_isolate), which are quarantined; everything else is applied in the same
+    sync. If that fails too, sync() raises and clears `synced`: the caller marks
+    the next sync full."""
     mode = "iptables"
 
     def __init__(self, config: Config, restore: Callable[[str], object] | None = None,
@@ -669,6 +728,7 @@ class IptablesProxier:
         self.rules = {NAT: 0, FILTER: 0}
         self.comments: bool | None = None
         self.chains_written: int | None = None  # by the last full sync: what it found different in the kernel
+        self.quarantine = Quarantine()          # service ports whose rules the kernel refused
 
     def _read_kernel(self):
         return {table: self._save(table) for table in (FILTER, NAT)}
@@ -710,10 +770,13 @@ class IptablesProxier:
         if lines:
             self._restore("\n".join(lines) + "\n")
         self.synced = False
+        self.quarantine = Quarantine()
 
     def sync(self, sync: Sync) -> SyncResult:
-        import time
+        """Apply a Sync; a refused restore is narrowed down to the service ports the kernel
+        refuses (_isolate), which are quarantined while everything else is applied."""
         started = time.monotonic()
+        sync = self.quarantine.effective(sync)
         state = sync.state
         total = sum(len(state.endpoints_for(n)) for n in state.service_ports)
         comments = total <= LARGE_CLUSTER_ENDPOINTS
@@ -722,15 +785,75 @@ class IptablesProxier:
         if comments != self.comments:
             self.port_rules = {}
         self.comments = comments
+        found = Isolation()
         try:
-            written = self._full(state, sync.changed) if full else len(self._partial(state, sync.changed))
+            try:
+                written = self._full(state, sync.changed) if full else len(self._partial(state, sync.changed))
+            except REFUSED as e:
+                log.warning("iptables-restore refused the %s sync: %s; finding the service ports it refuses",
+                            "full" if full else "partial", one_line(e))
+                found, written = self._isolate(sync)
+                found.refused += 1
+                full = True
         except Exception:
             self.synced = False
             raise
         self.synced = True
+        quarantined = self.quarantine.add(sync, found.bad)
         deleted = clear_stale_udp_flows(sync, self.ipv6)
         return SyncResult(full, time.monotonic() - started, len(sync.changed), written, dict(self.rules), deleted,
-                          self.chains_written if full else None)
+                          self.chains_written if full else None, found.refused, quarantined, len(self.quarantine))
+
+    def _isolate(self, sync):
+        """After a refused restore: read our chains back (a refused restore may have committed
+        its first table), find which of the service ports the kernel does not hold yet it
+        refuses (proxier.isolate: each trial adds some ports' rules, one table per
+        transaction, nothing deleted), then settle: one restore_input() from what the kernel
+        now holds to the desired ruleset with the refused ports at their fallback (what they
+        had before, or nothing), deleting what is stale. Returns (Isolation, bytes written).
+        Raises when the refusal is nobody's in particular (isolate's control) or the settling
+        restore is refused too."""
+        state = sync.state
+        saved = self._read_kernel()
+        jumps = jump_input(saved)
+        if jumps:
+            self._restore(jumps)
+        kernel = {t: dict(parse_saved(saved[t])) for t in (FILTER, NAT)}
+        shared = {(t, c): set(kernel[t].get(c, ())) for _, t, c in SHARED_FIELDS}
+        rules = self.port_rules
+        for name in state.service_ports:
+            if name not in rules:
+                rules[name] = render_service_port(state.service_ports[name], state.endpoints_for(name), self.config,
+                                                  self.comments)
+        suspects = [n for n in sorted(state.service_ports) if not held(rules[n], kernel, shared)]
+        written = 0
+
+        def trial(names):
+            nonlocal written
+            for table in (NAT, FILTER):     # one table per transaction: each is atomic
+                text, commit = additive_input(table, [rules[n] for n in names], kernel, shared)
+                if text:
+                    self._restore(text)
+                    written += len(text)
+                    commit()
+
+        def control():                      # a harmless transaction: KUBE-MARK-MASQ as it is
+            mark = base_chains(self.config)[NAT]["KUBE-MARK-MASQ"]
+            self._restore("\n".join(["*nat", ":KUBE-MARK-MASQ - [0:0]"] + mark + ["COMMIT"]) + "\n")
+
+        found = isolate(suspects, trial, control)
+        bad = [name for name, _ in found.bad]
+        for name in bad:
+            rules.pop(name, None)           # rendered again from the fallback
+        new = render(self.quarantine.fallback_state(sync, bad), self.config, rules)
+        text = restore_input(new, kernel)
+        if text:
+            self._restore(text)
+            written += len(text)
+        self.chains_written = sum(len(d) + len(w) for w, d in diff(kernel, new).values())
+        self.chains = {t: set(new[t]) for t in (FILTER, NAT)}
+        self.rules = rules_count(new)
+        return found, written
 
     def _full(self, state, changed):
         """Read our chains back from the kernel, and rewrite those that differ from the

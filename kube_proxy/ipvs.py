@@ -47,7 +47,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kube_proxy import model
-from kube_proxy.proxier import Config, SyncResult, clear_stale_udp_flows
+from kube_proxy.proxier import REFUSED, Config, Quarantine, SyncResult, clear_stale_udp_flows, isolate, one_line
 from kube_proxy.rules import FILTER, MASQ_MARK, NAT, SHARED_CHAINS, SHARED_JUMPS, other_mode_present, rule
 from kube_proxy.tracker import Sync
 from podnet.kube.endpointslices import Endpoint, ServicePortName
@@ -59,6 +59,7 @@ DUMMY = "kube-ipvs0"
 DEFAULT_SCHEDULER = "rr"
 GRACE_PERIOD = 300.0            # seconds a drained-but-busy real server may keep connections
 GRACEFUL_INTERVAL = 10.0        # how often the background thread looks at terminating real servers
+MAX_ISOLATION_ROUNDS = 8        # full re-syncs one sync may take to quarantine the ports the kernel refuses
 SYSCTLS = (("net/ipv4/vs/conntrack", 1), ("net/ipv4/vs/expire_nodest_conn", 1),
            ("net/ipv4/vs/expire_quiescent_template", 1), ("net/ipv4/ip_forward", 1))
 
@@ -581,6 +582,34 @@ class Kernel:
         sysctl.write(name, value)
 
 
+# ---- fault isolation ----------------------------------------------------------------------------------------
+
+class PortsRefused(Exception):
+    """The kernel refused objects of these service ports: [(name, error)]."""
+
+    def __init__(self, bad):
+        super().__init__(", ".join("%s: %s" % item for item in bad))
+        self.bad = bad
+
+
+def _kernel_refusal(e):
+    """Whether an error from a netlink request is the kernel refusing that one object (EINVAL,
+    EEXIST, ...), rather than a timeout or a kernel without IPVS."""
+    from podnet.net.ipvs import IpvsUnavailable
+    return isinstance(e, OSError) and e.errno is not None and not isinstance(e, (TimeoutError, IpvsUnavailable))
+
+
+def member_owners(agg):
+    """{(set, member): {service port}} of every set member the aggregate wants."""
+    owners = {}
+    for name, port in agg.ports.items():
+        for item in port.members:
+            owners.setdefault(item, set()).add(name)
+        for addr in port.addresses:
+            owners.setdefault((IPVS_IPS, _canonical_ip(addr)), set()).add(name)
+    return owners
+
+
 # ---- the proxier ----------------------------------------------------------------------------------------------
 
 @dataclass
@@ -621,6 +650,7 @@ class IpvsProxier:
         self.lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self.quarantine = Quarantine()          # service ports whose objects the kernel refused
 
     # ---- setup / cleanup ----
 
@@ -683,6 +713,7 @@ class IpvsProxier:
             self.kernel.ipset(["restore", "-exist"], "".join("destroy %s\n" % n for n in ours))
         self.agg, self.inputs, self.applied, self.terminating = Aggregate(), {}, Applied(), {}
         self.synced = False
+        self.quarantine = Quarantine()
 
     def _ensure_dummy(self, nl):
         link = nl.link(DUMMY)
@@ -700,20 +731,89 @@ class IpvsProxier:
     # ---- syncing ----
 
     def sync(self, sync: Sync) -> SyncResult:
+        """Apply a Sync. When the kernel refuses a service port's objects (a virtual server,
+        real server or address over netlink, its ipset members: PortsRefused), those ports
+        are quarantined and a full sync (which reads the kernel back, so whatever the
+        interrupted one did is taken into account) applies everything else, with them at
+        their fallback."""
         started = self.clock()
+        sync = self.quarantine.effective(sync)
         full = sync.full or not self.synced
+        bad: list[tuple[ServicePortName, str]] = []
+        refused = 0
         with self.lock:
             try:
-                ops = self._full(sync.state) if full else self._partial(sync.state, sync.changed)
+                state = sync.state
+                while True:
+                    try:
+                        ops = self._full(state) if full else self._partial(state, sync.changed)
+                        break
+                    except PortsRefused as e:
+                        refused += 1
+                        new = [item for item in e.bad if item[0] not in dict(bad)]
+                        if not new or refused > MAX_ISOLATION_ROUNDS:
+                            raise RuntimeError("the kernel keeps refusing service ports' objects: %s" % e) from None
+                        bad += new
+                        log.warning("the kernel refused objects of %s: a full sync without them",
+                                    ", ".join(str(name) for name, _ in e.bad))
+                        state = self.quarantine.fallback_state(sync, [name for name, _ in bad])
+                        full = True
             except Exception:
                 self.synced = False
                 raise
             self.synced = True
+        quarantined = self.quarantine.add(sync, bad)
         deleted = clear_stale_udp_flows(sync, self.config.family == 6)
         # chains_written: what a full sync found different (virtual and real servers, addresses,
         # set members, restores); 0 means the kernel held exactly the desired state
         return SyncResult(full, self.clock() - started, len(sync.changed), rules=rules_count(self.applied.rules),
-                          conntrack_deleted=deleted, chains_written=ops if full else None)
+                          conntrack_deleted=deleted, chains_written=ops if full else None, refused=refused,
+                          quarantined=quarantined, in_quarantine=len(self.quarantine))
+
+    def _restore_members(self, text):
+        """`ipset restore -exist` of add/del lines; when refused, find the service ports whose
+        lines it refuses (proxier.isolate; re-applying a line is harmless with -exist) and
+        raise PortsRefused."""
+        try:
+            self.kernel.ipset(["restore", "-exist"], text)
+            return
+        except REFUSED:
+            pass
+        owners = member_owners(self.agg)
+        by_port, common = {}, []
+        for line in text.splitlines():
+            parts = line.split(" ", 2)
+            names = owners.get((parts[1], parts[2].split(" ", 1)[0])) if parts[0] == "add" and len(parts) == 3 else None
+            if names:
+                for name in names:
+                    by_port.setdefault(name, []).append(line)
+            else:
+                common.append(line)         # creates, deletions: nobody's in particular
+
+        def trial(names):
+            lines = common + [line for name in names for line in by_port[name]]
+            self.kernel.ipset(["restore", "-exist"], "\n".join(dict.fromkeys(lines)) + "\n")
+
+        def control():
+            if common:
+                self.kernel.ipset(["restore", "-exist"], "\n".join(common) + "\n")
+            else:
+                self.kernel.ipset(["list", "-n"])
+
+        found = isolate(sorted(by_port), trial, control)
+        if found.bad:
+            raise PortsRefused(found.bad)
+        self.kernel.ipset(["restore", "-exist"], text)      # every part went through: the whole must
+
+    def _guarded(self, key_names, request, *args):
+        """Run one netlink request for an object of `key_names` (service ports); the kernel
+        refusing it raises PortsRefused naming them."""
+        try:
+            return request(*args)
+        except OSError as e:
+            if not _kernel_refusal(e) or not key_names:
+                raise
+            raise PortsRefused([(name, one_line(e)) for name in sorted(key_names)]) from None
 
     def _render(self, name, state):
         sp, eps = state.service_ports[name], state.endpoints_for(name)
@@ -758,7 +858,7 @@ class IpvsProxier:
             want = self.agg.set_members()
             text = ipset_restore_input(want, parse_ipset_save(self.kernel.ipset(["save"])), self.config.family)
             if text:
-                self.kernel.ipset(["restore", "-exist"], text)
+                self._restore_members(text)
                 ops += text.count("\n")
             self.applied.members = {name: set(members) for name, members in want.items()}
 
@@ -768,7 +868,8 @@ class IpvsProxier:
             self.applied.servers = {}
             now = self.clock()
             for key in sorted(desired):
-                ops += self._apply_server(ipvs, key, desired[key], table.get(key), now)
+                ops += self._guarded(self.agg.vs_owners.get(key), self._apply_server, ipvs, key, desired[key],
+                                     table.get(key), now)
             for key in sorted(set(table) - set(desired)):
                 ipvs.del_service(table[key][0])
                 ops += 1
@@ -821,7 +922,7 @@ class IpvsProxier:
                     dels.append("del %s %s" % (name, member))
                     applied.discard(member)
         if adds or dels:
-            self.kernel.ipset(["restore", "-exist"], "\n".join(adds + dels) + "\n")
+            self._restore_members("\n".join(adds + dels) + "\n")
             ops += len(adds) + len(dels)
 
         with self.kernel.ipvs() as ipvs:
@@ -836,7 +937,8 @@ class IpvsProxier:
                         ops += 1
                     continue
                 kernel = None if have is None else (have[0], {d.key: d for d in ipvs.dests(have[0])})
-                ops += self._apply_server(ipvs, key, want_vs, kernel, now)
+                ops += self._guarded(self.agg.vs_owners.get(key), self._apply_server, ipvs, key, want_vs, kernel,
+                                     now)
             if touched_addr:
                 with self.kernel.netlink() as nl:
                     dummy = self._ensure_dummy(nl)
@@ -956,6 +1058,10 @@ class IpvsProxier:
                 nl.add_addr(dummy.index, IPNet(ip, ip.bits), nodad=ip.version == 6, noprefixroute=True)
             except OSError as e:
                 if e.errno != 17:       # EEXIST: bound meanwhile
+                    owners = sorted(n for n, port in self.agg.ports.items()
+                                    if addr in {_canonical_ip(a) for a in port.addresses})
+                    if _kernel_refusal(e) and owners:
+                        raise PortsRefused([(name, one_line(e)) for name in owners]) from None
                     raise
             ops += 1
         for addr in sorted(bound - want):

@@ -9,7 +9,13 @@ work unchanged:
   kubeproxy_sync_proxy_rules_last_timestamp_seconds    gauge, last successful sync (unix time)
   kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds  gauge, last change received
   kubeproxy_sync_proxy_rules_iptables_total{table}     gauge, rules we own per table
-  kubeproxy_sync_proxy_rules_iptables_restore_failures_total  counter
+  kubeproxy_sync_proxy_rules_iptables_restore_failures_total  counter: transactions the kernel
+    refused (iptables-restore, nft -f, ipset restore), those fault isolation tried included,
+    plus syncs that failed as a whole
+  podnet_sync_proxy_rules_quarantined_service_ports    gauge, service ports whose rules the
+    kernel refused, kept out of syncs until they change (kube_proxy/proxier.py, Quarantine)
+  podnet_sync_proxy_rules_quarantined_service_ports_total  counter, times a service port was
+    quarantined
   kubeproxy_sync_proxy_rules_service_changes_total, ..._endpoint_changes_total: not kept
     separately; `podnet_sync_changed_service_ports_total` counts rewritten service ports.
 
@@ -70,6 +76,8 @@ class Metrics:
         self.pending_since = None       # oldest change not yet synced
         self.rules = {}
         self.failures = 0
+        self.quarantined = 0
+        self.quarantined_total = 0
         self.changed_ports = 0
         self.services = 0
         self.endpoints = 0
@@ -90,6 +98,9 @@ class Metrics:
             self.rules = dict(result.rules)
             self.changed_ports += result.changed
             self.services, self.endpoints = services, endpoints
+            self.failures += result.refused
+            self.quarantined = result.in_quarantine
+            self.quarantined_total += len(result.quarantined)
 
     def failed(self):
         with self.lock:
@@ -139,6 +150,14 @@ class Metrics:
                     "Cumulative proxy restore failures",
                     "# TYPE kubeproxy_sync_proxy_rules_iptables_restore_failures_total counter",
                     "kubeproxy_sync_proxy_rules_iptables_restore_failures_total %d" % self.failures,
+                    "# HELP podnet_sync_proxy_rules_quarantined_service_ports Service ports whose rules the "
+                    "kernel refused, kept out of syncs until they change",
+                    "# TYPE podnet_sync_proxy_rules_quarantined_service_ports gauge",
+                    "podnet_sync_proxy_rules_quarantined_service_ports %d" % self.quarantined,
+                    "# HELP podnet_sync_proxy_rules_quarantined_service_ports_total Service ports put into "
+                    "quarantine",
+                    "# TYPE podnet_sync_proxy_rules_quarantined_service_ports_total counter",
+                    "podnet_sync_proxy_rules_quarantined_service_ports_total %d" % self.quarantined_total,
                     "# HELP podnet_sync_changed_service_ports_total Service ports rewritten by partial syncs",
                     "# TYPE podnet_sync_changed_service_ports_total counter",
                     "podnet_sync_changed_service_ports_total %d" % self.changed_ports,

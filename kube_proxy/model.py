@@ -19,7 +19,11 @@ never fatal: `service_ports()` and `slice_info()` log one specific reason
 ("skipping Service ns/web: spec.ports[1].port: 70000 is not a port number")
 and return nothing for it, and every other object keeps working. The
 `build_*` functions underneath raise `InvalidObject` instead, for callers that
-want the reason.
+want the reason. Names match as a whole (a trailing newline is no name: it
+would break the restore input of every later sync), and addresses the API
+refuses are refused here too: a ClusterIP or external IP that is unspecified,
+loopback, link-local or multicast makes the Service invalid; such an endpoint
+is skipped (podnet.kube.endpointslices.special_ip).
 
 What is ignored on purpose (logged at debug level, not an error): headless
 Services (clusterIP None), ExternalName Services, Services without a ClusterIP
@@ -47,6 +51,7 @@ from podnet.kube.endpointslices import (  # noqa: F401
     merge_endpoints,
     slice_info,
     slice_info_or_error,
+    special_ip,
 )
 from podnet.kube.objects import (  # noqa: F401
     PROTOCOLS,
@@ -170,7 +175,7 @@ def build_service_ports(obj, family=4):
         return {}
     cluster_ip = None
     for i, value in enumerate(cluster_ips):
-        ip = _ip(value, "spec.clusterIPs[%d]" % i, family)
+        ip = _service_ip(value, "spec.clusterIPs[%d]" % i, family)
         if ip and cluster_ip is None:
             cluster_ip = ip
     if cluster_ip is None:
@@ -265,10 +270,23 @@ def build_service_ports(obj, family=4):
     return out
 
 
+def _service_ip(value, where, family):
+    """A ClusterIP or external IP, normalised; None when of the other family. Addresses the API
+    refuses as external IPs (podnet.kube.endpointslices.special_ip: its ValidateNonSpecialIP),
+    of either family, make the Service invalid; a ClusterIP is never allocated from them (and
+    a rule for 127.0.0.1:80 would capture the node's own traffic), so the same holds for it."""
+    ip = _ip(value, where)
+    assert ip is not None
+    why = special_ip(ip)
+    if why:
+        raise InvalidObject("%s: %s %s" % (where, ip, why))
+    return ip if (":" in ip) == (family == 6) else None
+
+
 def _ips(spec, key, where, family):
     found = []
     for i, value in enumerate(_get(spec, key, where, list, default=[])):
-        ip = _ip(value, "%s%s[%d]" % (where, key, i), family)
+        ip = _service_ip(value, "%s%s[%d]" % (where, key, i), family)
         if ip and ip not in found:
             found.append(ip)
     return tuple(found)

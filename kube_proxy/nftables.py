@@ -67,6 +67,7 @@ mode; --iptables-localhost-nodeports is an iptables-mode flag).
 import functools
 import hashlib
 import ipaddress
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,11 +75,23 @@ from types import SimpleNamespace
 from typing import Any
 
 from kube_proxy import model
-from kube_proxy.proxier import Config, SyncResult, clear_stale_udp_flows
+from kube_proxy.proxier import (
+    REFUSED,
+    Config,
+    Isolation,
+    Quarantine,
+    SyncResult,
+    clear_stale_udp_flows,
+    isolate,
+    one_line,
+)
 from kube_proxy.tracker import Sync
 from podnet.kube.endpointslices import ServicePortName
 
+log = logging.getLogger("kube_proxy.nftables")
+
 TABLE = "kube-proxy"
+CHECK_TABLE = "kube-proxy-check"    # what fault isolation has the kernel check (nft -c): never created
 MASQ_MARK = 0x4000
 DEFER_CHAINS = 5000         # more chains than this in the table: defer deleting stale ones (see above)
 STALE_LIMIT = 1000          # ... until this many are waiting (or a transaction pays nft's dump anyway)
@@ -154,8 +167,15 @@ def _hash8(text):
     return "".join(_B32[(v >> shift) & 31] for shift in (35, 30, 25, 20, 15, 10, 5, 0))
 
 
+NAME_BASE_MAX = 240         # kube-proxy's chainNameBaseLengthMax: nft refuses names over 256
+
+
 def _named(text):
-    return _hash8(text) + "-" + text
+    """"<hash>-text", cut to NAME_BASE_MAX with "..." (kube-proxy's hashAndTruncate): an
+    endpoint of an IPv6 Service with 63-character namespace, name and port name would
+    otherwise make a 261-character chain name, which nft refuses. The hash keeps it unique."""
+    name = _hash8(text) + "-" + text
+    return name if len(name) <= NAME_BASE_MAX else name[:NAME_BASE_MAX - 3] + "..."
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -497,16 +517,17 @@ def _elements_by_set(items):
     return by_set
 
 
-def full_sync_text(config, ports, elements, kernel_chains=None, kernel_sets=(), recreate=()):
+def full_sync_text(config, ports, elements, kernel_chains=None, kernel_sets=(), recreate=(), table=TABLE):
     """The full sync transaction.
 
     ports: {ServicePortName: PortObjects}; elements: {(set, key): (value, comment)} (what
     Elements.rebuild returns); kernel_chains: names of chains in our table now (None: the
     table may not exist); kernel_sets: names of its sets and maps (affinity ones included);
     recreate: chains, sets and maps to delete and declare anew (a base chain's hook or
-    priority, a map's type may differ from ours)."""
+    priority, a map's type may differ from ours); table: another name, for a transaction
+    that is only checked (CHECK_TABLE)."""
     fam, _, _ = family_words(config.family)
-    head = "%s %s" % (fam, TABLE)
+    head = "%s %s" % (fam, table)
     out = ["add table %s { comment \"rules for kube-proxy\"; }\n" % head, "flush table %s\n" % head]
     decls = set_declarations(config)
     for name in recreate:
@@ -651,22 +672,27 @@ class NftablesProxier:
     Keeps `ports` (each service port's PortObjects: rendering is pure, they stay right
     until the port or its endpoints change), `elements` (who claims which shared
     element; what the kernel has), the chains and sets of ours that were flushed but
-    not yet deleted, and whether the kernel holds all that (`synced`). A failed
-    transaction changes nothing in the kernel (nft transactions are atomic), raises,
-    and makes the next sync full."""
+    not yet deleted, and whether the kernel holds all that (`synced`). A refused
+    transaction changes nothing in the kernel (nft transactions are atomic); the
+    service ports it was refused for are found and quarantined (_isolate) and the rest
+    applied. `check` (default: podnet.net.nft.check) has the kernel check a transaction without
+    applying it; with an injected `apply` and no `check`, a refused full sync raises."""
     mode = "nftables"
 
     def __init__(self, config: Config, apply: Callable[[str], object] | None = None,
                  list_json: Callable[..., list[dict[str, Any]]] | None = None,
-                 list_text: Callable[..., str] | None = None) -> None:
+                 list_text: Callable[..., str] | None = None,
+                 check: Callable[[str], object] | None = None) -> None:
         from podnet.net import nft
         self.config = config
         self.ipv6 = config.family == 6
         self.family = family_words(config.family)[0]
         self._real = apply is None
         self._apply = apply or nft.apply
+        self._check: Callable[[str], object] | None = check or (nft.check if apply is None else None)
         self._list = list_json or nft.list_json
         self._list_text = list_text or nft.list_text
+        self.quarantine = Quarantine()          # service ports whose rules the kernel refused
         self.synced = False
         self.ports: dict[ServicePortName, PortObjects] = {}
         self.elements = Elements()
@@ -691,19 +717,92 @@ class NftablesProxier:
         self.synced = False
         self.ports, self.elements = {}, Elements()
         self.stale_chains, self.stale_sets = set(), set()
+        self.quarantine = Quarantine()
 
     def sync(self, sync: Sync) -> SyncResult:
         started = time.monotonic()
+        sync = self.quarantine.effective(sync)
         full = sync.full or not self.synced
+        found = Isolation()
         try:
-            text = self._full(sync.state, sync.changed) if full else self._partial(sync.state, sync.changed)
+            try:
+                text = self._full(sync.state, sync.changed) if full else self._partial(sync.state, sync.changed)
+            except REFUSED as e:
+                log.warning("nft refused the %s sync: %s; finding the service ports it refuses",
+                            "full" if full else "partial", one_line(e))
+                found, text, full = self._isolate(sync, full)
+                found.refused += 1
         except Exception:
             self.synced = False
+            for name in sync.changed:       # not rendered for this state: the next (full) sync renders them
+                self.ports.pop(name, None)
             raise
         self.synced = True
+        quarantined = self.quarantine.add(sync, found.bad)
         deleted = clear_stale_udp_flows(sync, self.ipv6)
         return SyncResult(full, time.monotonic() - started, len(sync.changed), len(text),
-                          {TABLE: self.rules}, deleted, self.chains_written if full else None)
+                          {TABLE: self.rules}, deleted, self.chains_written if full else None, found.refused,
+                          quarantined, len(self.quarantine))
+
+    # ---- fault isolation ----
+
+    def _isolate(self, sync, full):
+        """A refused transaction changed nothing. After a partial one: apply the changed
+        ports in halves (real partial transactions, proxier.isolate); the refused ones keep
+        their previous objects. If nothing at all goes through and even a harmless
+        transaction on our table is refused, or after a full one: have the kernel check
+        (nft -c, nothing applied) full tables of halves of all the ports, in a scratch
+        table, to find the refused ones; then one real full sync with those at their
+        fallback. Returns (Isolation, text applied last, whether that was full)."""
+        state = sync.state
+        if not full:
+            applied = []
+
+            def trial(names):
+                applied.append(self._partial(state, names))
+
+            try:
+                found = isolate(sorted(sync.changed), trial, self._control)
+                return found, "".join(applied), False
+            except REFUSED as e:
+                log.warning("nft refuses even a harmless transaction on our table (%s): rewriting it all",
+                            one_line(e))
+            found = Isolation(refused=1)
+        else:
+            found = Isolation()
+        if self._check is not None:
+            ports = {name: (self.ports.get(name) if name not in sync.changed else None)
+                     or render_service_port(sp, state.endpoints_for(name), self.config)
+                     for name, sp in state.service_ports.items()}
+            check = self._check
+
+            def check_trial(names):
+                subset = {n: ports[n] for n in names}
+                check(full_sync_text(self.config, subset, Elements().rebuild(subset), table=CHECK_TABLE))
+
+            def check_control():
+                check(full_sync_text(self.config, {}, {}, table=CHECK_TABLE))
+
+            more = isolate(sorted(ports), check_trial, check_control)
+            found = Isolation(found.bad + more.bad, found.tried + more.tried, found.refused + more.refused)
+        bad = [name for name, _ in found.bad]
+        self.synced = False                 # what the kernel holds is not what self.ports says: list it
+        text = self._full(self.quarantine.fallback_state(sync, bad), set(sync.changed) | set(bad))
+        return found, text, True
+
+    def _control(self):
+        """What every partial trial has in common, alone: the deletion of the chains and sets
+        earlier syncs left flushed (their deletion deferred), and a change of nothing
+        (reject-chain rewritten as it is), so that a table the kernel refuses to touch at
+        all is told from refused ports."""
+        head = "%s %s" % (self.family, TABLE)
+        rules = fixed_chains(self.config)[REJECT_CHAIN]
+        text = "flush chain %s %s\nadd chain %s %s { %s; }\n" % (head, REJECT_CHAIN, head, REJECT_CHAIN,
+                                                                 "; ".join(rules))
+        text += "".join("delete chain %s %s\n" % (head, c) for c in sorted(self.stale_chains))
+        text += "".join("delete set %s %s\n" % (head, n) for n in sorted(self.stale_sets))
+        self._apply(text)
+        self.stale_chains, self.stale_sets = set(), set()
 
     # ---- full ----
 
@@ -799,13 +898,19 @@ class NftablesProxier:
                       or len(stale_chains) + len(stale_sets) >= STALE_LIMIT)
         text = partial_sync_text(self.config, change, stale_chains if delete_now else (),
                                  stale_sets if delete_now else ())
-        self.ports = new_ports          # right for the state; a failure makes the next sync full
         if text:
             try:
                 self._apply(text)
             except Exception:
+                # nothing was applied: the claims and what the kernel holds are as before
                 elements.kernel = saved_kernel
+                for name in reversed(sorted(changed)):
+                    if name in new_ports:
+                        elements.claim(name, new_ports[name].elements, add=False)
+                    if name in self.ports:
+                        elements.claim(name, self.ports[name].elements)
                 raise
+        self.ports = new_ports
         self.stale_chains, self.stale_sets = (set(), set()) if delete_now else (stale_chains, stale_sets)
         self.rules += rules_delta
         self.chain_count += chains_delta

@@ -1,16 +1,44 @@
 """What every proxy mode shares: the flags that shape the rules (`Config`), what a sync
-reports (`SyncResult`), and the interface a mode implements (`Proxier`: iptables.py,
-nftables.py, ipvs.py; server.py picks one with --proxy-mode).
+reports (`SyncResult`), the interface a mode implements (`Proxier`: iptables.py,
+nftables.py, ipvs.py; server.py picks one with --proxy-mode), and fault isolation
+(`Quarantine`, `isolate`).
+
+Fault isolation. Validation (podnet/kube/objects.py, kube_proxy/model.py) keeps out
+what the API server would refuse, but the kernel may still refuse a Service's rules
+(a rule no check foresaw, a kernel without some match). One refused transaction must
+not stop every other Service from being programmed, sync after sync. So when the
+kernel refuses a transaction, the mode narrows the failure down to the Service ports
+it cannot take (`isolate`: apply halves of the suspects, recursing into the half that
+fails: about 1.5 log2(n) trials for one bad port among n), programs everything
+else in the same sync, and puts the culprits into the `Quarantine`: each is logged
+with the kernel's error and counted, what the kernel held for it before stays (or
+nothing, if that is not known), and it is kept out of later syncs until its Service
+or endpoints change. A refusal that is not any port's doing (every trial fails, and a
+control transaction too) fails the sync as before; the tracker retries it with
+backoff.
 
 This module knows no mode: the modes import it, never the other way round.
 """
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Protocol
 
+from podnet.kube.endpointslices import Endpoint, ServicePortName
+
 if TYPE_CHECKING:
+    from kube_proxy.model import ProxyState, ServicePort
     from kube_proxy.tracker import Sync
     from podnet.net.conntrack import Flow
+
+log = logging.getLogger("kube_proxy")
+
+# What a transaction the kernel refused raises: podnet.net.iptables.IptablesError,
+# podnet.net.nft.NftError and the IPVS mode's ipset errors are RuntimeErrors. A timeout
+# (TimeoutError, e.g. the xtables lock) or a missing tool (FileNotFoundError) is nobody's
+# rule: it fails the sync, to be retried with backoff.
+REFUSED: tuple[type[BaseException], ...] = (RuntimeError,)
 
 
 @dataclass(frozen=True)
@@ -38,6 +66,9 @@ class SyncResult:
     rules: dict[str, int] = field(default_factory=dict)     # {table: rules}
     conntrack_deleted: int = 0
     chains_written: int | None = None           # full syncs: chains (re)written or deleted (0: the kernel was right)
+    refused: int = 0                            # transactions the kernel refused (isolation included)
+    quarantined: tuple["Quarantined", ...] = ()  # put into quarantine by this sync
+    in_quarantine: int = 0                      # service ports in quarantine after it
 
 
 class Proxier(Protocol):
@@ -46,8 +77,10 @@ class Proxier(Protocol):
     mode        "iptables" | "nftables" | "ipvs" (--proxy-mode)
     setup()     create what it needs once (base chains, tables, devices); idempotent
     sync(sync)  apply one tracker.Sync: a full one may rewrite everything it owns, a
-                partial one only `sync.changed`; raises if the kernel refused (the
-                caller marks the next sync full)
+                partial one only `sync.changed`. Service ports whose rules the kernel
+                refuses are quarantined (SyncResult.quarantined) and everything else is
+                applied; raises only if that fails too (the caller marks the next sync
+                full and backs off)
     cleanup()   remove everything it owns (kube-proxy --cleanup, and switching modes),
                 leaving what another mode that is still there shares with it
     """
@@ -101,3 +134,183 @@ def clear_stale_udp_flows(sync: "Sync", ipv6: bool = False) -> int:
         logging.getLogger("kube_proxy").warning("could not clear stale UDP conntrack entries: %s", e)
         return 0
 
+
+# ---- fault isolation ---------------------------------------------------------------------------
+
+Input = tuple["ServicePort | None", tuple[Endpoint, ...]]
+NOTHING: Input = (None, ())
+
+
+def one_line(error: object, limit: int = 600) -> str:
+    """An error as one log-friendly line: iptables-restore and nft answer on several lines."""
+    text = " | ".join(part.strip() for part in str(error).splitlines() if part.strip())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+@dataclass
+class Isolation:
+    """What isolate() found: the ports refused on their own ([(name, error)]), and how many
+    transactions it tried and how many of those the kernel refused."""
+    bad: list[tuple[ServicePortName, str]] = field(default_factory=list)
+    tried: int = 0
+    refused: int = 0
+
+
+def isolate(suspects: Sequence[ServicePortName], trial: Callable[[list[ServicePortName]], object],
+            control: Callable[[], object] | None = None) -> Isolation:
+    """Which of `suspects` the kernel refuses, on their own.
+
+    trial(names) applies those ports' changes in one go (a refusal raises one of REFUSED
+    and must leave nothing of them applied; what it applies stays applied). The whole
+    list is tried first, then its halves, recursing into a half that fails; when the
+    first half of a failing group goes through, the second is known to fail and is
+    split without being tried. One bad port among n costs about 1 + 1.5 log2(n) trials,
+    and all of them together carry about twice the suspects' rules.
+
+    When no trial at all went through, `control()` (a harmless transaction) tells a
+    refusal of these ports from a kernel that refuses everything: if it is refused
+    too, or there is no control, the first error is raised and nobody is blamed."""
+    out = Isolation()
+    bad = out.bad
+    passed = False
+    first: list[BaseException] = []
+
+    def attempt(group: list[ServicePortName]) -> str | None:
+        nonlocal passed
+        out.tried += 1
+        try:
+            trial(group)
+        except REFUSED as e:
+            out.refused += 1
+            if not first:
+                first.append(e)
+            return one_line(e)
+        passed = True
+        return None
+
+    def split(group: list[ServicePortName], error: str) -> None:
+        if len(group) == 1:
+            bad.append((group[0], error))
+            return
+        half = len(group) // 2
+        left, right = group[:half], group[half:]
+        left_error = attempt(left)
+        if left_error is None:
+            split(right, error)                 # the fault is in the right half
+            return
+        split(left, left_error)
+        right_error = attempt(right)
+        if right_error is not None:
+            split(right, right_error)
+
+    group = list(suspects)
+    if group:
+        error = attempt(group)
+        if error is not None:
+            split(group, error)
+    if bad and not passed:
+        if control is None:
+            raise first[0]
+        out.tried += 1
+        try:
+            control()
+        except REFUSED:
+            raise first[0] from None
+    return out
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    """A service port whose rules the kernel refused."""
+    name: ServicePortName
+    refused: Input          # the ServicePort and endpoints that were refused: kept out until they change
+    fallback: Input         # what stays programmed for it meanwhile (NOTHING: no rules at all)
+    error: str
+
+    def __str__(self) -> str:
+        return "%s (%s)" % (self.name, self.name.protocol)
+
+
+class Quarantine:
+    """The service ports kept out of syncs because the kernel refused their rules.
+
+    A quarantined port is synced as its `fallback` (what the kernel held for it before:
+    the previous ServicePort and endpoints, or nothing) until its input in the desired
+    state differs from what was refused; then it is tried again like any changed port.
+    `effective()` turns the tracker's Sync into the one a mode applies."""
+
+    def __init__(self) -> None:
+        self.ports: dict[ServicePortName, Quarantined] = {}
+        self.total = 0                      # ever quarantined (a counter)
+
+    def __len__(self) -> int:
+        return len(self.ports)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.ports
+
+    def effective(self, sync: "Sync") -> "Sync":
+        """`sync` with each quarantined port replaced by its fallback, and the ports whose
+        input changed since they were refused released (and marked changed, their previous
+        being the fallback the kernel holds). The same Sync when nothing is quarantined."""
+        if not self.ports:
+            return sync
+        from kube_proxy.tracker import Sync
+        state = sync.state
+        released = {}
+        for name, q in list(self.ports.items()):
+            if (state.service_ports.get(name), state.endpoints_for(name)) != q.refused:
+                released[name] = q.fallback
+                del self.ports[name]
+                log.info("service port %s changed: out of quarantine, its rules are tried again", q)
+        if not self.ports and not released:
+            return sync
+        previous = dict(sync.previous)
+        previous.update(released)
+        changed = (sync.changed | released.keys()) - self.ports.keys()
+        return Sync(_with(state, {name: q.fallback for name, q in self.ports.items()}), frozenset(changed),
+                    sync.full, sync.reason, MappingProxyType(previous))
+
+    @staticmethod
+    def fallback(sync: "Sync", name: ServicePortName) -> Input:
+        """What the kernel holds for `name` when this (effective) Sync's change of it is
+        refused: its previous input if it changed in this sync, else nothing known."""
+        if name not in sync.changed:
+            return NOTHING
+        port, eps = sync.previous.get(name, NOTHING)
+        return (port, eps) if port is not None else NOTHING
+
+    def add(self, sync: "Sync", bad: Sequence[tuple[ServicePortName, str]]) -> tuple[Quarantined, ...]:
+        """Quarantine `bad` ([(name, kernel's error)]) of the effective `sync`; logs each."""
+        out = []
+        for name, error in bad:
+            q = Quarantined(name, (sync.state.service_ports.get(name), sync.state.endpoints_for(name)),
+                            self.fallback(sync, name), error)
+            self.ports[name] = q
+            self.total += 1
+            out.append(q)
+            log.warning("quarantined service port %s: the kernel refused its rules: %s; %s until the "
+                        "Service or its endpoints change", q, error,
+                        "its previous rules stay" if q.fallback[0] is not None else "it has no rules")
+        return tuple(out)
+
+    def fallback_state(self, sync: "Sync", names: Sequence[ServicePortName]) -> "ProxyState":
+        """The (effective) Sync's state with `names` at their fallback: what the kernel
+        should hold once they are quarantined."""
+        return _with(sync.state, {name: self.fallback(sync, name) for name in names})
+
+
+def _with(state: "ProxyState", inputs: dict[ServicePortName, Input]) -> "ProxyState":
+    """`state` with these service ports' ServicePort and endpoints replaced (None: absent)."""
+    from kube_proxy.model import ProxyState
+    ports, endpoints = dict(state.service_ports), dict(state.endpoints)
+    for name, (port, eps) in inputs.items():
+        if port is None:
+            ports.pop(name, None)
+        else:
+            ports[name] = port
+        if port is not None and eps:
+            endpoints[name] = eps
+        else:
+            endpoints.pop(name, None)
+    return ProxyState.of(ports, endpoints)

@@ -5,8 +5,11 @@ kind, or a manifests directory poller) run in their own threads and hand
 events over through a queue, so the tracker stays single-threaded. The loop
 sleeps until the tracker says a sync is due (the first change after a quiet
 spell at once, later ones coalesced by --min-sync-period), applies it, and
-records the result. A failed sync is logged, counted, and retried as a full
-sync after --min-sync-period.
+records the result. Service ports whose rules the kernel refuses are
+quarantined by the proxier (kube_proxy/proxier.py) and logged here; a sync
+that fails as a whole is logged, counted, and retried as a full sync with
+exponential backoff (kube_proxy/tracker.py: 2, 4, 8 ... x --min-sync-period, at
+most --iptables-sync-period, 30 s unless set).
 
 Stopping (SIGTERM/SIGINT) leaves every rule in place: a restarted proxy
 finds them, rewrites them with the same content, and established
@@ -18,7 +21,8 @@ Flags are kube-proxy's where they apply (--proxy-mode, --cluster-cidr,
 --kubeconfig, --metrics-bind-address, --healthz-bind-address, --cleanup, -v);
 --manifests DIR and --sync-period (the full-sync period, kube-proxy's fixed
 FullSyncPeriod) are ours; --iptables-sync-period and --ipvs-sync-period have
-kube-proxy's meaning (the delay before a failed sync is retried).
+kube-proxy's meaning (the delay before a failed sync is retried), as the cap of
+the exponential backoff.
 
 The proxy modes (Proxier, proxier.py) are picked here, by make_proxier().
 """
@@ -168,7 +172,8 @@ class ProxyServer:
             self.tracker.sync_failed(str(e))
             if self.metrics:
                 self.metrics.failed()
-            log.error("sync failed (the next one is full): %s", e)
+            log.error("sync failed (%d in a row; the next one is full, in %.1f s at the earliest): %s",
+                      self.tracker.failures, self.tracker.retry_delay(), e)
             return None
         self.syncs += 1
         state = sync.state
@@ -180,6 +185,11 @@ class ProxyServer:
                  "/".join("%s %d" % kv for kv in sorted(result.rules.items())), result.seconds,
                  (", %d UDP flows cleared" % result.conntrack_deleted if result.conntrack_deleted else "")
                  + (", %d chains written" % result.chains_written if result.chains_written is not None else ""))
+        if result.quarantined:
+            log.warning("%d service port%s quarantined (%s): the kernel refused their rules, everything else "
+                        "is programmed; %d in quarantine", len(result.quarantined),
+                        "" if len(result.quarantined) == 1 else "s", ", ".join(map(str, result.quarantined)),
+                        result.in_quarantine)
         return result
 
     def run(self):
@@ -227,8 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     # 30s would be a multi-second full sync every 30 s at 10k Services.
     p.add_argument("--iptables-sync-period", "--ipvs-sync-period", dest="retry_period", type=parse_duration,
                    default=None, metavar="DURATION",
-                   help="after a failed sync, wait this long before the next (full) one, as kube-proxy's "
-                        "SyncPeriod (default: --min-sync-period); full syncs are --sync-period")
+                   help="after failed syncs, the longest wait before the next (full) one, as kube-proxy's "
+                        "SyncPeriod (default 30s; the wait doubles from 2 x --min-sync-period); full syncs "
+                        "are --sync-period")
     p.add_argument("--iptables-localhost-nodeports", type=lambda v: v.lower() in ("1", "true", "yes"),
                    default=True, help="NodePorts also answer on 127.0.0.1 (default true)")
     p.add_argument("--metrics-bind-address", default="127.0.0.1:10249", help='("" disables)')

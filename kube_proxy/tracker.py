@@ -14,6 +14,11 @@ quiet period is synced at once; further changes wait until `min_sync_period`
 has passed since the previous sync, so a burst coalesces into one sync. Every
 `full_sync_period` (and after a failed sync, and the first time) the sync is
 marked full, meaning: render and check everything, not only the changes.
+A failed sync is retried with exponential backoff (kube-proxy's RetryAfter,
+made exponential): after k failures in a row the next sync waits
+min_sync_period * 2^k (1 s * 2^k when min_sync_period is 0), at most
+`retry_period` (--iptables-sync-period; DEFAULT_MAX_RETRY when unset), and
+changes that arrive meanwhile wait too; a sync that works ends the backoff.
 Nothing is synced before both kinds have been listed once (`ready`), so a
 start-up never programs Services without their endpoints.
 
@@ -35,6 +40,8 @@ from podnet.kube.cache import Change, ObjectCache, resource_key
 from podnet.kube.events import ADDED, DELETED, MODIFIED, RELIST, Event
 
 log = logging.getLogger("kube_proxy.tracker")
+
+DEFAULT_MAX_RETRY = 30.0    # the longest backoff after failed syncs: kube-proxy's default SyncPeriod
 
 Key = tuple[str, str]
 SPN = model.ServicePortName
@@ -66,10 +73,12 @@ class ChangeTracker:
         self.hostname = hostname
         self.min_sync_period = float(min_sync_period)
         self.full_sync_period = float(full_sync_period)
-        # after a failed sync, the next one waits this long (kube-proxy's SyncPeriod); default
-        # min_sync_period
-        self.retry_period = float(min_sync_period if retry_period is None else retry_period)
+        # after failed syncs the next one waits min_sync_period * 2^failures, at most this long
+        # (kube-proxy's SyncPeriod, --iptables-sync-period)
+        self.retry_period = float(DEFAULT_MAX_RETRY if retry_period is None else retry_period)
         self._retry_at: float | None = None
+        self.failures = 0                   # syncs in a row that failed
+        self._failed_since_take = False
         self.clock = clock
         # (ns, name) -> a Service's {ServicePortName: ServicePort}, or a slice's SliceInfo
         self._objects = ObjectCache(("Service", "EndpointSlice"), self._parse)
@@ -196,11 +205,23 @@ class ChangeTracker:
             self._full_reason = reason
 
     def sync_failed(self, reason: str = "previous sync failed") -> None:
-        """The last Sync could not be applied: the next one is full, and not before
-        retry_period has passed since it was taken."""
+        """The last Sync could not be applied: the next one is full, and waits retry_delay()
+        from when the failed one was taken (a take() without sync_failed() after it ends
+        the backoff)."""
         self._full_reason = reason
+        if not self._failed_since_take:
+            self.failures += 1
+            self._failed_since_take = True
         if self._last_sync is not None:
-            self._retry_at = self._last_sync + self.retry_period
+            self._retry_at = self._last_sync + self.retry_delay()
+
+    def retry_delay(self) -> float:
+        """How long after the last failed sync the next one waits: min_sync_period (1 s if
+        that is 0) * 2^failures, capped at retry_period; 0 when the last sync worked."""
+        if not self.failures:
+            return 0.0
+        base = self.min_sync_period or 1.0
+        return min(self.retry_period, base * 2.0 ** min(self.failures, 62))
 
     def _full_due(self, now: float) -> str | None:
         if self._full_reason is not None:
@@ -231,6 +252,9 @@ class ChangeTracker:
     def take(self, now: float | None = None) -> Sync:
         """The Sync to apply now; resets the change set. Call when due() (or to force one)."""
         now = self.clock() if now is None else now
+        if not self._failed_since_take:
+            self.failures = 0               # the sync taken before this one worked
+        self._failed_since_take = False
         full_reason = self._full_due(now)
         changed, previous = set(), {}
         for spn in self._dirty:

@@ -113,3 +113,22 @@ def test_empty_selector_selects_everything_and_nothing_selects_nothing():
 def test_bad_selectors_say_why(selector, message):
     with pytest.raises(InvalidObject, match=message):
         parse_selector(selector, "spec.podSelector")
+
+
+# ---- issue 12: a name must match as a whole, not up to a trailing newline -----------------------
+
+@pytest.mark.parametrize("name", ["web\n", "a.b\n", "web\nweb"])
+def test_a_trailing_newline_is_not_a_dns_name(name):
+    """`$` also matches before a final newline: "web\\n" passed, and broke iptables-restore input."""
+    assert not is_dns_label(name) and not is_dns_subdomain(name)
+
+
+def test_a_trailing_newline_is_not_a_port_name_label_key_or_label_value():
+    assert not is_port_name("http\n")
+    for bad in ("app\n", "example.com\n/app", "example.com/app\n"):
+        with pytest.raises(InvalidObject):
+            check_label_key(bad, "labels")
+    with pytest.raises(InvalidObject):
+        check_label_value("web\n", "v")
+    with pytest.raises(InvalidObject):
+        parse_selector({"matchLabels": {"app": "web\n"}}, "spec.selector")

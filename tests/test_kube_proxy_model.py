@@ -316,3 +316,77 @@ def test_build_state_keeps_other_services_when_one_is_bad(caplog):
     assert [str(k) for k in state.service_ports] == ["default/good"]
     assert [str(k) for k in state.endpoints] == ["default/good"]
     assert "skipping Service default/bad: spec.ports[0].port: 0 is not a port number" in caplog.text
+
+
+# ---- issue 12: one object must not be able to break the restore input ------------------------------
+
+@pytest.mark.parametrize("mutate, reason", [
+    (lambda o: o["metadata"].update(name="evil\n"), "metadata.name: 'evil\\n' is not a valid Service name"),
+    (lambda o: o["metadata"].update(namespace="evil\n"), "metadata.namespace: 'evil\\n' is not a valid namespace"),
+    (lambda o: o["spec"]["ports"][0].update(name="http\n"), "spec.ports[0].name: 'http\\n' is not a valid port"),
+])
+def test_a_service_field_ending_in_a_newline_is_refused(mutate, reason, caplog):
+    """`$` matched before a trailing newline: "evil\\n" passed validation and its rules broke every
+    later iptables-restore ("Bad argument")."""
+    obj = svc()
+    mutate(obj)
+    with caplog.at_level(logging.WARNING, "kube_proxy.model"):
+        ports, why = model.service_ports_or_error(obj)
+    assert ports == {} and why is not None and reason in why
+
+
+@pytest.mark.parametrize("mutate, reason", [
+    (lambda o: o["metadata"]["labels"].update({"kubernetes.io/service-name": "web\n"}),
+     "metadata.labels[kubernetes.io/service-name]: 'web\\n' is not a Service name"),
+    (lambda o: o["metadata"].update(namespace="web\n"), "metadata.namespace: 'web\\n' is not a valid namespace"),
+    (lambda o: o["metadata"].update(name="web-abc12\n"), "metadata.name: 'web-abc12\\n' is not a valid"),
+    (lambda o: o["ports"][0].update(name="http\n"), "ports[0].name: 'http\\n' is not a valid port name"),
+])
+def test_a_slice_field_ending_in_a_newline_is_refused(mutate, reason, caplog):
+    obj = eps(endpoints=[ep("10.244.1.2")])
+    mutate(obj)
+    with caplog.at_level(logging.WARNING, "kube_proxy.model"):
+        info, why = model.slice_info_or_error(obj)
+    assert info is None and why is not None and reason in why
+
+
+# ---- issue 13: addresses the API refuses never become rules -----------------------------------------
+
+@pytest.mark.parametrize("ip, family", [
+    ("0.0.0.0", 4), ("127.0.0.1", 4), ("127.8.9.10", 4), ("169.254.169.254", 4), ("224.0.0.1", 4),
+    ("239.1.2.3", 4), ("255.255.255.255", 4),
+    ("::", 6), ("::1", 6), ("fe80::1", 6), ("ff02::1", 6), ("ff05::2", 6)])
+def test_special_endpoint_addresses_are_skipped_with_a_warning(ip, family, caplog):
+    """The API's ValidateEndpointIP refuses unspecified, loopback, link-local and link-local
+    multicast addresses; no proxy can DNAT a connection to any multicast or the broadcast address."""
+    good = "10.244.1.2" if family == 4 else "fd00::2"
+    obj = eps(endpoints=[ep(good), ep(ip)], address_type="IPv%d" % family)
+    with caplog.at_level(logging.WARNING, "podnet.kube.endpointslices"):
+        info = model.slice_info(obj, family=family)
+    assert [e.ip for e in info.ports[0][1]] == [good]
+    assert any("endpoints[1].addresses[0]" in r.getMessage() and "may not be" in r.getMessage()
+               for r in caplog.records)
+
+
+@pytest.mark.parametrize("mutate, reason", [
+    (lambda o: o["spec"].update(externalIPs=["192.0.2.1", "127.0.0.1"]), "spec.externalIPs[1]: 127.0.0.1 may not be"),
+    (lambda o: o["spec"].update(externalIPs=["0.0.0.0"]), "spec.externalIPs[0]: 0.0.0.0 may not be"),
+    (lambda o: o["spec"].update(externalIPs=["169.254.1.1"]), "spec.externalIPs[0]: 169.254.1.1 may not be"),
+    (lambda o: o["spec"].update(externalIPs=["224.0.0.5"]), "spec.externalIPs[0]: 224.0.0.5 may not be"),
+    (lambda o: o["spec"].update(clusterIP="127.0.0.1"), "spec.clusterIPs[0]: 127.0.0.1 may not be"),
+    (lambda o: o["spec"].update(clusterIP="0.0.0.0"), "spec.clusterIPs[0]: 0.0.0.0 may not be"),
+    (lambda o: o["spec"].update(clusterIP="255.255.255.255"), "spec.clusterIPs[0]: 255.255.255.255 may not be"),
+])
+def test_services_with_special_addresses_are_refused(mutate, reason, caplog):
+    obj = svc()
+    mutate(obj)
+    with caplog.at_level(logging.WARNING, "kube_proxy.model"):
+        ports, why = model.service_ports_or_error(obj)
+    assert ports == {} and why is not None and reason in why
+
+
+def test_special_addresses_of_the_other_family_still_only_ignored():
+    """A dual-stack Service's IPv6 external IP is not looked at by the IPv4 proxy, but the API
+    would have refused ::1 anyway: refused in both families."""
+    obj = svc(externalIPs=["192.0.2.1", "::1"])
+    assert model.service_ports(obj, 4) == {} and model.service_ports(obj, 6) == {}

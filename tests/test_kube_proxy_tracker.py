@@ -218,26 +218,47 @@ def test_failed_sync_makes_next_one_full():
     t, clock = ready_tracker(min_sync_period=2)
     clock.now += 0.5
     t.sync_failed()
-    assert t.next_sync_at() == 102.0                      # still bounded by min_sync_period
-    clock.now = 102.0
+    assert t.next_sync_at() == 104.0                      # 2 x min_sync_period after the sync taken at 100
+    clock.now = 104.0
     sync = t.take()
     assert sync.full and sync.reason == "previous sync failed"
     assert not t.take().full
 
 
+def _failing_syncs(t, clock, n):
+    """n syncs in a row that fail, each retried when due: the waits between them."""
+    waits = []
+    for i in range(n):
+        t.sync_failed()                                   # the sync taken at clock.now failed
+        when = t.next_sync_at()
+        t.update_service(service("other%d" % i, ip="10.96.1.%d" % (i + 1)))
+        assert t.next_sync_at() == when and not t.due(when - 0.01)   # changes wait for the retry too
+        waits.append(when - clock.now)
+        clock.now = when
+        sync = t.take()
+        assert sync.full and sync.reason == "previous sync failed"
+    return waits
+
+
 def test_a_failed_sync_is_retried_after_the_retry_period():
-    """--iptables-sync-period (kube-proxy's SyncPeriod): a failing kernel is not hammered with a
-    full sync every --min-sync-period; changes arriving meanwhile wait for the retry too."""
+    """A failing kernel is not hammered with a full sync every --min-sync-period: consecutive
+    failures back off exponentially (2, 4, 8 ... x --min-sync-period) up to --iptables-sync-period
+    (kube-proxy's SyncPeriod); changes arriving meanwhile wait for the retry too; a sync that
+    works brings back --min-sync-period, and the next failure starts from the bottom again."""
     t, clock = ready_tracker(min_sync_period=1, retry_period=30)
-    t.sync_failed()                                       # the sync taken at 100.0 failed
-    assert t.next_sync_at() == 130.0
-    t.update_service(service("other", ip="10.96.0.11"))
-    assert t.next_sync_at() == 130.0 and not t.due(129.9)
-    clock.now = 130.0
-    sync = t.take()
-    assert sync.full and sync.reason == "previous sync failed"
-    t.update_service(service("third", ip="10.96.0.12"))
-    assert t.next_sync_at() == 131.0                      # back to --min-sync-period
+    assert _failing_syncs(t, clock, 7) == [2, 4, 8, 16, 30, 30, 30]
+    t.update_service(service("third", ip="10.96.0.12"))   # the last retry worked (no sync_failed)
+    assert t.next_sync_at() == clock.now + 1              # back to --min-sync-period
+    clock.now += 1
+    t.take()
+    assert _failing_syncs(t, clock, 2) == [2, 4]          # the count started again
+
+
+def test_the_backoff_is_capped_at_30_seconds_by_default():
+    t, clock = ready_tracker(min_sync_period=3)
+    assert _failing_syncs(t, clock, 5) == [6, 12, 24, 30, 30]
+    t, clock = ready_tracker(min_sync_period=0)           # no --min-sync-period: from 1 s
+    assert _failing_syncs(t, clock, 7) == [2, 4, 8, 16, 30, 30, 30]
 
 
 def test_ipv6_tracker_ignores_ipv4_objects():

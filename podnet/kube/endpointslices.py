@@ -14,6 +14,9 @@ Endpoints are matched to Service ports by the slice's (port name, protocol):
 the EndpointSlice controller has already resolved named target ports per Pod.
 A bad slice is never fatal: `slice_info()` logs one specific reason and
 returns None; a bad endpoint inside a good slice is skipped with a warning.
+That includes an address the API server refuses (`special_ip()`: unspecified,
+loopback, link-local, link-local multicast, as its ValidateEndpointIP) and the
+ones no proxy can send a connection to (any multicast, the limited broadcast).
 FQDN slices and slices of the other IP family are ignored (debug log).
 """
 from __future__ import annotations
@@ -23,11 +26,11 @@ import logging
 from dataclasses import dataclass
 
 from podnet.kube.objects import (
-    DNS_SUBDOMAIN,
     InvalidObject,
     get_field,
     ip_address,
     is_dns_label,
+    is_dns_subdomain,
     namespaced_metadata,
     parse_or_skip,
     port_number,
@@ -43,6 +46,33 @@ if TYPE_CHECKING:
 log = logging.getLogger("podnet.kube.endpointslices")
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+
+_LIMITED_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+
+
+def special_ip(ip: str) -> str | None:
+    """Why address `ip` (valid, normalised) may not be a backend or a Service address, or None.
+
+    The API server refuses unspecified, loopback, link-local unicast and link-local
+    multicast addresses in EndpointSlices, Endpoints and externalIPs (its
+    ValidateEndpointIP / ValidateNonSpecialIP); a manifests directory or an object from
+    before that check can still carry them. Other multicast addresses (which the API
+    lets through) and the limited broadcast are refused too: nothing can DNAT a
+    connection to them."""
+    addr = ipaddress.ip_address(ip)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped                 # ::ffff:127.0.0.1 is 127.0.0.1 to the API (Go's net.IP)
+    if addr.is_unspecified:
+        return "may not be unspecified"
+    if addr.is_loopback:
+        return "may not be in the loopback range (127.0.0.0/8, ::1/128)"
+    if addr.is_link_local:
+        return "may not be in the link-local range (169.254.0.0/16, fe80::/10)"
+    if addr.is_multicast:
+        return "may not be a multicast address (224.0.0.0/4, ff00::/8)"
+    if addr == _LIMITED_BROADCAST:
+        return "may not be the broadcast address"
+    return None
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -104,7 +134,7 @@ def build_slice_info(obj: Any, family: int = 4, hostname: str | None = None) -> 
     Raises InvalidObject for a bad slice. A single endpoint with a bad address
     is skipped with a warning; the rest of the slice is used."""
     meta, namespace, name = namespaced_metadata(obj, "EndpointSlice")
-    if len(name) > 253 or not DNS_SUBDOMAIN.match(name):
+    if not is_dns_subdomain(name):
         raise InvalidObject("metadata.name: %s is not a valid EndpointSlice name" % short(name))
     labels = get_field(meta, "labels", "metadata.", default={})
     service = labels.get(SERVICE_NAME_LABEL)
@@ -126,6 +156,8 @@ def build_slice_info(obj: Any, family: int = 4, hostname: str | None = None) -> 
         if not isinstance(port, dict):
             raise InvalidObject("%s: expected an object" % where[:-1])
         port_name = get_field(port, "name", where, str, default="")
+        if port_name and not is_dns_label(port_name):          # as the API validates it
+            raise InvalidObject("%sname: %s is not a valid port name" % (where, short(port_name)))
         proto = protocol(port.get("protocol"), where + "protocol")
         number = port.get("port")
         if number is None:
@@ -149,6 +181,9 @@ def build_slice_info(obj: Any, family: int = 4, hostname: str | None = None) -> 
             assert ip is not None
             if ipaddress.ip_address(ip).version != family:
                 raise InvalidObject("%saddresses[0]: %s is not an %s address" % (where, ip, address_type))
+            why = special_ip(ip)
+            if why:
+                raise InvalidObject("%saddresses[0]: %s %s" % (where, ip, why))
             cond = get_field(ep, "conditions", where, default={})
             ready = _condition(cond, "ready", where, True)
             serving = _condition(cond, "serving", where, ready)

@@ -53,6 +53,17 @@ def apply(text: str | bytes, timeout: float | None = None) -> None:
         raise NftError("nft -f failed: %s" % _errors(proc))
 
 
+def check(text: str | bytes, timeout: float | None = None) -> None:
+    """Have the kernel check `text` as one transaction without applying it (`nft -c -f -`:
+    nft sends the batch and aborts it, so the kernel's own refusals show); NftError if refused."""
+    data = text.encode() if isinstance(text, str) else text
+    if timeout is None:
+        timeout = APPLY_TIMEOUT + APPLY_PER_MIB * len(data) / (1 << 20)
+    proc = run([NFT, "-c", "-f", "-"], data, timeout=timeout)
+    if proc.returncode != 0:
+        raise NftError("nft -c -f failed: %s" % _errors(proc))
+
+
 def list_json(*what: str, terse: bool = False, timeout: float = LIST_TIMEOUT) -> list[dict[str, Any]]:
     """`nft -j [-t] list <what...>` -> the objects it lists, e.g. [{"chain": {...}}, ...]
     (the metainfo entry dropped)."""
