@@ -54,7 +54,7 @@ IPIP_MODES = ("always", "cross-subnet", "never")
 ROLES = ("node", "route-reflector")
 ALLOCATE_ATTEMPTS = 10
 
-_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
+_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?\Z")
 
 
 class DataError(ValueError):

@@ -548,7 +548,7 @@ def parse_args(argv):
         p.error("--http-port, --https-port and --status-port must differ")
     if opts.workers != "auto" and not (opts.workers.isdigit() and int(opts.workers) > 0):
         p.error("--workers: a positive number or auto")
-    if opts.worker_user and not re.match(r"^[A-Za-z_][A-Za-z0-9_.-]*( [A-Za-z_][A-Za-z0-9_.-]*)?$",
+    if opts.worker_user and not re.match(r"^[A-Za-z_][A-Za-z0-9_.-]*( [A-Za-z_][A-Za-z0-9_.-]*)?\Z",
                                          opts.worker_user):
         p.error("--worker-user: a user name, or 'user group'")
     if opts.upstream_keepalive < 0:

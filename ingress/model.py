@@ -81,7 +81,7 @@ DEFAULT_CLASS_ANNOTATION = "ingressclass.kubernetes.io/is-default-class"
 PATH_TYPES = ("Exact", "Prefix", "ImplementationSpecific")
 
 _PATH_CHARS = re.compile(r"[A-Za-z0-9/._~!$&'()*+,;=:@-]*")
-_CONTROLLER = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9._/-]+$")
+_CONTROLLER = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9._/-]+\Z")
 
 
 class InvalidIngress(InvalidObject):

@@ -135,3 +135,10 @@ def test_datastore_constructor_validates_without_connecting():
         ds.Datastore("127.0.0.1:2379")
     with pytest.raises(ValueError):
         ds.Datastore([])
+
+
+def test_a_node_name_ending_in_a_newline_is_refused():
+    # `$` matches before a final newline: "node1\n" once passed as a name (and reached etcd keys)
+    with pytest.raises(DataError, match="node name"):
+        Node("node1\n", "192.168.50.1/24")
+    assert Node("node1", "192.168.50.1/24").name == "node1"

@@ -161,6 +161,8 @@ def test_ingress_class_and_tls_secret():
         parse_ingress_class({"metadata": {"name": "x"}, "spec": {}})
     with pytest.raises(InvalidIngress, match="not a domain-prefixed path"):
         parse_ingress_class({"metadata": {"name": "x"}, "spec": {"controller": "nginx"}})
+    with pytest.raises(InvalidIngress, match="not a domain-prefixed path"):      # $ matched before a newline
+        parse_ingress_class({"metadata": {"name": "x"}, "spec": {"controller": "podnet.io/ingress-nginx\n"}})
     pem_c = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
     pem_k = b"-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n"
     secret = {"metadata": {"name": "foo-tls", "namespace": "shop"}, "type": "kubernetes.io/tls",
