@@ -18,14 +18,25 @@ snapshot), routes = f(snapshot, BGP best paths); every change of either
 re-runs both reconciliations, which change nothing when nothing differs.
 
 A restarted agent adopts the routes its predecessor left in the kernel
-and keeps them until BGP says otherwise or --startup-grace passes: starting
-from an empty RIB would cut traffic for as long as the sessions take to come
-up. When a session is lost, the routes learned over it are kept for
+and keeps them until BGP says otherwise (every peer has sent its End-of-RIB,
+so whatever was not learned again is gone) or --startup-grace passes:
+starting from an empty RIB would cut traffic for as long as the sessions take
+to come up. When a session is lost, the routes learned over it are kept for
 --route-grace seconds (traffic keeps flowing through a peer that only
-restarts its agent; the kernel datapath on that peer is intact); an explicit
-BGP withdrawal removes a route at once. SIGTERM withdraws nothing: routes and
-blackholes stay in the kernel, and the peers drop ours after their hold time
-unless the agent comes back (it announces the same block again).
+restarts its agent; the kernel datapath on that peer is intact), as are
+routes a session drops before it has sent its whole table (End-of-RIB); an
+explicit BGP withdrawal on a synchronised session removes a route at once.
+
+Graceful restart (RFC 4724, --graceful-restart-time, default 120 s; 0 turns
+it off): the speaker advertises the capability and keeps the routes of a peer
+that restarts, stale, for that peer's restart time. SIGTERM withdraws
+nothing: routes and blackholes stay in the kernel, and the sessions are
+closed without a NOTIFICATION, so that peers doing graceful restart keep our
+block for our restart time. The next agent finds its predecessor's routes,
+says so in its OPEN (R bit: restarted; F bit: forwarding state kept),
+announces the same block, then End-of-RIB, and the peers drop only what it
+did not announce again. Without graceful restart a peer drops our block when
+the session closes.
 """
 import argparse
 import logging
@@ -40,7 +51,7 @@ log = logging.getLogger("calico_lite.agent")
 DEFAULT_BLOCKS_FILE = "/run/calico-lite/blocks"
 
 
-def desired_peers(snapshot, me, hold_time=9, port=179, md5_password=None):
+def desired_peers(snapshot, me, hold_time=9, port=179, md5_password=None, graceful_restart=True):
     """{address: PeerConfig} this node should have, from the datastore snapshot (pure)."""
     from calico_lite.bgp.session import PeerConfig
     config = snapshot.config
@@ -59,7 +70,7 @@ def desired_peers(snapshot, me, hold_time=9, port=179, md5_password=None):
         address = str(node.address)
         out[address] = PeerConfig(address, node.asn(config), rr_client=client, hold_time=hold_time,
                                   local_address=my_ip, port=port, md5_password=md5_password,
-                                  connect_retry=1.0)
+                                  connect_retry=1.0, graceful_restart=graceful_restart)
         if my_as != out[address].remote_as and client:
             raise ValueError("route reflector clients must be in our AS")
     return out
@@ -90,7 +101,7 @@ def write_blocks_file(path, blocks):
 class Agent:
     def __init__(self, datastore, node_name, iface, role="node", blocks_file=DEFAULT_BLOCKS_FILE,
                  hold_time=9, route_grace=5.0, port=179, md5_password=None, clock=time.monotonic,
-                 startup_grace=30.0):
+                 startup_grace=30.0, graceful_restart_time=120):
         self.ds = datastore
         self.node_name = node_name
         self.iface = iface
@@ -99,6 +110,10 @@ class Agent:
         self.hold_time = hold_time
         self.route_grace = route_grace
         self.startup_grace = startup_grace
+        self.graceful_restart_time = graceful_restart_time     # 0: no graceful restart
+        self.restarted = False      # a previous run left its routes in the kernel
+        self.adopted = {}           # prefix -> expiry of a route adopted from that run, until BGP settles it
+        self.want_peers = ()        # the peer addresses of the last reconciliation
         self.port = port
         self.md5_password = md5_password
         self.clock = clock
@@ -138,14 +153,18 @@ class Agent:
         """Hold the routes a previous run installed (see the module docstring)."""
         from calico_lite.routes import ROUTE_PROTOCOL
         from podnet.net.netlink import Netlink
-        from podnet.net.routes import read_routes
+        from podnet.net.routes import RTN_BLACKHOLE, RTN_UNICAST, read_routes
         with Netlink() as nl:
-            have, _ = read_routes(nl, ROUTE_PROTOCOL)
+            have, _ = read_routes(nl, ROUTE_PROTOCOL, types=(RTN_UNICAST, RTN_BLACKHOLE))
         expiry = self.clock() + self.startup_grace
+        # any route of ours (a learned one, or our block's blackhole) means this is a restart and the
+        # kernel kept forwarding meanwhile: the R and F bits of graceful restart
+        self.restarted = bool(have)
         with self.lock:
             for dst, route in have.items():
                 if route.get("via") and dst not in self.learned:
                     self.held[dst] = (route["via"], expiry)
+                    self.adopted[dst] = expiry
         if self.held:
             log.info("holding %d routes of the previous run for up to %.0f s", len(self.held), self.startup_grace)
 
@@ -154,9 +173,14 @@ class Agent:
         config = self.ds.get_config()
         self.speaker = Speaker(self.me.asn(config), str(self.me.address), listen_address=str(self.me.address),
                                port=self.port,
-                               cluster_id=self.me.rr_cluster_id if self.me.is_route_reflector else None)
+                               cluster_id=self.me.rr_cluster_id if self.me.is_route_reflector else None,
+                               restart_time=self.graceful_restart_time or None,
+                               restarting=self.restarted, forwarding=self.restarted)
+        if self.restarted and self.graceful_restart_time:
+            log.info("restarted with forwarding state kept: graceful restart (R and F bits) towards every peer")
         self.speaker.subscribe(self._on_best)
         self.speaker.subscribe_sessions(self._on_session)
+        self.speaker.subscribe_end_of_rib(self._on_end_of_rib)
         self.speaker.start_in_thread()
 
     # ---- what the speaker reports (its thread) ----
@@ -165,19 +189,25 @@ class Agent:
         with self.lock:
             if route is None or route.peer is None:
                 old = self.learned.pop(prefix, None)
-                if old is not None and self._session_lost(old[1]):
+                if old is not None and self._not_synced(old[1]):
                     self.held[prefix] = (old[0], self.clock() + self.route_grace)
             else:
                 self.learned[prefix] = (str(route.next_hop), route.peer)
                 self.held.pop(prefix, None)
+                self.adopted.pop(prefix, None)
         self.wake.set()
 
-    def _session_lost(self, peer):
+    def _not_synced(self, peer):
+        """Whether the peer's word is not final: its session is down, or it has not sent its
+        whole table yet (no End-of-RIB on this session); not if it was de-configured."""
         from calico_lite.bgp.session import ESTABLISHED
         try:
-            return self.speaker.state(peer) != ESTABLISHED
+            return self.speaker.state(peer) != ESTABLISHED or not self.speaker.synced(peer)
         except KeyError:
             return False            # de-configured: its routes go at once
+
+    def _on_end_of_rib(self, peer):
+        self.wake.set()
 
     def _on_session(self, address, old_state, new_state, reason):
         if new_state == "Established" or old_state == "Established":
@@ -206,13 +236,18 @@ class Agent:
         snap = self.snapshot
         if snap is None or snap.config is None:
             return
+        if not self.me.is_route_reflector:
+            # our blocks are in the RIB before any session exists, so that the first table every
+            # peer gets (and the End-of-RIB after it) already holds them
+            self._reconcile_announcements(snap)
         self._reconcile_peers(snap)
         if not self.me.is_route_reflector:
-            self._reconcile_announcements(snap)
             self._reconcile_routes(snap)
 
     def _reconcile_peers(self, snap):
-        want = desired_peers(snap, self.me, self.hold_time, self.port, self.md5_password)
+        want = desired_peers(snap, self.me, self.hold_time, self.port, self.md5_password,
+                             graceful_restart=bool(self.graceful_restart_time))
+        self.want_peers = tuple(want)
         have = {p.address: p for p in self.speaker.peers()}
         for address, config in have.items():
             if want.get(address) != config:
@@ -234,17 +269,32 @@ class Agent:
             self.speaker.withdraw(block)
         self.announced = blocks
 
-    def _reconcile_routes(self, snap):
-        from calico_lite import routes
-        from podnet.net.ip import AF_INET, IP
-        from podnet.net.netlink import Netlink
+    def routes_to_keep(self):
+        """{prefix: next hop} to route now: BGP's best paths, plus the routes held (of lost or not
+        yet synchronised sessions, or adopted from the previous run) that have not expired."""
         now = self.clock()
         with self.lock:
             for prefix in [p for p, (_, expiry) in self.held.items() if expiry <= now]:
                 log.info("route to %s: not learned again in time; removing it", prefix)
                 del self.held[prefix]
+                self.adopted.pop(prefix, None)
+            if self.adopted and self.want_peers and all(self.speaker.synced(p) for p in self.want_peers):
+                # every peer has sent its whole table: what the previous run had and BGP does not is gone
+                for prefix, expiry in self.adopted.items():
+                    if self.held.get(prefix, (None, None))[1] == expiry:
+                        log.info("route to %s: not in any peer's table (End-of-RIB from every peer); removing it",
+                                 prefix)
+                        del self.held[prefix]
+                self.adopted = {}
             learned = {p: hop for p, (hop, _) in self.held.items()}
             learned.update({p: hop for p, (hop, _) in self.learned.items()})
+        return learned
+
+    def _reconcile_routes(self, snap):
+        from calico_lite import routes
+        from podnet.net.ip import AF_INET, IP
+        from podnet.net.netlink import Netlink
+        learned = self.routes_to_keep()
         problems = []
         want = routes.desired_routes(self.me, snap.nodes, learned, snap.config.ipip_mode,
                                      own_blocks=snap.blocks_of(self.node_name), underlay_dev=self.iface,
@@ -288,7 +338,8 @@ class Agent:
                     self.stopping.wait(1.0)
                     self.wake.set()
         finally:
-            self.speaker.stop_thread()
+            # without a NOTIFICATION: peers doing graceful restart keep our routes until we are back
+            self.speaker.stop_thread(graceful=bool(self.graceful_restart_time))
 
     def stop(self, *_):
         self.stopping.set()
@@ -316,16 +367,22 @@ def main(argv=None):
                    help="keep routes of a lost session this long (seconds)")
     p.add_argument("--startup-grace", type=float, default=30.0,
                    help="keep the previous run's routes this long unless BGP replaces them (seconds)")
+    p.add_argument("--graceful-restart-time", type=int, default=120, metavar="SECONDS",
+                   help="BGP graceful restart (RFC 4724): how long peers keep our routes while we restart, "
+                        "1..4095; 0 turns graceful restart off (default 120)")
     p.add_argument("--bgp-port", type=int, default=179)
     p.add_argument("--md5-password", default=None, help="TCP MD5 on every session")
     p.add_argument("-v", "--verbose", action="store_true")
     opts = p.parse_args(argv)
+    if not 0 <= opts.graceful_restart_time <= 4095:
+        p.error("--graceful-restart-time must be 0..4095")
     logging.basicConfig(level=logging.DEBUG if opts.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from calico_lite.datastore import DEFAULT_PREFIX, Datastore
     ds = Datastore(opts.etcd_endpoints.split(","), prefix=opts.etcd_prefix or DEFAULT_PREFIX)
     agent = Agent(ds, opts.node_name, opts.iface, opts.role, opts.blocks_file, opts.hold_time, opts.route_grace,
-                  opts.bgp_port, opts.md5_password, startup_grace=opts.startup_grace)
+                  opts.bgp_port, opts.md5_password, startup_grace=opts.startup_grace,
+                  graceful_restart_time=opts.graceful_restart_time)
     signal.signal(signal.SIGTERM, agent.stop)
     signal.signal(signal.SIGINT, agent.stop)
     agent.run()
@@ -340,11 +397,21 @@ def bird_config_main(argv):
     p.add_argument("--node", required=True)
     p.add_argument("--iface", default="eth0")
     p.add_argument("--output", "-o", default="-")
+    p.add_argument("--graceful-restart-time", type=int, default=None, metavar="SECONDS",
+                   help="BGP graceful restart time, 1..4095 (default: BIRD's, 120); 0 turns graceful restart off")
+    p.add_argument("--debug-protocols", default=None, metavar="CLASSES",
+                   help='a "debug protocols" line: all, or comma-separated states,routes,filters,interfaces,'
+                        'events,packets')
     opts = p.parse_args(argv)
     from calico_lite.bird import render
     from calico_lite.datastore import Datastore
+    debug = opts.debug_protocols
+    if debug and debug not in ("all", "off"):
+        debug = [c.strip() for c in debug.split(",") if c.strip()]
+    gr_time = opts.graceful_restart_time
     text = render.render_config(Datastore(opts.etcd_endpoints.split(",")).snapshot(), opts.node,
-                                underlay_if=opts.iface)
+                                underlay_if=opts.iface, graceful_restart=gr_time != 0,
+                                graceful_restart_time=gr_time or None, debug_protocols=debug)
     if opts.output == "-":
         sys.stdout.write(text)
     else:

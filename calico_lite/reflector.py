@@ -11,6 +11,17 @@ so the password may contain commas. A peers file holds one spec per line
 that changed. Without client peers the process is a plain iBGP/eBGP speaker,
 which --announce makes useful for tests and for originating a few prefixes.
 
+Without --listen it accepts connections on this node's address only, never
+on every address the host has (see node_address(): the router id when it is
+one of this host's addresses, else the source address of the route towards
+the first --peer, else that of the default route).
+
+Graceful restart (RFC 4724) is on (capability advertised, peers' routes kept
+stale across their restarts for their restart time, bounded by --stale-time);
+--graceful-restart-time 0 turns it off. After a session reset the process
+waits --idle-hold-time before reconnecting, doubling with each further
+failure up to --idle-hold-max.
+
 Session changes are logged (Established, down with the reason). --dump-file
 keeps a JSON snapshot of the sessions and the Loc-RIB (rewritten shortly after
 every change, and on SIGUSR1), for operators and tests. SIGTERM/SIGINT send
@@ -27,12 +38,14 @@ log = logging.getLogger("calico_lite.reflector")
 DUMP_DELAY = 0.1        # seconds: changes closer together than this share one dump
 
 
-def parse_peer(spec, local_as, hold_time=90, connect_retry=5.0):
-    """A PeerConfig from ADDR[,client][,passive][,as=N][,port=N][,hold=N][,local=ADDR][,next-hop-self][,md5=...]."""
+def parse_peer(spec, local_as, hold_time=90, connect_retry=5.0, **defaults):
+    """A PeerConfig from ADDR[,client][,passive][,as=N][,port=N][,hold=N][,local=ADDR][,next-hop-self][,md5=...].
+    `defaults`: more PeerConfig fields for every peer (graceful_restart, stale_time, idle_hold_*)."""
     from calico_lite.bgp.session import PeerConfig
     head, sep, md5 = spec.strip().partition(",md5=")
     items = [i.strip() for i in head.split(",")]
-    kw = {"address": items[0], "remote_as": local_as, "hold_time": hold_time, "connect_retry": connect_retry}
+    kw = {"address": items[0], "remote_as": local_as, "hold_time": hold_time, "connect_retry": connect_retry,
+          **defaults}
     if sep:
         kw["md5_password"] = md5
     for item in items[1:]:
@@ -55,14 +68,63 @@ def parse_peer(spec, local_as, hold_time=90, connect_retry=5.0):
         raise ValueError("peer %r: %s" % (spec, e)) from None
 
 
-def read_peers_file(path, local_as, hold_time, connect_retry):
+def read_peers_file(path, local_as, hold_time, connect_retry, **defaults):
     peers = []
     with open(path) as f:
         for line in f:
             line = line.split("#", 1)[0].strip()
             if line:
-                peers.append(parse_peer(line, local_as, hold_time, connect_retry))
+                peers.append(parse_peer(line, local_as, hold_time, connect_retry, **defaults))
     return peers
+
+
+def _is_local_address(address):
+    """Whether `address` is one of this host's (network namespace's) addresses: it can be bound."""
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.bind((address, 0))
+        except OSError:
+            return False
+    return True
+
+
+def _source_towards(address):
+    """The source address the kernel picks for packets to `address` (None if it has no route).
+    A connected UDP socket asks the routing table; nothing is sent."""
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect((address, 179))
+        except OSError:
+            return None
+        source = sock.getsockname()[0]
+    return None if source == "0.0.0.0" else source
+
+
+DEFAULT_ROUTE_PROBE = "192.0.2.1"       # TEST-NET-1 (RFC 5737): only ever reached through a default route
+
+
+def node_address(router_id, peers=()):
+    """(address, how it was found): the address to accept BGP connections on by default.
+
+    1. the router id, when it is one of this host's addresses (the usual setup:
+       calico_lite's agents and rendered BIRD configs use the node address);
+    2. else the source address of the route towards the first peer (the
+       address that peer sees our connections come from, so the one it dials);
+    3. else the source address of the default route.
+    ValueError if none applies: --listen must say."""
+    if _is_local_address(router_id):
+        return router_id, "the router id is an address of this host"
+    for peer in peers[:1]:
+        source = _source_towards(peer)
+        if source:
+            return source, "the source address of the route to peer %s" % peer
+    source = _source_towards(DEFAULT_ROUTE_PROBE)
+    if source:
+        return source, "the source address of the default route"
+    raise ValueError("cannot tell this node's address (router id %s is not one of this host's addresses, and there "
+                     "is no route to a peer nor a default route): give --listen" % router_id)
 
 
 def parse_announce(spec):
@@ -83,7 +145,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="calico_lite.reflector", description=__doc__.split("\n\n")[0])
     p.add_argument("--router-id", required=True, help="our BGP identifier (dotted quad)")
     p.add_argument("--as", dest="local_as", type=int, required=True, help="our AS number")
-    p.add_argument("--listen", default="0.0.0.0", help="address to accept BGP connections on (default: %(default)s)")
+    p.add_argument("--listen", default=None,
+                   help="address to accept BGP connections on (default: this node's address: the router id if "
+                        "it is an address of this host, else the source address towards the first --peer, else "
+                        "that of the default route; 0.0.0.0 means every address)")
     p.add_argument("--port", type=int, default=179, help="TCP port (default: %(default)s)")
     p.add_argument("--cluster-id", default=None, help="route reflector CLUSTER_ID (default: the router id)")
     p.add_argument("--peer", action="append", default=[], metavar="SPEC", help="a peer (repeatable): "
@@ -92,17 +157,35 @@ def parse_args(argv=None):
     p.add_argument("--hold-time", type=int, default=90, help="proposed hold time in seconds (default: %(default)s)")
     p.add_argument("--connect-retry", type=float, default=5.0,
                    help="seconds between connection attempts (default: %(default)s)")
+    p.add_argument("--graceful-restart-time", type=int, default=120, metavar="SECONDS",
+                   help="graceful restart (RFC 4724) time to advertise, 1..4095; 0 turns graceful restart off "
+                        "(default: %(default)s)")
+    p.add_argument("--stale-time", type=float, default=360.0, metavar="SECONDS",
+                   help="keep a restarting peer's routes at most this long (default: %(default)s)")
+    p.add_argument("--idle-hold-time", type=float, default=1.0, metavar="SECONDS",
+                   help="wait this long before reconnecting after a session reset or a refused attempt, "
+                        "doubling with each further failure (default: %(default)s)")
+    p.add_argument("--idle-hold-max", type=float, default=60.0, metavar="SECONDS",
+                   help="the longest such wait (default: %(default)s)")
     p.add_argument("--announce", action="append", default=[], metavar="PREFIX[,next_hop=ADDR]",
                    help="originate this prefix (repeatable)")
     p.add_argument("--dump-file", help="keep a JSON snapshot of sessions and routes here")
     p.add_argument("-v", "--verbose", action="store_true", help="log every state and route change")
     args = p.parse_args(argv)
     from calico_lite.bgp.messages import ip_to_bytes
+    if not 0 <= args.graceful_restart_time <= 4095:
+        p.error("--graceful-restart-time must be 0..4095")
+    args.peer_defaults = {"graceful_restart": args.graceful_restart_time > 0, "stale_time": args.stale_time,
+                          "idle_hold_time": args.idle_hold_time,
+                          "idle_hold_max": max(args.idle_hold_max, args.idle_hold_time)}
     try:
         ip_to_bytes(args.router_id)
         if args.cluster_id:
             ip_to_bytes(args.cluster_id)
-        args.peer_configs = [parse_peer(s, args.local_as, args.hold_time, args.connect_retry) for s in args.peer]
+        if args.listen:
+            ip_to_bytes(args.listen)
+        args.peer_configs = [parse_peer(s, args.local_as, args.hold_time, args.connect_retry, **args.peer_defaults)
+                             for s in args.peer]
         args.announcements = [parse_announce(s) for s in args.announce]
     except ValueError as e:
         p.error(str(e))
@@ -124,8 +207,12 @@ class Reflector:
 
         from calico_lite.bgp.speaker import Speaker
         self.args = args
+        self.listen_reason = "--listen"
+        if args.listen is None:
+            args.listen, self.listen_reason = node_address(args.router_id, [c.address for c in args.peer_configs])
         self.speaker = Speaker(args.local_as, args.router_id, listen_address=args.listen, port=args.port,
-                               cluster_id=args.cluster_id)
+                               cluster_id=args.cluster_id,
+                               restart_time=args.graceful_restart_time if args.graceful_restart_time else None)
         self.stopping = asyncio.Event()
         self._dump_handle = None
         self._file_peers = {}       # address -> PeerConfig that came from --peers-from-file
@@ -148,7 +235,8 @@ class Reflector:
     def dump(self):
         import json
         self._dump_handle = None
-        state = {"router_id": self.args.router_id, "as": self.args.local_as, "port": self.speaker.port,
+        state = {"router_id": self.args.router_id, "as": self.args.local_as, "listen": self.args.listen,
+                 "port": self.speaker.port,
                  "pid": os.getpid(), "peers": self.speaker.peer_status(),
                  "routes": [route_summary(r) for _, r in sorted(self.speaker.best_routes().items())]}
         tmp = self.args.dump_file + ".tmp"
@@ -160,7 +248,7 @@ class Reflector:
         path = self.args.peers_from_file
         try:
             wanted = {c.address: c for c in read_peers_file(path, self.args.local_as, self.args.hold_time,
-                                                            self.args.connect_retry)}
+                                                            self.args.connect_retry, **self.args.peer_defaults)}
         except (OSError, ValueError) as e:
             log.error("peers file %s not (re)loaded: %s", path, e)
             return
@@ -203,8 +291,9 @@ class Reflector:
             loop.add_signal_handler(signal.SIGUSR1, self.dump)
             self.dump()
         clients = sum(1 for c in speaker.peers() if c.rr_client)
-        log.info("route reflector %s AS %d: %d peers (%d clients), cluster id %s", self.args.router_id,
-                 self.args.local_as, len(speaker.peers()), clients, self.args.cluster_id or self.args.router_id)
+        log.info("route reflector %s AS %d: %d peers (%d clients), cluster id %s; listening on %s:%d (%s)",
+                 self.args.router_id, self.args.local_as, len(speaker.peers()), clients,
+                 self.args.cluster_id or self.args.router_id, self.args.listen, speaker.port, self.listen_reason)
         await self.stopping.wait()
         log.info("stopping: sending Cease to every peer")
         await speaker.stop()
@@ -233,7 +322,12 @@ def main(argv=None):
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        asyncio.run(Reflector(args).run())
+        reflector = Reflector(args)
+    except ValueError as e:         # no node address to listen on
+        log.error("%s", e)
+        return 2
+    try:
+        asyncio.run(reflector.run())
     except OSError as e:
         log.error("%s", e)
         return 1

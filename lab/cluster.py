@@ -32,8 +32,8 @@ IFNAMSIZ = 15           # longest interface name the kernel accepts
 DEFAULT_TIMEOUT = 60    # seconds any one command may take
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-_ROLE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,%d}$" % IFNAMSIZ)
+_ROLE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,%d}\Z" % IFNAMSIZ)
 
 
 class CommandFailed(subprocess.CalledProcessError):
@@ -758,11 +758,17 @@ class CalicoCluster(Cluster):
 
     def __init__(self, lab, nodes=3, pool="10.65.0.0/16", block_size=26, ipip="cross-subnet",
                  route_reflector=True, subnets=("192.168.50.0/24",), hold_time=9, python=None,
-                 reflector="agent", ready_timeout=40):
+                 reflector="agent", ready_timeout=40, graceful_restart_time=None, bird_debug=None):
         """reflector: what runs on the route-reflector node: "agent" (`podnet calico agent
-        --role route-reflector`) or "bird" (BIRD 2 with the config calico_lite renders)."""
+        --role route-reflector`) or "bird" (BIRD 2 with the config calico_lite renders).
+        graceful_restart_time: every agent's --graceful-restart-time (None: the agent's default;
+        it is how long peers keep a killed agent's block). bird_debug: BIRD's `debug
+        protocols` (e.g. "all": every route added or removed goes to its log)."""
         super().__init__(lab, nodes=nodes, network=pool, underlay=subnets[0], python=python)
         self.reflector = reflector
+        self.graceful_restart_time = graceful_restart_time
+        self.bird_debug = bird_debug
+        self.agent_extra = {}       # node role -> the extra arguments its agent was started with
         self.ready_timeout = ready_timeout      # longer under emulation (the full-kernel lane)
         self.bird = None
         self.block_size = block_size
@@ -805,12 +811,33 @@ class CalicoCluster(Cluster):
         argv = [self.python, "-m", "cli.main", "calico", "agent", "--etcd-endpoints", self.etcd_url,
                 "--node-name", node.role, "--iface", node.underlay_if, "--role", role,
                 "--blocks-file", self.blocks_file(node), "--hold-time", str(self.hold_time),
-                "--route-grace", "2"] + list(extra)
+                "--route-grace", "2"]
+        if self.graceful_restart_time is not None:
+            argv += ["--graceful-restart-time", str(self.graceful_restart_time)]
+        argv += list(extra)
+        self.agent_extra[node.role] = list(extra)
         with open(self.agent_log(node), "a") as log:
             self.agents[node.role] = node.popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=_SOURCE_ROOT,
                                                 env=dict(os.environ, PYTHONPATH=_SOURCE_ROOT))
         node.calico_role = role
         return self.agents[node.role]
+
+    def stop_agent(self, node, sig=signal.SIGTERM, timeout=10):
+        """Stop the node's agent with `sig` (by its pid, SIGTERM: as a service manager does;
+        SIGKILL: a crash) and wait for it; routes stay in the kernel."""
+        proc = self.agents.pop(node.role)
+        if sig == signal.SIGTERM:
+            _stop_one(node, proc, timeout)
+            return
+        os.kill(proc.pid, sig)
+        proc.wait(timeout)
+        if proc in node.processes:
+            node.processes.remove(proc)
+
+    def restart_agent(self, node, sig=signal.SIGTERM, timeout=10):
+        """stop_agent, then the same agent again (same role and arguments)."""
+        self.stop_agent(node, sig, timeout)
+        return self.start_agent(node, getattr(node, "calico_role", "node"), self.agent_extra.get(node.role, ()))
 
     def agent_log(self, node):
         return os.path.join(self.node_dir(node), "calico-agent.log")
@@ -843,25 +870,50 @@ class CalicoCluster(Cluster):
         self.wait_ready()
         return self
 
-    def start_bird(self, node):
-        """BIRD 2 on `node` with the configuration calico_lite renders for it from the datastore."""
+    def start_bird(self, node, recovery=False):
+        """BIRD 2 on `node` with the configuration calico_lite renders for it from the datastore
+        (recovery: `bird -R`, a graceful restart: R and F bits towards its peers)."""
         # rendered where etcd is reachable (its namespace), by the command operators use
-        text = self.etcd_ns.run([self.python, "-m", "cli.main", "calico", "bird-config", "--etcd-endpoints",
-                                 "http://127.0.0.1:%d" % self.ETCD_PORT, "--node", node.role,
-                                 "--iface", node.underlay_if], env=dict(os.environ, PYTHONPATH=_SOURCE_ROOT)).stdout
+        argv = [self.python, "-m", "cli.main", "calico", "bird-config", "--etcd-endpoints",
+                "http://127.0.0.1:%d" % self.ETCD_PORT, "--node", node.role, "--iface", node.underlay_if]
+        if self.bird_debug:
+            argv += ["--debug-protocols", self.bird_debug]
+        text = self.etcd_ns.run(argv, env=dict(os.environ, PYTHONPATH=_SOURCE_ROOT)).stdout
         d = self.node_dir(node)
         conf, sock, pid = (os.path.join(d, n) for n in ("bird.conf", "bird.ctl", "bird.pid"))
         with open(conf, "w") as f:
             f.write(text)
         with open(os.path.join(d, "bird.log"), "a") as log:
-            self.bird = node.popen(["bird", "-c", conf, "-s", sock, "-P", pid, "-f"], stdout=log,
-                                   stderr=subprocess.STDOUT)
+            self.bird = node.popen(["bird", "-c", conf, "-s", sock, "-P", pid, "-f"] + (["-R"] if recovery else []),
+                                   stdout=log, stderr=subprocess.STDOUT)
         self.bird_socket = sock
         return self.bird
+
+    def restart_bird(self, down_for=0.0, timeout=10):
+        """A graceful restart of BIRD: `birdc graceful restart` (its sessions close without a
+        NOTIFICATION), `down_for` seconds without it, then `bird -R` with the configuration
+        rendered again."""
+        node = next(n for n in self.nodes if n.role == "rr1")
+        proc = self.bird
+        self.birdc("graceful", "restart")
+        proc.wait(timeout)
+        if proc in node.processes:
+            node.processes.remove(proc)
+        time.sleep(down_for)
+        return self.start_bird(node, recovery=True)
 
     def birdc(self, *args):
         node = next(n for n in self.nodes if n.role == "rr1")
         return node.run(["birdc", "-s", self.bird_socket] + list(args), check=False).stdout
+
+    def bird_log(self):
+        node = next(n for n in self.nodes if n.role == "rr1")
+        return os.path.join(self.node_dir(node), "bird.log")
+
+    @staticmethod
+    def bird_protocol(node):
+        """The name of BIRD's BGP protocol for `node` when BIRD reflects (calico_lite.bird's naming)."""
+        return "client_" + node.underlay_ip.replace(".", "_")
 
     def wait_ready(self, timeout=None):
         """Until every worker has its block and a route to every other worker's block."""

@@ -8,8 +8,9 @@ sends the malformed message as its first one (OPEN phase) or completes OPEN /
 KEEPALIVE first and sends it on the established session. The messages are
 built with scapy.contrib.bgp and then broken: header markers, lengths and
 types; OPEN fields; attribute flags, lengths and values; missing and unknown
-attributes; truncated and oversized NLRI; malformed AS_PATHs; scapy's fuzz()
-of whole packets; random bytes.
+attributes; truncated and oversized NLRI; malformed AS_PATHs; the graceful
+restart capability (RFC 4724) in every shape, and End-of-RIB markers, well-
+and ill-formed; scapy's fuzz() of whole packets; random bytes.
 
 After the case, 4096 zero bytes follow: whatever the message made the
 speaker expect (a longer body it announced, or the next message), those
@@ -36,6 +37,7 @@ from podnet.net.netns import entered
 scapy_bgp = pytest.importorskip("scapy.contrib.bgp")
 from scapy.all import fuzz, raw  # noqa: E402
 from scapy.contrib.bgp import (  # noqa: E402
+    BGPCapGracefulRestart,
     BGPCapMultiprotocol,
     BGPHeader,
     BGPKeepAlive,
@@ -209,6 +211,35 @@ def nlri_and_path_cases(rng):
         yield "as path", True, update_with_raw_attrs(valid_attr_bytes({2}) + attr), (3, 11)
 
 
+def graceful_restart_cases(rng):
+    """The Graceful Restart capability and End-of-RIB: what is well-formed is accepted (the padding
+    then fails the marker: (1, 1)), what is not fails exactly."""
+    mp = BGPOptParam(param_type=2, param_value=BGPCapMultiprotocol(afi=1, safi=1))
+    for _ in range(CASES_PER_KIND // 4):
+        entries = [BGPCapGracefulRestart.GRTuple(afi=rng.choice([1, 2, 25, 16388]), safi=rng.choice([1, 2, 4, 128]),
+                                                 flags=rng.randrange(256)) for _ in range(rng.randrange(0, 4))]
+        cap = BGPCapGracefulRestart(restart_flags=rng.randrange(16), restart_time=rng.randrange(4096),
+                                    entries=entries)
+        yield "graceful restart capability", False, open_msg(params=[mp, BGPOptParam(param_type=2,
+                                                                                     param_value=cap)]), (1, 1)
+        # a length that is not 2 + 4n: not readable, so kept as an unknown capability (not fatal)
+        n = rng.choice([0, 1, 3, 4, 5, 7, 9])
+        odd = bytes([64, n]) + bytes(rng.randrange(256) for _ in range(n))
+        yield "graceful restart capability of %d bytes" % n, False, open_msg(params=[
+            mp, BGPOptParam(param_type=2, param_value=odd)]), (1, 1)
+        # End-of-RIB, both shapes, any family: accepted quietly
+        afi, safi = rng.choice([(1, 1), (2, 1), (1, 2), (25, 65)])
+        mp_unreach = raw_attr(0x80, 15, struct.pack("!HB", afi, safi))
+        yield "end-of-rib %d/%d" % (afi, safi), True, update_with_raw_attrs(mp_unreach, nlri=b""), (1, 1)
+        yield "end-of-rib", True, update_with_raw_attrs(b"", nlri=b""), (1, 1)
+        # ... but an MP_UNREACH_NLRI with the wrong flags, or cut short, is no marker
+        flags = rng.choice([0x00, 0x40, 0xC0, 0xA0])
+        attr = raw_attr(flags, 15, b"\x00\x01\x01")
+        yield "end-of-rib flags 0x%02x" % flags, True, update_with_raw_attrs(attr, nlri=b""), (3, 4, attr)
+        cut = raw_attr(0x80, 15, b"\x00\x01"[:rng.randrange(0, 3)])
+        yield "end-of-rib truncated", True, update_with_raw_attrs(cut, nlri=b""), (3, 9)
+
+
 def random_cases(rng):
     for _ in range(CASES_PER_KIND):
         n = rng.randrange(1, 300)
@@ -251,7 +282,7 @@ def random_cases(rng):
 def all_cases(seed):
     rng = random.Random(seed)
     kinds = [header_cases(rng, False), header_cases(rng, True), open_cases(rng), attribute_cases(rng),
-             nlri_and_path_cases(rng), random_cases(rng)]
+             nlri_and_path_cases(rng), graceful_restart_cases(rng), random_cases(rng)]
     return [case for kind in kinds for case in kind]
 
 

@@ -81,10 +81,10 @@ def test_open_without_capabilities_is_a_2_octet_ipv4_speaker():
 
 
 def test_open_unknown_capabilities_are_kept_not_fatal():
-    caps = bytes([64, 2, 0x00, 0x78]) + bytes([73, 3]) + b"abc" + struct.pack("!BBHBB", 1, 4, 2, 0, 1)
+    caps = bytes([71, 2, 0x00, 0x78]) + bytes([73, 3]) + b"abc" + struct.pack("!BBHBB", 1, 4, 2, 0, 1)
     raw = struct.pack("!BHH4sB", 4, 64512, 90, bytes([10, 0, 0, 9]), len(caps) + 2) + bytes([2, len(caps)]) + caps
     decoded = m.decode_open(raw)
-    assert (64, b"\x00\x78") in decoded.unknown_capabilities and (73, b"abc") in decoded.unknown_capabilities
+    assert (71, b"\x00\x78") in decoded.unknown_capabilities and (73, b"abc") in decoded.unknown_capabilities
     assert decoded.afi_safi == ((2, 1),) and not decoded.ipv4_unicast      # IPv6 only
 
 
@@ -94,6 +94,65 @@ def test_open_rfc9072_extended_parameters():
     raw = struct.pack("!BHH4sB", 4, 64512, 90, bytes([10, 0, 0, 9]), 255) + b"\xff" + struct.pack("!H", len(params)) \
         + params
     assert m.decode_open(raw).four_octet_as
+
+
+def test_graceful_restart_capability_round_trip():
+    gr = m.GracefulRestart(restart_time=90, restarting=True, families=((1, 1, True),))
+    msg = m.Open(asn=64512, hold_time=9, router_id="10.0.0.1", graceful_restart=gr).encode()
+    # code 64, length 6: R bit + 12-bit time, then AFI 1 / SAFI 1 / F bit
+    assert bytes([64, 6, 0x80, 90, 0, 1, 1, 0x80]) in msg
+    decoded = m.decode(msg)
+    assert decoded.graceful_restart == gr and decoded.unknown_capabilities == ()
+    assert gr.forwarding() is True and gr.covers() and not gr.covers(2, 1) and gr.forwarding(2, 1) is None
+    # no R bit, no F bit, the longest restart time
+    quiet = m.GracefulRestart(restart_time=4095, families=((1, 1, False),))
+    assert quiet.encode() == bytes([0x0F, 0xFF, 0, 1, 1, 0])
+    assert m.GracefulRestart.decode(quiet.encode()) == quiet
+    with pytest.raises(ValueError):
+        m.GracefulRestart(restart_time=4096)
+    # no capability at all: None, as before
+    assert m.decode(m.Open(asn=64512, hold_time=9, router_id="10.0.0.1").encode()).graceful_restart is None
+
+
+def test_graceful_restart_capability_decoding_edge_cases():
+    def with_cap(value):
+        caps = bytes([64, len(value)]) + value
+        raw = struct.pack("!BHH4sB", 4, 64512, 90, bytes([10, 0, 0, 9]), len(caps) + 2) + bytes([2, len(caps)]) + caps
+        return m.decode_open(raw)
+    # "aware" only (BIRD's default): no families, so nothing is kept across its restarts
+    aware = with_cap(bytes([0x00, 0x78])).graceful_restart
+    assert aware == m.GracefulRestart(restart_time=120, families=()) and not aware.covers()
+    # reserved flag bits and the other family flag bits are ignored; the N bit (RFC 8538) is read
+    odd = with_cap(bytes([0xF0 | 0x01, 0x2C, 0, 2, 1, 0x7F, 0, 1, 1, 0xFF])).graceful_restart
+    assert odd.restart_time == 300 and odd.restarting and odd.notification
+    assert odd.families == ((2, 1, False), (1, 1, True))
+    # a length that is not 2 + 4n is not a capability we can read: kept as unknown, not fatal
+    bad = with_cap(bytes([0, 120, 0, 1, 1]))
+    assert bad.graceful_restart is None and bad.unknown_capabilities == ((64, bytes([0, 120, 0, 1, 1])),)
+
+
+def test_end_of_rib_markers():
+    # IPv4 unicast: the minimal UPDATE (23 bytes)
+    eor = m.encode_end_of_rib()
+    assert len(eor) == 23 and m.decode(eor) == m.Update(end_of_rib=(1, 1))
+    assert m.Update(end_of_rib=(1, 1)).encode() == eor
+    # other families: an UPDATE with only an empty MP_UNREACH_NLRI, as BIRD and GoBGP send it
+    v6 = m.encode_end_of_rib(2, 1)
+    assert body(v6) == update_body(attr(0x80, m.MP_UNREACH_NLRI, struct.pack("!HB", 2, 1)))
+    assert m.decode(v6).end_of_rib == (2, 1)
+    # ... which some speakers use for IPv4 too; with the extended-length flag as well
+    assert m.decode_update(update_body(attr(0x80, m.MP_UNREACH_NLRI, b"\0\1\1"))).end_of_rib == (1, 1)
+    extended = struct.pack("!BBH", 0x90, m.MP_UNREACH_NLRI, 3) + b"\0\1\1"
+    assert m.decode_update(update_body(extended)).end_of_rib == (1, 1)
+    # not markers: a withdrawal, an announcement, MP_UNREACH with prefixes, or beside other attributes
+    assert m.decode(m.encode_update(["10.1.2.0/24"])).end_of_rib is None
+    assert m.decode(m.encode_update((), ATTRS, ["10.1.2.0/24"])).end_of_rib is None
+    with_prefix = attr(0x80, m.MP_UNREACH_NLRI, b"\0\1\1" + b"\x18\x0a\x01\x02")
+    assert m.decode_update(update_body(with_prefix)) == m.Update(withdrawn=("10.1.2.0/24",))
+    beside = attr(0x80, m.MP_UNREACH_NLRI, b"\0\1\1") + ORIGIN_OK
+    assert m.decode_update(update_body(beside)).end_of_rib is None
+    # an MP_UNREACH_NLRI with wrong flags is still an attribute flags error, not a marker
+    assert code_of(decode_error(update_body(attr(0xC0, m.MP_UNREACH_NLRI, b"\0\1\1"))))[:2] == (3, 4)
 
 
 def open_error(raw):
@@ -178,7 +237,7 @@ def test_update_withdraw_only_and_end_of_rib():
     decoded = m.decode(m.encode_update(["10.1.2.0/24"]))
     assert decoded.withdrawn == ("10.1.2.0/24",) and decoded.attrs is None and decoded.nlri == ()
     eor = m.decode(m.encode_update())
-    assert eor == m.Update()
+    assert eor == m.Update(end_of_rib=(1, 1)) and eor.announced() == [] and eor.withdrawn == ()
 
 
 def test_two_octet_session_carries_as4_path_and_as4_aggregator():
@@ -401,6 +460,24 @@ def test_scapy_reads_our_messages():
     u = upd[BGPUpdate]
     assert [n.prefix for n in u.nlri] == ["10.1.2.0/24"]
     assert {a.type_code for a in u.path_attr} == {1, 2, 3, 4, 5}
+
+
+def test_graceful_restart_against_scapy():
+    from scapy.contrib.bgp import BGPCapGracefulRestart, BGPHeader, BGPOpen, BGPOptParam, BGPUpdate
+    gr = m.GracefulRestart(restart_time=120, restarting=True, families=((1, 1, True),))
+    msg = m.Open(asn=64512, hold_time=9, router_id="10.0.0.1", graceful_restart=gr).encode()
+    # (scapy reads one capability per optional parameter; we send them all in one, as RFC 5492 allows)
+    at = msg.index(bytes([64, 6]))
+    cap = BGPCapGracefulRestart(msg[at:at + 8])
+    assert cap.restart_time == 120 and cap.restart_flags == 0x8
+    assert [(e.afi, e.safi, e.flags) for e in cap.entries] == [(1, 1, 0x80)]
+    theirs = BGPHeader(type=1) / BGPOpen(my_as=64512, hold_time=30, bgp_id="10.0.0.7", opt_params=[
+        BGPOptParam(param_type=2, param_value=BGPCapGracefulRestart(
+            restart_flags=0x8, restart_time=300, entries=[BGPCapGracefulRestart.GRTuple(afi=1, safi=1, flags=0x80)]))])
+    assert m.decode(bytes(theirs)).graceful_restart == m.GracefulRestart(300, True, ((1, 1, True),))
+    # scapy's empty UPDATE is our End-of-RIB, and ours is 23 bytes of it
+    assert m.decode(bytes(BGPHeader(type=2) / BGPUpdate())).end_of_rib == (1, 1)
+    assert BGPHeader(m.encode_end_of_rib()).len == 23
 
 
 def test_we_read_scapys_messages():

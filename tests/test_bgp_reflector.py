@@ -4,6 +4,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ import pytest
 
 from calico_lite.bgp.session import PeerConfig
 from calico_lite.bgp.speaker import Speaker
-from calico_lite.reflector import parse_announce, parse_args, parse_peer, read_peers_file
+from calico_lite.reflector import node_address, parse_announce, parse_args, parse_peer, read_peers_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,9 +38,61 @@ def test_announce_specs_and_arguments():
         with pytest.raises(ValueError):
             parse_announce(bad)
     args = parse_args(["--router-id", "10.0.0.1", "--as", "64512", "--peer", "192.0.2.1,client"])
-    assert args.local_as == 64512 and args.peer_configs[0].rr_client and args.listen == "0.0.0.0"
+    assert args.local_as == 64512 and args.peer_configs[0].rr_client
+    assert args.listen is None          # found at start: node_address()
+    # graceful restart and idle hold reach every peer
+    p = args.peer_configs[0]
+    assert p.graceful_restart and p.stale_time == 360 and (p.idle_hold_time, p.idle_hold_max) == (1.0, 60.0)
+    args = parse_args(["--router-id", "10.0.0.1", "--as", "64512", "--peer", "192.0.2.1", "--graceful-restart-time",
+                       "0", "--idle-hold-time", "5", "--idle-hold-max", "2", "--stale-time", "30"])
+    p = args.peer_configs[0]
+    assert not p.graceful_restart and p.stale_time == 30 and (p.idle_hold_time, p.idle_hold_max) == (5.0, 5.0)
+    for bad in (["--graceful-restart-time", "5000"], ["--listen", "somewhere"]):
+        with pytest.raises(SystemExit):
+            parse_args(["--router-id", "10.0.0.1", "--as", "64512"] + bad)
     with pytest.raises(SystemExit):
         parse_args(["--router-id", "10.0.0.1", "--as", "64512", "--peer", "192.0.2.1,nonsense"])
+
+
+def test_node_address_is_the_router_id_if_local_else_the_route_source():
+    # every 127/8 address is this host's (on lo)
+    assert node_address("127.0.0.5") == ("127.0.0.5", "the router id is an address of this host")
+    # a router id that is no address of ours: the source address towards the first peer
+    address, how = node_address("192.0.2.77", ["127.0.0.2"])
+    assert address.startswith("127.") and how == "the source address of the route to peer 127.0.0.2"
+
+
+def test_node_address_without_any_route_asks_for_listen(monkeypatch):
+    from calico_lite import reflector
+    monkeypatch.setattr(reflector, "_source_towards", lambda address: None)
+    with pytest.raises(ValueError, match="give --listen"):
+        node_address("192.0.2.77", ["192.0.2.78"])
+    monkeypatch.setattr(reflector, "_source_towards", lambda address: "198.51.100.7" if address == "192.0.2.1" else None)
+    assert node_address("192.0.2.77", ["192.0.2.78"]) == ("198.51.100.7", "the source address of the default route")
+
+
+def test_reflector_listens_on_the_node_address_not_everywhere(tmp_path):
+    dump = tmp_path / "dump.json"
+    proc = subprocess.Popen([sys.executable, "-m", "calico_lite.reflector", "--router-id", "127.0.0.3", "--as", "64512",
+                             "--port", "0", "--dump-file", str(dump)],
+                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: read_dump(dump) is not None, what="the dump file")
+        state = read_dump(dump)
+        assert state["listen"] == "127.0.0.3"
+        socket.create_connection(("127.0.0.3", state["port"]), 2).close()
+        # 0.0.0.0 would accept this too
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.4", state["port"]), 2).close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert "listening on 127.0.0.3:%d (the router id is an address of this host)" % state["port"] \
+            in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
 
 
 def test_peers_file(tmp_path):

@@ -136,15 +136,15 @@ class RawPeer:
             if msg is None or msg.nlri:
                 return msg
 
-    def open_message(self, hold=9, four_octet=True, asn=None):
+    def open_message(self, hold=9, four_octet=True, asn=None, graceful_restart=None):
         return m.Open(asn=self.asn if asn is None else asn, hold_time=hold, router_id=self.router_id,
-                      four_octet_as=four_octet)
+                      four_octet_as=four_octet, graceful_restart=graceful_restart)
 
-    async def establish(self, node, hold=9, four_octet=True):
+    async def establish(self, node, hold=9, four_octet=True, graceful_restart=None):
         """Connect, exchange OPEN and KEEPALIVE; returns the speaker's OPEN."""
         await self.connect(node)
         self.four_octet = four_octet
-        self.send(self.open_message(hold, four_octet).encode())
+        self.send(self.open_message(hold, four_octet, graceful_restart=graceful_restart).encode())
         their_open = await self.read()
         assert isinstance(their_open, m.Open), their_open
         self.send(m.KEEPALIVE_BYTES)
@@ -328,6 +328,35 @@ async def test_speaker_in_a_thread():
         b.speaker.stop_thread()
 
 
+def test_peers_seen_from_another_thread_before_the_loop_applies_them():
+    """An agent reconciling twice in a row (from its own thread) must not add a peer twice:
+    two sessions to one peer fight each other (with graceful restart, BIRD takes each new
+    connection for a restart of the old one, forever)."""
+    a = Node(1)
+    a.speaker.start_in_thread()
+    release = threading.Event()
+    try:
+        a.speaker._loop.call_soon_threadsafe(release.wait, 5)     # the loop is busy: nothing applied yet
+        config = a.peer_config(Node(2))
+        a.speaker.add_peer(config)
+        assert a.speaker.peers() == [config]
+        with pytest.raises(ValueError):
+            a.speaker.add_peer(config)
+        a.speaker.remove_peer(config.address)
+        assert a.speaker.peers() == []
+        with pytest.raises(KeyError):
+            a.speaker.remove_peer(config.address)
+        a.speaker.add_peer(config)
+        release.set()
+        deadline = time.monotonic() + 5
+        while len(a.speaker._peers) != 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert list(a.speaker._peers) == [config.address]
+    finally:
+        release.set()
+        a.speaker.stop_thread()
+
+
 # ---- a scripted peer -------------------------------------------------------------------------------
 
 async def speaker_with_raw_peer(raw_kw=None, **peer_kw):
@@ -491,7 +520,7 @@ async def test_route_refresh_resends_the_table():
     assert open_.route_refresh
     first = await raw.read_until(m.Update)
     assert first.nlri == (P1,)
-    assert await raw.read_until(m.Update) == m.Update()      # End-of-RIB after the initial table (RFC 4724)
+    assert await raw.read_until(m.Update) == m.Update(end_of_rib=(1, 1))     # End-of-RIB after the table (RFC 4724)
     raw.send(m.RouteRefresh().encode())
     again = await raw.read_until(m.Update)
     assert again.nlri == (P1,)

@@ -134,3 +134,24 @@ def test_write_atomic(tmp_path):
     assert render.write_atomic(path, "a\n") is False
     assert render.write_atomic(path, "b\n") is True
     assert open(path).read() == "b\n" and sorted(p.name for p in tmp_path.iterdir()) == ["bird.conf"]
+
+
+def test_graceful_restart_and_debug():
+    text = render.render_config(snap(), "node1")
+    template = text.split("template bgp calico_peer {")[1].split("\n}\n")[0]
+    assert "  graceful restart on;\n" in template and "graceful restart time" not in template
+    assert "debug protocols" not in text
+    text = render.render_config(snap(mesh=False), "rr1", graceful_restart_time=300, debug_protocols="all")
+    assert "  graceful restart on;\n  graceful restart time 300;\n" in text and "\ndebug protocols all;\n" in text
+    assert "debug protocols { states, routes };" in render.render_config(snap(), "node1",
+                                                                         debug_protocols=("states", "routes"))
+    assert "graceful restart" not in render.render_config(snap(), "node1", graceful_restart=False)
+    for bad in ({"debug_protocols": ("nonsense",)}, {"graceful_restart_time": 5000}):
+        with pytest.raises(ValueError):
+            render.context(snap(), "node1", **bad)
+
+
+@needs_bird
+def test_graceful_restart_and_debug_parse():
+    for name in ("node1", "rr1"):
+        render.validate(render.render_config(snap(mesh=False), name, graceful_restart_time=60, debug_protocols="all"))

@@ -4,7 +4,9 @@ Decoding never trusts the peer: every failure raises `BGPError` carrying the
 exact (code, subcode, data) the NOTIFICATION must carry, so the session only
 has to send it. Only IPv4 unicast is spoken; the capabilities are 4-octet AS
 numbers (RFC 6793, with AS4_PATH / AS4_AGGREGATOR towards and from 2-octet
-speakers), multiprotocol IPv4 unicast (RFC 4760) and route refresh (RFC 2918).
+speakers), multiprotocol IPv4 unicast (RFC 4760), route refresh (RFC 2918)
+and graceful restart (RFC 4724: the capability, and End-of-RIB markers in
+both of their shapes).
 
 Addresses and prefixes are plain strings ("192.0.2.1", "10.0.0.0/26", host
 bits always zero): the node agent programs kernel routes from them, and a
@@ -83,7 +85,12 @@ ATTRIBUTE_KINDS = {
 PASSTHROUGH_UNITS = {COMMUNITIES: 4, EXTENDED_COMMUNITIES: 8, LARGE_COMMUNITIES: 12}
 
 # capability codes (RFC 5492 registry)
-CAP_MULTIPROTOCOL, CAP_ROUTE_REFRESH, CAP_FOUR_OCTET_AS = 1, 2, 65
+CAP_MULTIPROTOCOL, CAP_ROUTE_REFRESH, CAP_GRACEFUL_RESTART, CAP_FOUR_OCTET_AS = 1, 2, 64, 65
+# graceful restart (RFC 4724 §3): the 4 flag bits above the 12-bit restart time, and the
+# per-family flags octet
+GR_RESTART_STATE, GR_NOTIFICATION = 0x8000, 0x4000      # R bit; N bit (RFC 8538, decoded only)
+GR_FORWARDING = 0x80                                    # F bit
+MAX_RESTART_TIME = 0xFFF
 OPT_PARAM_CAPABILITIES = 2
 
 # Smallest (or, for fixed-size ones, exact) length of each message type, header included.
@@ -370,6 +377,58 @@ def _header(msg_type, body_len):
 
 
 @dataclass(frozen=True, slots=True)
+class GracefulRestart:
+    """The Graceful Restart capability (RFC 4724 §3).
+
+    restart_time: seconds the sender expects to need to re-establish the
+    session after a restart (0..4095); restarting: the R bit (the sender has
+    just restarted: do not wait for its End-of-RIB before sending to it);
+    families: ((afi, safi, forwarding), ...), where forwarding is the F bit:
+    the sender kept its forwarding state for that family across the restart.
+    A capability without families says "I understand End-of-RIB" and nothing more.
+    notification: the N bit of RFC 8538 (decoded, never set by us).
+    """
+    restart_time: int = 120
+    restarting: bool = False
+    families: tuple = ((AFI_IPV4, SAFI_UNICAST, False),)
+    notification: bool = False
+
+    def __post_init__(self):
+        if not 0 <= self.restart_time <= MAX_RESTART_TIME:
+            raise ValueError("restart time must be 0..%d seconds, not %r" % (MAX_RESTART_TIME, self.restart_time))
+
+    def forwarding(self, afi=AFI_IPV4, safi=SAFI_UNICAST):
+        """None if the family is not listed, else whether its F bit is set."""
+        for f_afi, f_safi, fwd in self.families:
+            if (f_afi, f_safi) == (afi, safi):
+                return bool(fwd)
+        return None
+
+    def covers(self, afi=AFI_IPV4, safi=SAFI_UNICAST):
+        """Whether the family is listed (the receiver keeps its routes across a restart)."""
+        return self.forwarding(afi, safi) is not None
+
+    def encode(self):
+        """The capability value (without code and length)."""
+        head = self.restart_time | (GR_RESTART_STATE if self.restarting else 0) \
+            | (GR_NOTIFICATION if self.notification else 0)
+        return _U16.pack(head) + b"".join(struct.pack("!HBB", afi, safi, GR_FORWARDING if fwd else 0)
+                                          for afi, safi, fwd in self.families)
+
+    @classmethod
+    def decode(cls, value):
+        """From a capability value; None if its length is not 2 + 4n (then it is kept as unknown)."""
+        if len(value) < 2 or (len(value) - 2) % 4:
+            return None
+        head = _U16.unpack_from(value)[0]
+        families = tuple((afi, safi, bool(flags & GR_FORWARDING))
+                         for afi, safi, flags in struct.iter_unpack("!HBB", value[2:]))
+        # the reserved flag bits are ignored on receipt (RFC 4724 §3)
+        return cls(restart_time=head & MAX_RESTART_TIME, restarting=bool(head & GR_RESTART_STATE),
+                   families=families, notification=bool(head & GR_NOTIFICATION))
+
+
+@dataclass(frozen=True, slots=True)
 class Open:
     """An OPEN; `asn` is the speaker's real AS (from the 4-octet capability when present)."""
     asn: int
@@ -381,6 +440,7 @@ class Open:
     unknown_capabilities: tuple = ()                 # (code, value) we did not understand
     version: int = VERSION
     my_as_field: int | None = None                   # the 2-octet field as received
+    graceful_restart: GracefulRestart | None = None     # RFC 4724 capability, None: not advertised
 
     @property
     def ipv4_unicast(self):
@@ -393,6 +453,9 @@ class Open:
             caps.append(struct.pack("!BBHBB", CAP_MULTIPROTOCOL, 4, afi, 0, safi))
         if self.route_refresh:
             caps.append(bytes([CAP_ROUTE_REFRESH, 0]))
+        if self.graceful_restart is not None:
+            value = self.graceful_restart.encode()
+            caps.append(bytes([CAP_GRACEFUL_RESTART, len(value)]) + value)
         if self.four_octet_as:
             caps.append(struct.pack("!BBI", CAP_FOUR_OCTET_AS, 4, self.asn))
         for code, value in self.unknown_capabilities:
@@ -408,12 +471,19 @@ class Open:
 class Update:
     """An UPDATE, IPv4 unicast only. `attrs` applies to `nlri`; MP_REACH_NLRI
     prefixes are merged into `nlri` when they share its next hop, else kept in
-    `mp_nlri` with `mp_next_hop` (RFC 4760 lets them differ)."""
+    `mp_nlri` with `mp_next_hop` (RFC 4760 lets them differ).
+
+    end_of_rib is the (afi, safi) of an End-of-RIB marker (RFC 4724 §2): for
+    IPv4 unicast an UPDATE with nothing in it, for any family an UPDATE
+    holding only an empty MP_UNREACH_NLRI of that family; None for any other
+    UPDATE. (An empty MP_UNREACH_NLRI of a family we do not speak decodes to
+    an empty Update with that family here, never to an IPv4 marker.)"""
     withdrawn: tuple = ()
     attrs: PathAttributes | None = None
     nlri: tuple = ()
     mp_nlri: tuple = ()
     mp_next_hop: str | None = None
+    end_of_rib: tuple | None = None
 
     def announced(self):
         """[(prefix, attributes)] this message announces, next hops resolved."""
@@ -424,7 +494,17 @@ class Update:
         return out
 
     def encode(self, four_octet=True):
+        if self.end_of_rib is not None:
+            return encode_end_of_rib(*self.end_of_rib)
         return encode_update(self.withdrawn, self.attrs, self.nlri, four_octet)
+
+
+def encode_end_of_rib(afi=AFI_IPV4, safi=SAFI_UNICAST):
+    """The End-of-RIB marker of a family (RFC 4724 §2)."""
+    if (afi, safi) == (AFI_IPV4, SAFI_UNICAST):
+        return encode_update()
+    mp_unreach = _attr(OPTIONAL, MP_UNREACH_NLRI, struct.pack("!HB", afi, safi))
+    return encode_update(encoded_attrs=mp_unreach)
 
 
 def encode_update(withdrawn=(), attrs=None, nlri=(), four_octet=True, encoded_attrs=None):
@@ -574,7 +654,7 @@ def decode_open(body):
         params_len, i, long_params = _U16.unpack_from(body, i + 1)[0], i + 3, True
     if i + params_len != end:
         raise BGPError(OPEN_ERROR, 0, reason="optional parameters length %d does not match the message" % params_len)
-    four_octet_as, route_refresh, afi_safi, unknown = None, False, [], []
+    four_octet_as, route_refresh, afi_safi, unknown, graceful = None, False, [], [], None
     while i < end:
         hdr = 3 if long_params else 2
         if end - i < hdr:
@@ -601,13 +681,15 @@ def decode_open(body):
                 route_refresh = True
             elif code == CAP_FOUR_OCTET_AS and clen == 4:
                 four_octet_as = _U32.unpack(cap)[0]
+            elif code == CAP_GRACEFUL_RESTART and graceful is None and (gr := GracefulRestart.decode(cap)):
+                graceful = gr
             else:
                 # Unknown capabilities (or known ones in a shape we do not use) are not fatal (RFC 5492 §5).
                 unknown.append((code, bytes(cap)))
     asn = four_octet_as if four_octet_as is not None else my_as
     return Open(asn=asn, hold_time=hold, router_id=ip_from_bytes(rid), four_octet_as=four_octet_as is not None,
                 route_refresh=route_refresh, afi_safi=tuple(afi_safi), unknown_capabilities=tuple(unknown),
-                version=version, my_as_field=my_as)
+                version=version, my_as_field=my_as, graceful_restart=graceful)
 
 
 def check_open(message, expected_as, local_router_id, ibgp):
@@ -627,8 +709,34 @@ def _withdrawable(code, subcode, data=b"", reason=""):
     return err
 
 
+def _end_of_rib_family(body):
+    """(afi, safi) if the UPDATE body is an End-of-RIB marker (RFC 4724 §2), else None.
+
+    IPv4 unicast: no withdrawn routes, no attributes, no NLRI. Any family: no
+    withdrawn routes and no NLRI, and one attribute, a well-formed MP_UNREACH_NLRI
+    (optional, non-transitive; plain or extended length) holding only its AFI and SAFI."""
+    if body == b"\0\0\0\0":
+        return AFI_IPV4, SAFI_UNICAST
+    if len(body) not in (10, 11) or body[:2] != b"\0\0" or _U16.unpack_from(body, 2)[0] != len(body) - 4:
+        return None
+    flags, code = body[4], body[5]
+    if code != MP_UNREACH_NLRI or flags & (OPTIONAL | TRANSITIVE | PARTIAL) != OPTIONAL_NON_TRANSITIVE:
+        return None
+    extended = bool(flags & EXTENDED_LENGTH)
+    if len(body) != (11 if extended else 10):
+        return None
+    length = _U16.unpack_from(body, 6)[0] if extended else body[6]
+    if length != 3:
+        return None
+    afi, safi = struct.unpack_from("!HB", body, len(body) - 3)
+    return afi, safi
+
+
 def decode_update(body, four_octet=True):
     """An Update from its body, validated per RFC 4271 §6.3 (and RFC 4760, RFC 6793)."""
+    family = _end_of_rib_family(body)
+    if family is not None:
+        return Update(end_of_rib=family)
     end = len(body)
     withdrawn_len = _U16.unpack_from(body, 0)[0]
     if 2 + withdrawn_len + 2 > end:

@@ -13,8 +13,28 @@ connections. Timers: ConnectRetry (with the RFC's 0.75-1.0 jitter), hold
 (hold / 3 unless configured lower). Every protocol error sends the
 NOTIFICATION that messages.BGPError carries, then the connection is closed
 gracefully (FIN after the NOTIFICATION, not an RST that could discard it).
+
+Idle hold (RFC 4271's DampPeerOscillations, GoBGP's IdleHoldTimeAfterReset,
+BIRD's error wait time): after the session goes down, or a connection fails
+with a NOTIFICATION before reaching Established, no new connection is opened
+for `idle_hold_time` seconds, doubling with every further failure up to
+`idle_hold_max`, and starting over once a session has stayed up for
+`idle_hold_stable` seconds. (A failed TCP connect is no such failure: it
+retries after ConnectRetry.) Connections the peer opens are still accepted
+while we hold: the peer's own timers pace those, and a restarting peer must
+find us listening. Such failures before Established are logged as a warning
+once per WARN_INTERVAL per peer (then "N more like this"), not once per try.
+
+Graceful restart (RFC 4724): with `graceful_restart` on, our OPEN carries the
+capability the speaker gives (`restart`: restart time, R and F bits). When an
+established session whose peer advertised the capability for IPv4 unicast
+ends by the loss of its TCP connection, its hold timer, or a new OPEN from
+the peer (which then replaces it), the handler's down() is told so (its
+`restart` argument is the peer's capability) and may keep the peer's routes
+as stale; a NOTIFICATION either way ends it the ordinary way (routes go).
 """
 import asyncio
+import dataclasses
 import logging
 import random
 import socket
@@ -23,6 +43,7 @@ import time
 from dataclasses import dataclass
 
 from calico_lite.bgp.messages import (
+    AFI_IPV4,
     CEASE,
     CEASE_ADMIN_SHUTDOWN,
     CEASE_COLLISION,
@@ -37,6 +58,7 @@ from calico_lite.bgp.messages import (
     NOTIFICATION,
     OPEN,
     ROUTE_REFRESH,
+    SAFI_UNICAST,
     UPDATE,
     BGPError,
     Open,
@@ -59,6 +81,8 @@ _RANK = {IDLE: 0, ACTIVE: 1, CONNECT: 1, OPENSENT: 2, OPENCONFIRM: 3, ESTABLISHE
 OPEN_HOLD_TIME = 240        # hold timer while waiting for the peer's OPEN ("a large value", RFC 4271 §8)
 LINGER = 1.0                # seconds to wait for the peer's FIN after our NOTIFICATION
 STOP_LINGER = 0.2           # the same when we are stopping
+WARN_INTERVAL = 60.0        # seconds between warnings about one peer's failing connections
+REPLACE_WAIT = 1.0          # seconds a new connection waits for the established one it replaces to wind up
 
 # TCP MD5 signatures (RFC 2385): <linux/tcp.h>
 TCP_MD5SIG = 14
@@ -98,6 +122,13 @@ class PeerConfig:
     port: the peer's TCP port.  connect_retry: seconds between connection attempts.
     treat_as_withdraw: handle UPDATE errors RFC 7606 allows it for by withdrawing the
                    message's prefixes instead of resetting the session (default off: RFC 4271).
+    graceful_restart: advertise the Graceful Restart capability (RFC 4724) to this peer and
+                   keep its routes, marked stale, when it restarts (if it advertises it too).
+    stale_time:    upper bound, seconds, on keeping the peer's stale routes: while it is away
+                   (at most its own restart time) and again once it is back, until its End-of-RIB.
+    idle_hold_time, idle_hold_max, idle_hold_stable: the wait after a failure (see the
+                   module docstring), its cap, and how long a session must stay up for the
+                   next failure to start from idle_hold_time again.
     """
     address: str
     remote_as: int
@@ -111,6 +142,11 @@ class PeerConfig:
     connect_retry: float = 5.0
     keepalive: float | None = None
     treat_as_withdraw: bool = False
+    graceful_restart: bool = True
+    stale_time: float = 360.0
+    idle_hold_time: float = 1.0
+    idle_hold_max: float = 60.0
+    idle_hold_stable: float = 60.0
 
     def __post_init__(self):
         ip_to_bytes(self.address)
@@ -124,6 +160,39 @@ class PeerConfig:
             raise ValueError("TCP MD5 password longer than %d bytes" % TCP_MD5SIG_MAXKEYLEN)
         if self.connect_retry <= 0:
             raise ValueError("connect_retry must be positive")
+        if self.stale_time < 0:
+            raise ValueError("stale_time must not be negative")
+        if not 0 <= self.idle_hold_time <= self.idle_hold_max or self.idle_hold_stable < 0:
+            raise ValueError("idle hold: need 0 <= idle_hold_time <= idle_hold_max and idle_hold_stable >= 0")
+
+
+class IdleHold:
+    """The wait before reconnecting after failures, as plain arithmetic on a clock's readings.
+
+    failed(now, up_since, jitter) records a failure (up_since: when the session
+    that just went down had come up, None for an attempt that never got there)
+    and returns the new wait: `initial` after a success that lasted `stable`
+    seconds (or at first), else twice the previous one, at most `maximum`; the
+    wait imposed is that times `jitter` (RFC 4271 §10 jitters timers by 0.75-1).
+    remaining(now) is what is left of it.
+    """
+    __slots__ = ("initial", "maximum", "stable", "current", "until")
+
+    def __init__(self, initial, maximum, stable):
+        self.initial, self.maximum, self.stable = initial, maximum, stable
+        self.current = 0.0          # the last wait imposed (0: no failure since the last stable session)
+        self.until = None           # clock reading before which we do not connect
+
+    def failed(self, now, up_since=None, jitter=1.0):
+        if up_since is not None and now - up_since >= self.stable:
+            self.current = 0.0
+        self.current = min(self.maximum, self.current * 2 if self.current else self.initial)
+        wait = self.current * jitter
+        self.until = now + wait
+        return wait
+
+    def remaining(self, now):
+        return 0.0 if self.until is None else max(0.0, self.until - now)
 
 
 class _PeerNotified(Exception):
@@ -137,7 +206,7 @@ class _PeerNotified(Exception):
 class _Connection:
     """One TCP connection to the peer and where its own FSM stands."""
     __slots__ = ("reader", "writer", "outgoing", "state", "peer_open", "hold", "keepalive",
-                 "four_octet", "task", "abort_reason", "local_address")
+                 "four_octet", "task", "abort_reason", "abort_silently", "local_address")
 
     def __init__(self, reader, writer, outgoing):
         self.reader, self.writer, self.outgoing = reader, writer, outgoing
@@ -148,6 +217,7 @@ class _Connection:
         self.four_octet = False
         self.task = None
         self.abort_reason = None
+        self.abort_silently = False     # aborted without a NOTIFICATION (replaced, or a graceful stop)
         sockname = writer.get_extra_info("sockname")
         self.local_address = sockname[0] if sockname else None
 
@@ -166,21 +236,38 @@ class _Connection:
 
 class Session:
     """The FSM for one peer. `handler` gets:
-        established(session), down(session, reason), update(session, Update),
+        established(session), down(session, reason, restart), update(session, Update),
         refresh_requested(session, RouteRefresh), state_changed(session, old, new)
     update() may raise BGPError to reset the session with that NOTIFICATION.
+    down()'s `restart` is the peer's GracefulRestart capability when the session
+    ended in a way RFC 4724 lets the routes outlive (see the module docstring),
+    else None.
+
+    restart: the GracefulRestart capability to advertise (None: none); once a
+    session with this peer has been established, later OPENs clear the R bit
+    and set the F bits (this process went on running: nothing was lost).
+    clock: monotonic seconds, for the idle hold and the rate of warnings.
     """
 
-    def __init__(self, config, local_as, router_id, handler):
+    def __init__(self, config, local_as, router_id, handler, restart=None, clock=time.monotonic):
         self.config = config
         self.local_as = local_as
         self.router_id = router_id
         self.handler = handler
+        self.restart = restart
+        self.clock = clock
         self.state = IDLE
         self.ibgp = config.remote_as == local_as
         self.established_at = None      # time.time() the session last came up
         self.flaps = 0                  # times it left Established
         self.last_error = None          # why it last went down (text)
+        self.idle_hold = IdleHold(config.idle_hold_time, config.idle_hold_max, config.idle_hold_stable)
+        self._up_since = None           # clock() when the session last came up
+        self._ever_established = False
+        self._holding = False           # waiting out the idle hold
+        self._warned_at = None          # clock() of the last warning about a failed attempt
+        self._warned_reason = None
+        self._suppressed = 0            # failures not warned about since then
         self._conns = []
         self._established = None
         self._connect_task = None
@@ -223,12 +310,17 @@ class Session:
             self._connect_task = asyncio.get_running_loop().create_task(self._connect_loop())
         self._refresh_state()
 
-    async def stop(self, subcode=CEASE_ADMIN_SHUTDOWN, data=b""):
-        """Send Cease (subcode) on every connection, close them, go Idle."""
+    async def stop(self, subcode=CEASE_ADMIN_SHUTDOWN, data=b"", notify=True):
+        """Send Cease (subcode) on every connection, close them, go Idle.
+
+        notify=False closes them without a NOTIFICATION (FIN only): to the peer
+        that is the loss of the connection, which graceful restart lets our
+        routes outlive (RFC 4724), where a Cease would make it drop them."""
         self._running = False
         conns = list(self._conns)
         for conn in conns:
-            self._abort(conn, BGPError(CEASE, subcode, data))
+            self._abort(conn, BGPError(CEASE, subcode, data, reason="" if notify else "stopping for a restart"),
+                        silently=not notify)
         if self._connect_task is not None:
             self._connect_task.cancel()
             await asyncio.gather(self._connect_task, return_exceptions=True)
@@ -260,10 +352,17 @@ class Session:
         while True:
             await asyncio.sleep(delay)
             delay = self.config.connect_retry * random.uniform(0.75, 1.0)
-            while self._conns:
-                # The peer's own connection is being served: no second one unless it ends.
-                self._idle.clear()
-                await self._idle.wait()
+            await self._no_connections()
+            hold = self.idle_hold.remaining(self.clock())
+            if hold > 0:
+                log.debug("peer %s: idle hold: next connection in %.1fs", self.address, hold)
+                self._holding = True
+                self._refresh_state()
+                try:
+                    await asyncio.sleep(hold)
+                finally:
+                    self._holding = False
+                await self._no_connections()
             self._connecting = True
             self._refresh_state()
             try:
@@ -276,6 +375,12 @@ class Session:
                 self._refresh_state()
             conn = self._spawn(_Connection(reader, writer, outgoing=True))
             await asyncio.wait([conn.task])     # not gather: cancelling us must not cancel the connection
+
+    async def _no_connections(self):
+        while self._conns:
+            # The peer's own connection is being served: no second one unless it ends.
+            self._idle.clear()
+            await self._idle.wait()
 
     async def _open_connection(self):
         cfg = self.config
@@ -302,12 +407,29 @@ class Session:
 
     # -- the FSM of one connection --
     def _open_message(self):
-        return Open(asn=self.local_as, hold_time=self.config.hold_time, router_id=self.router_id)
+        return Open(asn=self.local_as, hold_time=self.config.hold_time, router_id=self.router_id,
+                    graceful_restart=self._restart_capability())
+
+    def _restart_capability(self):
+        cap = self.restart
+        if cap is None or not self.config.graceful_restart:
+            return None
+        if self._ever_established:
+            cap = dataclasses.replace(cap, restarting=False, families=tuple((a, s, True) for a, s, _ in cap.families))
+        return cap
+
+    def _peer_restarts(self, conn):
+        """The peer's GracefulRestart capability if RFC 4724 applies to `conn`'s session, else None."""
+        if not self.config.graceful_restart or self._restart_capability() is None or conn.peer_open is None:
+            return None
+        cap = conn.peer_open.graceful_restart
+        return cap if cap is not None and cap.covers(AFI_IPV4, SAFI_UNICAST) else None
 
     async def _serve(self, conn):
         reason = None
         keepalive_task = None
         notify = received = None
+        restartable = False     # the way it ended lets graceful restart keep the routes
         try:
             conn.send(self._open_message().encode())
             msg_type, body = await conn.read(OPEN_HOLD_TIME)
@@ -317,7 +439,10 @@ class Session:
                 raise BGPError(FSM_ERROR, FSM_IN_OPENSENT, reason="expected OPEN")
             peer_open = decode_open(body)
             check_open(peer_open, self.config.remote_as, self.router_id, self.ibgp)
-            self._resolve_collision(conn, peer_open)
+            replaced = self._resolve_collision(conn, peer_open)
+            if replaced is not None and replaced.task is not None:
+                # its routes must be marked stale before this session's arrive
+                await asyncio.wait([replaced.task], timeout=REPLACE_WAIT)
             conn.peer_open = peer_open
             conn.four_octet = peer_open.four_octet_as
             conn.hold = min(self.config.hold_time, peer_open.hold_time)
@@ -335,6 +460,8 @@ class Session:
             conn.state = ESTABLISHED
             self._established = conn
             self.established_at = time.time()
+            self._up_since = self.clock()
+            self._ever_established = True
             self._refresh_state()
             log.info("peer %s: Established (AS %d, router id %s, hold %ds%s)", self.address, peer_open.asn,
                      peer_open.router_id, conn.hold, "" if conn.four_octet else ", 2-octet AS")
@@ -345,23 +472,28 @@ class Session:
         except asyncio.CancelledError:
             if conn.abort_reason is None:
                 raise
-            notify = conn.abort_reason
-            reason = "closed: " + notify.describe()
+            if conn.abort_silently:
+                reason, restartable = "closed without NOTIFICATION: " + conn.abort_reason.describe(), True
+            else:
+                notify = conn.abort_reason
+                reason = "closed: " + notify.describe()
         except TimeoutError:
             notify = BGPError(HOLD_TIMER_EXPIRED)
             reason = "hold timer expired" if conn.state != OPENSENT else "no OPEN within %ds" % OPEN_HOLD_TIME
+            restartable = True
         except _PeerNotified as e:
             received = e.notification
             reason = "received NOTIFICATION: " + received.describe()
         except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
             reason = "connection lost" + (" (%s)" % e if isinstance(e, OSError) else "")
+            restartable = True
         except Exception as e:        # a bug must cost this session, not the speaker
             log.exception("peer %s: internal error", self.address)
             notify, reason = BGPError(CEASE, 0, reason="internal error"), "internal error: %r" % e
         finally:
             if keepalive_task is not None:
                 keepalive_task.cancel()
-            self._finish(conn, notify, reason, received)
+            self._finish(conn, notify, reason, received, restartable)
 
     async def _established_loop(self, conn):
         hold = conn.hold or None
@@ -392,11 +524,23 @@ class Session:
             conn.send(KEEPALIVE_BYTES)
 
     def _resolve_collision(self, conn, peer_open):
-        """Keep one connection per peer (RFC 4271 §6.8): the one opened by the higher BGP identifier."""
+        """Keep one connection per peer (RFC 4271 §6.8): the one opened by the higher BGP identifier.
+
+        An OPEN with the Graceful Restart capability while a session is
+        established means the peer restarted (RFC 4724 §4.2): the old session
+        is closed (no NOTIFICATION: its TCP connection is presumably dead) as a
+        restart, and this connection carries on. Returns that old connection, if any."""
+        replaced = None
         for other in list(self._conns):
             if other is conn:
                 continue
             if other.state == ESTABLISHED:
+                if peer_open.graceful_restart is not None and self._restart_capability() is not None:
+                    log.info("peer %s: new OPEN while established: the peer restarted", self.address)
+                    self._abort(other, BGPError(CEASE, CEASE_COLLISION, reason="the peer opened a new session"),
+                                silently=True)
+                    replaced = other
+                    continue
                 raise BGPError(CEASE, CEASE_COLLISION, reason="a session is already established")
             if other.outgoing == conn.outgoing:
                 loser = other           # the peer opened a second connection: the older one is stale
@@ -409,14 +553,17 @@ class Session:
             if loser is conn:
                 raise BGPError(CEASE, CEASE_COLLISION, reason="connection collision")
             self._abort(other, BGPError(CEASE, CEASE_COLLISION, reason="connection collision"))
+        return replaced
 
-    def _abort(self, conn, error):
-        """End another connection's task; it sends `error` as its NOTIFICATION on the way out."""
+    def _abort(self, conn, error, silently=False):
+        """End another connection's task; it sends `error` as its NOTIFICATION on the way out
+        (or, silently, only closes the connection)."""
         if conn.task is not None and not conn.task.done() and conn.abort_reason is None:
             conn.abort_reason = error
+            conn.abort_silently = silently
             conn.task.cancel()
 
-    def _finish(self, conn, notify, reason, received=None):
+    def _finish(self, conn, notify, reason, received=None, restartable=False):
         """Wrap up a connection: `notify` is the BGPError to send, `received` the peer's Notification."""
         was_established = conn is self._established
         if notify is not None:
@@ -426,26 +573,44 @@ class Session:
             self._conns.remove(conn)
         if not self._conns:
             self._idle.set()
+        now = self.clock()
         if was_established:
             self._established = None
             self.flaps += 1
             self.last_error = reason
-            log.info("peer %s: session down: %s", self.address, reason)
+            restart = self._peer_restarts(conn) if restartable and self._running else None
+            wait = self.idle_hold.failed(now, self._up_since, random.uniform(0.75, 1.0)) if self._running else 0
+            log.info("peer %s: session down: %s%s", self.address, reason,
+                     "; reconnecting in %.1fs at the earliest" % wait if wait and not self.config.passive else "")
             conn.state = IDLE
             self._refresh_state()
-            self.handler.down(self, reason)
+            self.handler.down(self, reason, restart)
         else:
             if reason:
                 # A protocol error before Established (e.g. a wrong AS) is worth an operator's eye;
                 # collisions and failed connection attempts are routine.
                 code = notify.code if notify is not None else received.code if received is not None else CEASE
-                routine = code == CEASE
-                if not routine:
+                if code == CEASE:
+                    log.debug("peer %s: connection ended before Established: %s", self.address, reason)
+                else:
                     self.last_error = reason
-                log.log(logging.DEBUG if routine else logging.WARNING, "peer %s: connection ended before "
-                        "Established: %s", self.address, reason)
+                    self._failed_attempt(now, reason)
             conn.state = IDLE
             self._refresh_state()
+
+    def _failed_attempt(self, now, reason):
+        """Back off (idle hold) and warn, at most once per WARN_INTERVAL for the same reason."""
+        wait = self.idle_hold.failed(now, None, random.uniform(0.75, 1.0))
+        if self._warned_at is not None and now - self._warned_at < WARN_INTERVAL and reason == self._warned_reason:
+            self._suppressed += 1
+            log.debug("peer %s: connection ended before Established: %s", self.address, reason)
+            return
+        more = ""
+        if self._suppressed:
+            more = " (%d more like this in the last %.0fs)" % (self._suppressed, now - self._warned_at)
+        log.warning("peer %s: connection ended before Established: %s%s; next attempt in %.1fs at the earliest",
+                    self.address, reason, more, wait)
+        self._warned_at, self._warned_reason, self._suppressed = now, reason, 0
 
     def _close_gracefully(self, conn):
         """FIN after what we sent, read until the peer's FIN (or LINGER), then close.
@@ -484,6 +649,8 @@ class Session:
             new = IDLE
         elif self._connecting:
             new = CONNECT
+        elif self._holding:
+            new = IDLE
         else:
             new = ACTIVE
         old, self.state = self.state, new

@@ -10,8 +10,28 @@
 
 Callbacks run in the speaker's event loop, once per changed prefix, with the
 new best Route or None (the prefix is gone). Loss of a session withdraws its
-routes at once; damping or a grace delay is the agent's business. Nothing here
-touches the kernel: the agent installs routes from the callbacks.
+routes at once, unless graceful restart keeps them (below); damping or a
+grace delay is the agent's business. Nothing here touches the kernel: the
+agent installs routes from the callbacks.
+
+Graceful restart (RFC 4724), both roles. We advertise the capability (restart
+time `restart_time`; R bit when `restarting`, i.e. this process replaced one
+that had sessions; F bit for IPv4 unicast when `forwarding`, i.e. the
+forwarding state survived that) and send End-of-RIB after the initial table.
+As the receiving speaker: when a session whose peer advertised the capability
+for IPv4 unicast is lost (TCP connection, hold timer, or a new OPEN from the
+peer), its routes stay in the RIB, marked stale, for the peer's restart time
+(at most the peer's stale_time). Nothing changes for anyone in the meantime.
+When the peer is back: if its new OPEN does not carry the F bit for IPv4
+unicast, the stale routes go at once; otherwise each route it announces or
+withdraws replaces its stale one, and its End-of-RIB removes whatever stale
+routes are left (or stale_time does, if it never sends one). A second loss
+before that End-of-RIB first drops what the interrupted session did not
+re-announce (as BIRD does). subscribe_end_of_rib() reports each peer's
+End-of-RIB; synced() says whether a peer's current session has sent its
+whole table (its End-of-RIB, or it never promised one: no capability).
+stop(graceful=True) closes the sessions without a NOTIFICATION, so that peers
+keep our routes while we restart.
 
 The speaker advertises only its best path per prefix. Towards iBGP peers
 it follows RFC 4456: a peer configured rr_client=True is a route reflector
@@ -26,6 +46,7 @@ import asyncio
 import logging
 import socket
 import threading
+import time
 
 from calico_lite.bgp.messages import (
     AFI_IPV4,
@@ -36,8 +57,9 @@ from calico_lite.bgp.messages import (
     SAFI_UNICAST,
     UPDATE_ERROR,
     BGPError,
+    GracefulRestart,
     PathAttributes,
-    encode_update,
+    encode_end_of_rib,
     ip_to_bytes,
     normalize_prefix,
     pack_updates,
@@ -49,13 +71,14 @@ log = logging.getLogger("calico_lite.bgp")
 
 __all__ = ["Speaker", "PeerConfig", "Route", "PathAttributes"]
 
-END_OF_RIB = encode_update()     # an UPDATE with nothing in it (RFC 4724 §2)
+END_OF_RIB = encode_end_of_rib(AFI_IPV4, SAFI_UNICAST)     # an UPDATE with nothing in it (RFC 4724 §2)
 _ANNOUNCE_ATTRS = {"origin", "med", "local_pref", "as_path", "atomic_aggregate", "aggregator"}
 
 
 class _Peer:
     """What the speaker keeps per configured peer."""
-    __slots__ = ("config", "session", "source", "policy", "adj_out", "pending", "end_of_rib")
+    __slots__ = ("config", "session", "source", "policy", "adj_out", "pending", "end_of_rib", "stale",
+                 "stale_timer", "synced")
 
     def __init__(self, config, session):
         self.config = config
@@ -65,6 +88,16 @@ class _Peer:
         self.adj_out = {}       # prefix -> PathAttributes last advertised
         self.pending = set()    # prefixes whose advertisement must be re-evaluated
         self.end_of_rib = False     # End-of-RIB still to follow the initial table
+        self.stale = None       # rib.Source of a lost session whose routes graceful restart keeps
+        self.stale_timer = None     # asyncio.TimerHandle that drops them
+        self.synced = False     # the current session sent its End-of-RIB (or will never send one)
+
+
+def _describe_restart(cap):
+    if cap is None:
+        return None
+    return {"restart_time": cap.restart_time, "restarting": cap.restarting,
+            "forwarding": cap.forwarding(AFI_IPV4, SAFI_UNICAST)}
 
 
 class _SessionEvents:
@@ -81,17 +114,26 @@ class _SessionEvents:
 
 class Speaker:
     def __init__(self, local_as, router_id, listen_address="0.0.0.0", port=179, cluster_id=None,
-                 on_best_change=None):
+                 on_best_change=None, restart_time=120, restarting=False, forwarding=False,
+                 clock=time.monotonic):
         """local_as: our AS (1..2^32-1); router_id: our BGP identifier (dotted quad).
         listen_address/port: where peers connect to us (port=None: do not listen,
         port=0: any free port, see .port after start()).
         cluster_id: the route reflector CLUSTER_ID (default: router_id).
-        on_best_change: optional first subscriber, see subscribe()."""
+        on_best_change: optional first subscriber, see subscribe().
+        restart_time: the graceful restart time we advertise (0..4095 s), None: no
+        graceful restart at all (no capability; peers' routes go with their sessions).
+        restarting, forwarding: the R bit, and the F bit for IPv4 unicast, of our
+        first OPEN to each peer (see the module docstring).
+        clock: monotonic seconds (for the sessions' idle hold and warnings)."""
         if not 1 <= int(local_as) <= 0xFFFFFFFF:
             raise ValueError("AS %r out of range" % local_as)
         ip_to_bytes(router_id)
         if cluster_id is not None:
             ip_to_bytes(cluster_id)
+        self.restart_capability = None if restart_time is None else GracefulRestart(
+            int(restart_time), bool(restarting), ((AFI_IPV4, SAFI_UNICAST, bool(forwarding)),))
+        self.clock = clock
         self.local_as = int(local_as)
         self.router_id = router_id
         self.cluster_id = cluster_id
@@ -99,10 +141,16 @@ class Speaker:
         self.port = port
         self.rib = Rib()
         self._local = local_source(router_id, self.local_as)
-        self._peers = {}                # address -> _Peer
+        self._peers = {}                # address -> _Peer (the loop's)
+        # address -> PeerConfig as the callers see it: add_peer/remove_peer update it at once, in
+        # their own thread, while the loop applies them later; so a caller that adds a peer and
+        # asks peers() again before the loop ran still sees it (and cannot add it twice)
+        self._configs = {}
+        self._configs_lock = threading.Lock()
         self._retiring = {}             # Session -> _Peer removed but not yet closed
         self._subscribers = []
         self._session_subscribers = []
+        self._eor_subscribers = []
         if on_best_change is not None:
             self._subscribers.append(on_best_change)
         self._loop = None
@@ -111,6 +159,7 @@ class Speaker:
         self._flush_scheduled = False
         self._encoded = {}              # (PathAttributes, four_octet) -> bytes, for one flush
         self._thread = None
+        self._stop_graceful = False
 
     # ---- life cycle ----------------------------------------------------------------
 
@@ -138,12 +187,20 @@ class Speaker:
         log.info("BGP speaker AS %d router id %s %s", self.local_as, self.router_id,
                  "listening on %s:%d" % (self.listen_address, self.port) if self._server else "not listening")
 
-    async def stop(self):
-        """Cease every session (administrative shutdown) and stop listening."""
+    async def stop(self, graceful=False):
+        """Cease every session (administrative shutdown) and stop listening.
+
+        graceful=True: close the sessions without a NOTIFICATION instead, so
+        that peers doing graceful restart keep our routes until we are back."""
         if self._server is not None:
             self._server.close()
             self._server = None
-        await asyncio.gather(*(p.session.stop() for p in self._peers.values()), return_exceptions=True)
+        await asyncio.gather(*(p.session.stop(notify=not graceful) for p in self._peers.values()),
+                             return_exceptions=True)
+        for peer in self._peers.values():
+            if peer.stale_timer is not None:
+                peer.stale_timer.cancel()
+                peer.stale_timer = None
         if self._listen_sock is not None:
             self._listen_sock.close()
             self._listen_sock = None
@@ -164,7 +221,7 @@ class Speaker:
                 return
             started.set()
             loop.run_forever()
-            loop.run_until_complete(self.stop())
+            loop.run_until_complete(self.stop(graceful=self._stop_graceful))
             loop.close()
 
         self._thread = threading.Thread(target=run, name="bgp-speaker", daemon=True)
@@ -173,8 +230,10 @@ class Speaker:
         if failure:
             raise failure[0]
 
-    def stop_thread(self, timeout=10):
+    def stop_thread(self, timeout=10, graceful=False):
+        """Stop the loop start_in_thread() runs (and the speaker: stop(graceful))."""
         if self._thread is not None:
+            self._stop_graceful = graceful
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout)
             self._thread = None
@@ -212,12 +271,15 @@ class Speaker:
         """Configure a peer (PeerConfig); started at once if the speaker runs."""
         if not isinstance(config, PeerConfig):
             raise TypeError("add_peer wants a PeerConfig")
-        if config.address in self._peers:
-            raise ValueError("peer %s is already configured" % config.address)
+        with self._configs_lock:
+            if config.address in self._configs:
+                raise ValueError("peer %s is already configured" % config.address)
+            self._configs[config.address] = config
         return self._in_loop(self._add_peer, config)
 
     def _add_peer(self, config):
-        peer = _Peer(config, Session(config, self.local_as, self.router_id, _SessionEvents(self)))
+        peer = _Peer(config, Session(config, self.local_as, self.router_id, _SessionEvents(self),
+                                     restart=self.restart_capability, clock=self.clock))
         self._peers[config.address] = peer
         if self._listen_sock is not None and config.md5_password:
             set_md5(self._listen_sock, config.address, config.md5_password)
@@ -229,18 +291,22 @@ class Speaker:
 
         In the loop's thread this returns an awaitable that finishes when the
         session is closed."""
+        with self._configs_lock:
+            if self._configs.pop(address, None) is None:
+                raise KeyError("no peer %s" % address)
         return self._in_loop(self._remove_peer, address)
 
     def _remove_peer(self, address):
         peer = self._peers.pop(address, None)
         if peer is None:
-            raise KeyError("no peer %s" % address)
+            return None
         if self._listen_sock is not None and peer.config.md5_password:
             set_md5(self._listen_sock, address, None)
         if self._loop is None:
             return None
         self._retiring[peer.session] = peer
         peer.pending = set()
+        self._drop_stale(peer, "the peer is de-configured")
 
         async def retire():
             try:
@@ -250,12 +316,15 @@ class Speaker:
         return self._loop.create_task(retire())
 
     def peers(self):
-        """[PeerConfig] configured."""
-        return [p.config for p in self._peers.values()]
+        """[PeerConfig] configured (by the add_peer and remove_peer calls made so far)."""
+        with self._configs_lock:
+            return list(self._configs.values())
 
     def peer_status(self):
         """One dict per peer: address, state, remote_as, router_id, rr_client, since (epoch
-        seconds, when Established), flaps, last_error, received, advertised (prefix counts)."""
+        seconds, when Established), flaps, last_error, received, advertised, stale (prefix
+        counts), synced (see synced()), graceful_restart (the peer's capability of the
+        current session: restart_time, restarting, forwarding; None)."""
         out = []
         for address, peer in self._peers.items():
             s = peer.session
@@ -266,8 +335,17 @@ class Speaker:
                 "since": s.established_at if up else None, "flaps": s.flaps, "last_error": s.last_error,
                 "received": self.rib.prefix_count(peer.source) if up and peer.source else 0,
                 "advertised": len(peer.adj_out),
+                "stale": self.rib.prefix_count(peer.stale) if peer.stale is not None else 0,
+                "synced": up and peer.synced,
+                "graceful_restart": _describe_restart(s.peer_open.graceful_restart) if up else None,
             })
         return out
+
+    def synced(self, address):
+        """Whether the peer's current session is established and has sent its whole table: its
+        End-of-RIB arrived, or it advertised no graceful restart (which promises one)."""
+        peer = self._peers.get(address)
+        return peer is not None and peer.session.state == ESTABLISHED and peer.synced
 
     def state(self, address):
         return self._peers[address].session.state
@@ -308,6 +386,11 @@ class Speaker:
         """callback(prefix, route_or_None) on every Loc-RIB best-path change; returns an unsubscribe function."""
         self._subscribers.append(callback)
         return lambda: self._subscribers.remove(callback) if callback in self._subscribers else None
+
+    def subscribe_end_of_rib(self, callback):
+        """callback(address) when a peer's End-of-RIB for IPv4 unicast arrives; returns an unsubscribe function."""
+        self._eor_subscribers.append(callback)
+        return lambda: self._eor_subscribers.remove(callback) if callback in self._eor_subscribers else None
 
     def subscribe_sessions(self, callback):
         """callback(address, old_state, new_state, reason) on every session state change."""
@@ -352,6 +435,14 @@ class Speaker:
             return
         cfg = peer.config
         peer.source = Source(cfg.address, session.peer_open.router_id, cfg.remote_as, session.ibgp, cfg.rr_client)
+        restart = session.peer_open.graceful_restart
+        # a capability (any) promises End-of-RIB (RFC 4724 §2); without it the table has no end to wait for
+        peer.synced = restart is None
+        if peer.stale is not None:
+            if not (cfg.graceful_restart and restart is not None and restart.forwarding(AFI_IPV4, SAFI_UNICAST)):
+                self._drop_stale(peer, "it came back without keeping its forwarding state (no F bit)")
+            else:
+                self._arm_stale_timer(peer, cfg.stale_time, "no End-of-RIB within %gs of its return" % cfg.stale_time)
         peer.adj_out = {}
         peer.policy = None      # without IPv4 unicast in common nothing is sent to it
         if session.peer_open.ipv4_unicast:
@@ -364,19 +455,65 @@ class Speaker:
             peer.end_of_rib = True
             self._schedule_flush()
 
-    def _on_down(self, session, reason):
+    def _on_down(self, session, reason, restart=None):
         peer = self._peer_of(session)
         if peer is None:
             return
         source, peer.source, peer.policy = peer.source, None, None
         peer.adj_out = {}
         peer.pending = set()
-        if source is not None:
+        peer.synced = False
+        if source is None:
+            return
+        wait = min(restart.restart_time, peer.config.stale_time) if restart is not None else 0
+        if peer.stale is not None:
+            # lost again before its End-of-RIB: what the interrupted session did not re-announce goes
+            self._drop_stale(peer, "it restarted again before its End-of-RIB" if wait else None)
+        if not wait or self._peers.get(peer.config.address) is not peer:      # (no restart, or being removed)
             self._propagate(self.rib.remove_source(source))
+            return
+        peer.stale = source
+        log.info("peer %s: graceful restart: keeping its %d routes, stale, for up to %gs", peer.config.address,
+                 self.rib.prefix_count(source), wait)
+        self._arm_stale_timer(peer, wait, "it did not come back within %gs" % wait)
+
+    def _arm_stale_timer(self, peer, delay, why):
+        if peer.stale_timer is not None:
+            peer.stale_timer.cancel()
+        peer.stale_timer = self._loop.call_later(delay, self._drop_stale, peer, why, peer.stale)
+
+    def _drop_stale(self, peer, why, which=None):
+        """Remove the peer's stale routes (all of them: none are wanted any longer)."""
+        stale = peer.stale
+        if stale is None or (which is not None and which is not stale):
+            return
+        if peer.stale_timer is not None:
+            peer.stale_timer.cancel()
+        peer.stale, peer.stale_timer = None, None
+        count = self.rib.prefix_count(stale)
+        if why and count:
+            log.info("peer %s: dropping its %d stale routes: %s", peer.config.address, count, why)
+        self._propagate(self.rib.remove_source(stale))
+
+    def _on_end_of_rib(self, peer, family):
+        if family != (AFI_IPV4, SAFI_UNICAST):
+            return
+        peer.synced = True
+        if peer.stale is not None:
+            self._drop_stale(peer, "not re-announced before its End-of-RIB")
+            log.info("peer %s: graceful restart done (End-of-RIB)", peer.config.address)
+        for callback in list(self._eor_subscribers):
+            try:
+                callback(peer.config.address)
+            except Exception:
+                log.exception("End-of-RIB callback failed")
 
     def _on_update(self, session, update):
         peer = self._peer_of(session)
         if peer is None or peer.source is None:
+            return
+        if update.end_of_rib is not None:
+            self._on_end_of_rib(peer, update.end_of_rib)
             return
         source = peer.source
         rib = self.rib
@@ -399,6 +536,14 @@ class Speaker:
                     changes.append(rib.remove(source, prefix))
                 else:
                     changes.append(rib.update(Route(prefix, kept, source)))
+        stale = peer.stale
+        if stale is not None:
+            # the new session's word replaces the stale route; removing it only after the new
+            # route is in keeps the prefix from being withdrawn in between
+            for prefix in update.withdrawn:
+                changes.append(rib.remove(stale, prefix))
+            for prefix, _ in announced:
+                changes.append(rib.remove(stale, prefix))
         self._propagate(changes)
 
     def _on_refresh_request(self, session, message):

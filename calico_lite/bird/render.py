@@ -23,6 +23,14 @@ next hops are then resolved through the underlay's connected subnet
 (`protocol direct`) and the kernel's own routes (`learn`), so the underlay
 must route between node subnets (as it must for the sessions themselves).
 
+Graceful restart (RFC 4724) is on for every BGP session (`graceful restart
+on;`, restart time `graceful_restart_time`, BIRD's default 120 s if None):
+BIRD keeps the routes of a calico-lite agent (or another BIRD) that restarts
+while its kernel keeps forwarding, until the peer's End-of-RIB says which are
+gone or the peer's restart time runs out. `debug_protocols` ("all", or some
+of states, routes, filters, interfaces, events, packets) adds a `debug
+protocols` line: with routes, BIRD logs every route it adds or removes.
+
 What BIRD puts in the kernel (protocol kernel4): every route learned over
 BGP, and our blocks as blackholes (`protocol static blocks`, also what we
 announce). They carry `proto bird` (12; stock BIRD 2 sets no other) and the
@@ -72,8 +80,24 @@ def _sorted_nodes(nodes):
     return sorted(nodes, key=lambda n: (n.address.value, n.name))
 
 
+_DEBUG_CLASSES = ("states", "routes", "filters", "interfaces", "events", "packets")
+
+
+def _debug_line(debug):
+    if debug in (None, "", "off"):
+        return None
+    if debug == "all":
+        return "all"
+    classes = [debug] if isinstance(debug, str) else list(debug)
+    unknown = [c for c in classes if c not in _DEBUG_CLASSES]
+    if unknown or not classes:
+        raise ValueError("unknown BIRD debug classes %r (known: all, %s)" % (unknown, ", ".join(_DEBUG_CLASSES)))
+    return "{ %s }" % ", ".join(classes)
+
+
 def context(snapshot, node_name, underlay_if="eth0", timers=None, kernel_metric=32, scan_time=10,
-            log_target="stderr", log_classes="all", ipip_device="tunl0"):
+            log_target="stderr", log_classes="all", ipip_device="tunl0", graceful_restart=True,
+            graceful_restart_time=None, debug_protocols=None):
     """The plain data a template renders for node `node_name` (KeyError if unknown)."""
     config = snapshot.config
     if config is None:
@@ -112,6 +136,9 @@ def context(snapshot, node_name, underlay_if="eth0", timers=None, kernel_metric=
                     key=lambda b: (b.network.value, b.prefixlen))
     if not isinstance(kernel_metric, int) or isinstance(kernel_metric, bool) or kernel_metric < 0:
         raise ValueError("kernel_metric must be a non-negative integer")
+    if graceful_restart_time is not None and (not isinstance(graceful_restart_time, int)
+                                              or not 0 <= graceful_restart_time <= 4095):
+        raise ValueError("graceful_restart_time must be 0..4095 seconds")
     for what, value in (("underlay_if", underlay_if), ("ipip_device", ipip_device)):
         if not value or len(value) > 15 or any(c in '"\\/ \n' for c in value):
             raise ValueError("bad interface name %r for %s" % (value, what))
@@ -134,6 +161,9 @@ def context(snapshot, node_name, underlay_if="eth0", timers=None, kernel_metric=
         "log_target": log_target if log_target in ("stderr", "syslog") else '"%s"' % log_target.replace('"', ""),
         "log_classes": log_classes if log_classes == "all" else "{ %s }" % ", ".join(log_classes),
         "timer_lines": _timer_lines(DEFAULT_TIMERS if timers is None else timers),
+        "graceful_restart": bool(graceful_restart),
+        "graceful_restart_time": graceful_restart_time,
+        "debug_protocols": _debug_line(debug_protocols),
         "rr_cluster_id": me.rr_cluster_id,
         "peers": peers,
         "no_peers_reason": reason,
