@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from cni.types import Result
 
 DEFAULT_CACHE_DIR = "/var/lib/cni"
+NAME_MAX = 255          # bytes in one file name (Linux), e.g. the cache's <net>-<id>-<ifname>
+PATH_MAX = 4096
 
 
 class RuntimeConf:
@@ -51,6 +53,14 @@ class RuntimeConf:
 
     def cni_args(self) -> str:
         return ";".join("%s=%s" % kv for kv in self.args)
+
+    def check(self) -> None:
+        """What can go into a plugin's environment: no NUL anywhere (exec would refuse it)."""
+        fields = [("container ID", self.container_id), ("netns", self.netns), ("ifname", self.ifname),
+                  ("CNI_ARGS", self.cni_args())]
+        for what, value in fields:
+            if "\0" in value:
+                raise CNIError(errors.INVALID_ENV, "the %s holds a NUL character" % what, ascii(value))
 
 
 class ConfList:
@@ -130,6 +140,11 @@ def cache_path(conflist: ConfList, rt: RuntimeConf) -> str:
     return os.path.join(rt.cache_dir, "results", "%s-%s-%s" % (conflist.name, rt.container_id, rt.ifname))
 
 
+def _cache_path_fits(conflist: ConfList, rt: RuntimeConf) -> bool:
+    path = cache_path(conflist, rt)
+    return len(os.path.basename(path).encode()) <= NAME_MAX and len(path.encode()) < PATH_MAX
+
+
 def _write_cache(conflist: ConfList, rt: RuntimeConf, result: Result) -> None:
     entry = {"kind": "cniCacheV1", "containerId": rt.container_id,
              "config": base64.b64encode(conflist.bytes).decode(), "ifName": rt.ifname,
@@ -137,16 +152,22 @@ def _write_cache(conflist: ConfList, rt: RuntimeConf, result: Result) -> None:
              "cniArgs": [list(kv) for kv in rt.args], "capabilityArgs": rt.capability_args,
              "result": to_version(result, conflist.version)}
     path = cache_path(conflist, rt)
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)   # as libcni: 0600
-    with open(fd, "w") as f:
-        f.write(dumps(entry))
-    os.replace(tmp, path)
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        tmp = path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)   # as libcni: 0600
+        with open(fd, "w") as f:
+            f.write(dumps(entry))
+        os.replace(tmp, path)
+    except OSError as e:
+        raise CNIError(errors.IO_FAILURE, "failed to write the cached result %s: %s"
+                       % (path, e.strerror or e)) from None
 
 
 def cached_result(conflist: ConfList, rt: RuntimeConf) -> Result | None:
     """The cached ADD result (internal shape), or None."""
+    if not _cache_path_fits(conflist, rt):
+        return None             # never written: add() refuses such names
     try:
         with open(cache_path(conflist, rt), "rb") as f:
             entry = loads(f.read())
@@ -161,10 +182,14 @@ def cached_result(conflist: ConfList, rt: RuntimeConf) -> Result | None:
 
 
 def _drop_cache(conflist: ConfList, rt: RuntimeConf) -> None:
+    if not _cache_path_fits(conflist, rt):
+        return
     try:
         os.unlink(cache_path(conflist, rt))
     except FileNotFoundError:
         pass
+    except OSError as e:
+        raise CNIError(errors.IO_FAILURE, "failed to remove the cached result: %s" % (e.strerror or e)) from None
 
 
 def cached_attachments(cache_dir: str, network: str | None = None) -> list[RuntimeConf]:
@@ -193,14 +218,25 @@ def cached_attachments(cache_dir: str, network: str | None = None) -> list[Runti
         netns = entry.get("netns")
         if not isinstance(netns, str):
             netns = ""
-        out.append(RuntimeConf(cid, netns, ifname, args, caps, cache_dir))
+        rt = RuntimeConf(cid, netns, ifname, args, caps, cache_dir)
+        try:
+            rt.check()
+        except CNIError:
+            continue            # not something a plugin could be run with
+        out.append(rt)
     return out
 
 
 # ---- the operations ---------------------------------------------------------------
 
 def add(conflist: ConfList, rt: RuntimeConf, cni_path: list[str]) -> Result:
-    """ADD every plugin in order; returns the final result (internal shape) and caches it."""
+    """ADD every plugin in order; returns the final result (internal shape) and caches it.
+    Refuses (before running anything) what it could not pass on or cache."""
+    rt.check()
+    if not _cache_path_fits(conflist, rt):
+        raise CNIError(errors.INVALID_ENV, "container ID and interface name are too long for the "
+                       "result cache: %s-<id>-%s would be a file name of more than %d bytes"
+                       % (conflist.name, rt.ifname, NAME_MAX))
     result = None
     for plugin in conflist.plugins:
         stdin = plugin_config(conflist, plugin, rt, result)
@@ -213,6 +249,7 @@ def add(conflist: ConfList, rt: RuntimeConf, cni_path: list[str]) -> Result:
 
 def delete(conflist: ConfList, rt: RuntimeConf, cni_path: list[str]) -> None:
     """DEL every plugin in reverse order, with the cached result as prevResult."""
+    rt.check()
     prev = None
     if version_tuple(conflist.version) >= (0, 4, 0):
         try:
@@ -228,6 +265,7 @@ def check(conflist: ConfList, rt: RuntimeConf, cni_path: list[str]) -> None:
     if version_tuple(conflist.version) < (0, 4, 0):
         raise CNIError(errors.INCOMPATIBLE_VERSION, "configuration version %s does not support CHECK"
                        % conflist.version)
+    rt.check()
     if conflist.disable_check:
         return
     prev = cached_result(conflist, rt)

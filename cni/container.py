@@ -26,6 +26,8 @@ def open_container_netns(path: str) -> int:
         raise CNIError(errors.UNKNOWN_CONTAINER, "failed to open netns %r: no such file" % path) from None
     except OSError as e:
         raise CNIError(errors.INVALID_ENV, "failed to open netns %r: %s" % (path, e.strerror)) from None
+    except ValueError:      # a NUL in the path
+        raise CNIError(errors.INVALID_ENV, "failed to open netns %r: not a valid path" % path) from None
 
 
 def container_netlink(ns_fd: int, path: str) -> Netlink:

@@ -10,6 +10,7 @@ import _json
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any, NoReturn
 
 __all__ = ["loads", "dumps", "JSONError"]
@@ -50,8 +51,11 @@ _scan = _json.make_scanner(_Context())  # type: ignore[arg-type]
 _WS = " \t\n\r"
 
 
-def loads(data: str | bytes | bytearray) -> Any:
-    """Parse a JSON document (str or bytes) into Python objects."""
+def loads(data: str | bytes | bytearray, allow_surrogates: bool = False) -> Any:
+    """Parse a JSON document (str or bytes) into Python objects.
+
+    A string with a lone surrogate is an error (allow_surrogates=True: kept, for
+    reading what a broken document says, e.g. the cniVersion of an error answer)."""
     if isinstance(data, (bytes, bytearray)):
         try:
             data = data.decode("utf-8")
@@ -71,7 +75,40 @@ def loads(data: str | bytes | bytearray) -> Any:
         obj, end = _scan_text(text)
     if end != len(text):
         raise JSONError("invalid character after top-level value at offset %d" % end)
+    # Only a \\uD800-\\uDFFF escape can leave a lone surrogate (the UTF-8 decoder refuses
+    # encoded ones): such a string is not Unicode text, and could never be printed again.
+    if not allow_surrogates and ("\\ud" in text or "\\uD" in text):
+        where = _lone_surrogate(obj)
+        if where is not None:
+            raise JSONError("invalid Unicode at %s: a lone surrogate (a \\uD800-\\uDFFF escape "
+                            "that is not half of a pair)" % where[:200])
     return obj
+
+
+def _lone_surrogate(obj: object) -> str | None:
+    """Where (a path like "ipam.ranges[0]") a string, key or value, cannot be encoded as
+    UTF-8; None if nowhere. Iterative: documents nest as deep as the scanner allows."""
+    stack: list[tuple[object, str]] = [(obj, "")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return path or "the top level"
+        elif isinstance(item, dict):
+            for key, value in item.items():
+                inner = "%s.%s" % (path, key) if path else key
+                if not key.isascii():
+                    try:
+                        key.encode("utf-8")
+                    except UnicodeEncodeError:
+                        return "key " + ascii(inner)
+                stack.append((value, inner))
+        elif isinstance(item, list):
+            stack.extend((v, "%s[%d]" % (path, i)) for i, v in enumerate(item))
+    return None
 
 
 def _scan_text(text: str) -> tuple[Any, int]:
@@ -88,22 +125,26 @@ def _scan_text(text: str) -> tuple[Any, int]:
 
 
 _quote = _json.encode_basestring
+_quote_ascii = _json.encode_basestring_ascii
 
 
-def dumps(obj: object, indent: int | None = None) -> str:
+def dumps(obj: object, indent: int | None = None, ascii: bool = False) -> str:
     """Serialise dicts, lists, str, int, float, bool and None.
 
     With indent (an int), output matches Go's json.MarshalIndent layout, which
-    is what the reference plugins print.
+    is what the reference plugins print. ascii=True escapes every non-ASCII
+    character (\\uXXXX), so even a string that is not valid Unicode (a lone
+    surrogate) gives a document that encodes.
     """
     out: list[str] = []
-    _encode(obj, out, indent, 0)
+    _encode(obj, out, indent, 0, _quote_ascii if ascii else _quote)
     return "".join(out)
 
 
-def _encode(obj: object, out: list[str], indent: int | None, level: int) -> None:
+def _encode(obj: object, out: list[str], indent: int | None, level: int,
+            quote: Callable[[str], str] = _quote) -> None:
     if isinstance(obj, str):
-        out.append(_quote(obj))
+        out.append(quote(obj))
     elif obj is None:
         out.append("null")
     elif obj is True:
@@ -130,9 +171,9 @@ def _encode(obj: object, out: list[str], indent: int | None, level: int) -> None
             first = False
             if indent is not None:
                 out.append("\n" + " " * (indent * (level + 1)))
-            out.append(_quote(key))
+            out.append(quote(key))
             out.append(": " if indent is not None else ":")
-            _encode(value, out, indent, level + 1)
+            _encode(value, out, indent, level + 1, quote)
         if indent is not None:
             out.append("\n" + " " * (indent * level))
         out.append("}")
@@ -146,7 +187,7 @@ def _encode(obj: object, out: list[str], indent: int | None, level: int) -> None
                 out.append(",")
             if indent is not None:
                 out.append("\n" + " " * (indent * (level + 1)))
-            _encode(value, out, indent, level + 1)
+            _encode(value, out, indent, level + 1, quote)
         if indent is not None:
             out.append("\n" + " " * (indent * level))
         out.append("]")

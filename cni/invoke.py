@@ -68,13 +68,27 @@ def execute(path: str, command: str, stdin: bytes, env: Mapping[str, str],
         from cni.executable import ROOT, read_marker
         marker = read_marker(path)
         if marker and marker[1] == ROOT:
-            return _in_process(marker[0], command, env, stdin)
+            return _in_process(marker[0], command, env, stdin, os.path.basename(path))
     return _execute(path, command, env, stdin)
 
 
-def _in_process(module: str, command: str, env: Mapping[str, str], stdin: bytes) -> Result | None:
+# In-process plugin calls nested deeper than this are refused (no legitimate chain of
+# delegations is longer than a few: flannel -> bridge -> host-local).
+MAX_NESTING = 8
+
+
+def _in_process(module: str, command: str, env: Mapping[str, str], stdin: bytes,
+                name: str = "") -> Result | None:
     from cni import skel
     mod = __import__(module, fromlist=["COMMANDS"])
+    for commands, active_command, active_stdin in skel.ACTIVE:
+        if commands is mod.COMMANDS and active_command == command and active_stdin == stdin:
+            raise CNIError(errors.INVALID_NETCONF,
+                           'plugin "%s" delegates to itself with the same config' % (name or module),
+                           "its IPAM (or delegate) type names the plugin itself")
+    if len(skel.ACTIVE) >= MAX_NESTING:
+        raise CNIError(errors.INVALID_NETCONF, "plugins delegate more than %d levels deep" % MAX_NESTING,
+                       "an IPAM or delegate type that leads back to a plugin already running?")
     sub = skel.args_from_env(env, stdin)
     try:
         result = skel.call(mod.COMMANDS, sub)
@@ -108,10 +122,17 @@ def _execute(path: str, command: str, env: Mapping[str, str], stdin: bytes) -> R
 
 
 def _error_from(path: str, proc: Completed) -> CNIError:
+    """The failed plugin's error JSON as a CNIError; anything else (no JSON, or fields of
+    other types than the spec's: an int code, string msg and details) is a 999."""
     try:
         raw = loads(proc.stdout)
-        return CNIError(int(raw["code"]), raw.get("msg", ""), raw.get("details", ""))
-    except (JSONError, KeyError, TypeError, ValueError):
-        text = (proc.stderr or proc.stdout).decode(errors="replace").strip()
-        return CNIError(errors.INTERNAL, "netplugin failed: %s" % (text or "exit %d" % proc.returncode),
-                        os.path.basename(path))
+    except JSONError:
+        raw = None
+    if isinstance(raw, dict):
+        code, msg, details = raw.get("code"), raw.get("msg", ""), raw.get("details", "")
+        if isinstance(code, int) and not isinstance(code, bool) and isinstance(msg, str) \
+                and isinstance(details, (str, type(None))):
+            return CNIError(code, msg, details)
+    text = (proc.stderr or proc.stdout).decode(errors="replace").strip()
+    return CNIError(errors.INTERNAL, "netplugin failed: %s" % (text or "exit %d" % proc.returncode),
+                    os.path.basename(path))

@@ -37,6 +37,12 @@ _REQUIRED = {
 }
 # The first spec version that has each command.
 _SINCE = {"CHECK": (0, 4, 0), "GC": (1, 1, 0), "STATUS": (1, 1, 0)}
+_ENV = ("CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH")
+
+# The plugin commands running in this process, outermost first: (COMMANDS, command,
+# stdin). cni.invoke refuses to start one of them again in-process: that is a plugin
+# delegating to itself with the same config (e.g. bridge with "ipam": {"type": "bridge"}).
+ACTIVE: list[tuple[object, str, bytes]] = []
 
 
 class CmdArgs:
@@ -70,6 +76,8 @@ class CmdArgs:
 
 def args_from_env(env: Mapping[str, str], stdin: bytes) -> CmdArgs:
     """Build CmdArgs from an environment mapping and stdin bytes, validating both."""
+    for key in _ENV:
+        _check_env_text(key, env.get(key, ""))
     command = env.get("CNI_COMMAND", "")
     if not command:
         raise CNIError(errors.INVALID_ENV, "required env variables [CNI_COMMAND] missing")
@@ -91,10 +99,26 @@ def args_from_env(env: Mapping[str, str], stdin: bytes) -> CmdArgs:
         raise CNIError(errors.INCOMPATIBLE_VERSION,
                        "config version %s does not allow %s" % (version, command))
     validate_network_name(conf.get("name"))
+    plugin_type = conf.get("type")
+    if plugin_type is not None and not isinstance(plugin_type, str):   # null: missing, as in Go
+        raise CNIError(errors.INVALID_NETCONF, "failed to load netconf: type must be a string, not %s"
+                       % _short(plugin_type))
     if command in ("ADD", "CHECK", "DEL"):
         validate_container_id(args.container_id)
         validate_ifname(args.ifname)
     return args
+
+
+def _check_env_text(key: str, value: str) -> None:
+    """An environment value must be text: no NUL (impossible through exec, possible through
+    a mapping) and valid UTF-8 (os.environ holds other bytes as lone surrogates)."""
+    if "\0" in value:
+        raise CNIError(errors.INVALID_ENV, "%s holds a NUL character" % key, ascii(value))
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise CNIError(errors.INVALID_ENV, "%s is not valid UTF-8" % key, ascii(value)) from None
 
 
 def parse_config(stdin: bytes, command: str = "") -> dict[str, Any]:
@@ -112,19 +136,79 @@ def parse_config(stdin: bytes, command: str = "") -> dict[str, Any]:
     return conf
 
 
-_KIND_NAMES = {str: "string", bool: "boolean", int: "number", dict: "object", list: "array"}
+# "a object", "a array": the wording these messages have always had (tests match on it)
+_KIND_NAMES = {str: "a string", bool: "a boolean", int: "a number", dict: "a object", list: "a array"}
 
 
-def conf_value(conf: Mapping[str, Any], key: str, kind: type[T], default: T) -> T:
+def _short(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def conf_value(conf: Mapping[str, Any], key: str, kind: type[T], default: T, name: str = "") -> T:
     """conf[key] if it has JSON type `kind` (null or missing: default), else the spec's
-    INVALID_NETCONF error. A boolean is not a number, as in Go's decoder."""
+    INVALID_NETCONF error naming the field as `name` (default: key). A boolean is not
+    a number, as in Go's decoder."""
     value = conf.get(key, default)
     if value is None:
         return default
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
-        raise CNIError(errors.INVALID_NETCONF, "failed to load netconf: %s must be a %s, not %r"
-                       % (key, _KIND_NAMES[kind], value))
+        raise CNIError(errors.INVALID_NETCONF, "failed to load netconf: %s must be %s, not %s"
+                       % (name or key, _KIND_NAMES[kind], _short(value)))
     return value
+
+
+_DNS_LISTS = ("nameservers", "search", "options")
+
+
+def conf_dns(conf: Mapping[str, Any], key: str = "dns") -> dict[str, Any]:
+    """conf[key] as the spec's DNS type: nameservers, search and options lists of strings,
+    domain a string (else INVALID_NETCONF, as Go's typed decoding); other keys dropped."""
+    dns = conf_value(conf, key, dict, {})
+    out: dict[str, Any] = {}
+    for field in _DNS_LISTS:
+        value = dns.get(field)
+        if value is None:
+            continue
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise CNIError(errors.INVALID_NETCONF, "failed to load netconf: %s.%s must be a list of "
+                           "strings, not %s" % (key, field, _short(value)))
+        if value:
+            out[field] = value
+    domain = conf_value(dns, "domain", str, "", key + ".domain")
+    if domain:
+        out["domain"] = domain
+    return out
+
+
+def conf_path(conf: Mapping[str, Any], key: str, default: str) -> str:
+    """conf[key] as a file system path (null or missing: default): a non-empty string
+    without NUL, else the spec's INVALID_NETCONF error (open() would raise ValueError)."""
+    value = conf_value(conf, key, str, default)
+    if not value or "\0" in value:
+        raise CNIError(errors.INVALID_NETCONF, "failed to load netconf: %s must be a path, not %s"
+                       % (key, _short(value)))
+    return value
+
+
+def valid_attachments(conf: Mapping[str, Any]) -> set[tuple[str, str]]:
+    """GC's cni.dev/valid-attachments as {(containerID, ifname)}. null or missing is none
+    (libcni sends null for an empty list); anything but a list of objects with those two
+    strings is INVALID_NETCONF: a GC must never guess what is still in use."""
+    raw = conf.get("cni.dev/valid-attachments")
+    if raw is None:
+        return set()
+    if not isinstance(raw, list):
+        raise CNIError(errors.INVALID_NETCONF, "cni.dev/valid-attachments must be a list")
+    out = set()
+    for entry in raw:
+        if not isinstance(entry, dict) or not isinstance(entry.get("containerID"), str) \
+                or not isinstance(entry.get("ifname"), str):
+            raise CNIError(errors.INVALID_NETCONF,
+                           "cni.dev/valid-attachments entries need containerID and ifname strings",
+                           _short(entry))
+        out.add((entry["containerID"], entry["ifname"]))
+    return out
 
 
 def _only(text: str, allowed_extra: str) -> bool:
@@ -172,7 +256,11 @@ def call(commands: Commands, args: CmdArgs) -> Result | None:
         if args.command in ("GC", "STATUS"):
             return None   # nothing to collect / always ready
         raise CNIError(errors.INVALID_ENV, "plugin does not implement %s" % args.command)
-    return func(args)
+    ACTIVE.append((commands, args.command, args.stdin))
+    try:
+        return func(args)
+    finally:
+        ACTIVE.pop()
 
 
 def plugin_main(commands: Commands, about: str = "", env: Mapping[str, str] | None = None,
@@ -185,7 +273,7 @@ def plugin_main(commands: Commands, about: str = "", env: Mapping[str, str] | No
             stdin = sys.stdin.buffer.read()
         if env.get("CNI_COMMAND") == "VERSION":
             conf = parse_config(stdin, "VERSION")
-            sys.stdout.write(dumps(version_info(conf)))   # compact, as the reference
+            _print(version_info(conf), indent=None)    # compact, as the reference
             sys.exit(0)
         if not env.get("CNI_COMMAND") and about:
             sys.stderr.write(about + "\n")
@@ -198,13 +286,19 @@ def plugin_main(commands: Commands, about: str = "", env: Mapping[str, str] | No
             _print(to_version(result, args.version))
         sys.exit(0)
     except CNIError as e:
-        _print(e.to_dict(_error_version(version, stdin)))
+        _print_error(e, version, stdin)
         sys.exit(1)
     except Exception as e:  # an unexpected failure still answers in the spec's format
         import traceback
-        traceback.print_exc()
-        _print(CNIError(errors.INTERNAL, "%s: %s" % (type(e).__name__, e)).to_dict(
-            _error_version(version, stdin)))
+        try:    # with bad input quoted in it: backslash escapes, as Python's own stderr does
+            sys.stderr.write(traceback.format_exc().encode("utf-8", "backslashreplace").decode("utf-8"))
+        except Exception:
+            pass
+        try:
+            text = "%s: %s" % (type(e).__name__, e)
+        except Exception:   # an exception whose str() fails
+            text = type(e).__name__
+        _print_error(CNIError(errors.INTERNAL, text), version, stdin)
         sys.exit(1)
 
 
@@ -233,13 +327,36 @@ def _error_version(version: str | None, stdin: bytes | None) -> str:
     config was validated, e.g. a bad CNI_COMMAND) if supported, else LATEST."""
     if version is None and stdin:
         try:
-            conf = loads(stdin)
+            conf = loads(stdin, allow_surrogates=True)
             version = conf.get("cniVersion") if isinstance(conf, dict) else None
         except (JSONError, RecursionError):
             pass
     return version if version in SUPPORTED_VERSIONS else LATEST
 
 
-def _print(obj: object) -> None:
-    sys.stdout.write(dumps(obj, indent=4))
-    sys.stdout.flush()
+def _print(obj: object, indent: int | None = 4) -> None:
+    """Write a document to stdout as UTF-8 bytes, whatever the text layer's encoding.
+    A string that UTF-8 cannot carry (a lone surrogate, e.g. quoted from bad input)
+    makes the whole document ASCII with \\u escapes instead of failing."""
+    text = dumps(obj, indent=indent)
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:
+        data = dumps(obj, indent=indent, ascii=True).encode("ascii")
+    out = sys.stdout
+    out.flush()
+    buffer = getattr(out, "buffer", None)
+    if buffer is None:          # a text-only stream (tests): ASCII is safe for any encoding
+        out.write(data.decode("utf-8") if data.isascii() else dumps(obj, indent=indent, ascii=True))
+        out.flush()
+        return
+    buffer.write(data)
+    buffer.flush()
+
+
+def _print_error(error: CNIError, version: str | None, stdin: bytes | None) -> None:
+    """The error JSON; never raises (a broken stdout is the caller's loss, not a traceback)."""
+    try:
+        _print(error.to_dict(_error_version(version, stdin)))
+    except Exception:
+        pass

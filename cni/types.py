@@ -63,30 +63,84 @@ def from_version(raw: object, version: str) -> Result:
                 continue
             if not isinstance(block, dict) or not isinstance(block.get("ip"), str):
                 raise CNIError(DECODING_FAILURE, "result %s has no ip" % key)
-            ip = {"address": block["ip"]}
+            ip = {"address": _cidr(block["ip"], "%s ip" % key)}
             if block.get("gateway"):
-                ip["gateway"] = _str(block["gateway"], "%s gateway" % key)
+                ip["gateway"] = _ip(block["gateway"], "%s gateway" % key)
             out["ips"].append(ip)
             out["routes"].extend(_routes(block.get("routes")))
     else:
-        out["interfaces"] = [_dict(i, "interfaces") for i in _list(raw.get("interfaces"), "interfaces")]
+        out["interfaces"] = [_interface(i) for i in _list(raw.get("interfaces"), "interfaces")]
         for ip in _list(raw.get("ips"), "ips"):
             if not isinstance(ip, dict) or not isinstance(ip.get("address"), str):
                 raise CNIError(DECODING_FAILURE, "result ips entry has no address")
             ip = dict(ip)
             ip.pop("version", None)
+            _cidr(ip["address"], "ips address")
             index = ip.get("interface")
-            if index is not None and (not isinstance(index, int) or isinstance(index, bool)):
+            if index is not None and not _is_int(index):
                 raise CNIError(DECODING_FAILURE, "result ips interface is not an index")
-            if ip.get("gateway") is not None:
-                _str(ip["gateway"], "ips gateway")
+            if ip.get("gateway"):
+                _ip(ip["gateway"], "ips gateway")
+            elif ip.get("gateway") is not None:
+                _str(ip["gateway"], "ips gateway")     # "" is no gateway, as Go's net.IP
             out["ips"].append(ip)
         out["routes"] = _routes(raw.get("routes"))
-    dns = raw.get("dns") or {}
+    out["dns"] = _dns(raw.get("dns"))
+    return out
+
+
+# Go's typed decoding (types100.Result) refuses these with another JSON type; so do we.
+_IFACE_STRINGS = ("name", "mac", "sandbox", "socketPath", "pciID")
+_ROUTE_INTS = ("mtu", "advmss", "priority", "table", "scope")
+_DNS_LISTS = ("nameservers", "search", "options")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _interface(value: object) -> dict[str, Any]:
+    iface = _dict(value, "interfaces")
+    for key in _IFACE_STRINGS:
+        if iface.get(key) is not None:
+            _str(iface[key], "interface %s" % key)
+    if iface.get("mtu") is not None and not _is_int(iface["mtu"]):
+        raise CNIError(DECODING_FAILURE, "result interface mtu is not a number")
+    return iface
+
+
+def _cidr(value: object, what: str) -> str:
+    from podnet.net.ip import parse_cidr
+    text = _str(value, what)
+    try:
+        parse_cidr(text)
+    except ValueError:
+        raise CNIError(DECODING_FAILURE, "result %s %r is not an address with a prefix length"
+                       % (what, text)) from None
+    return text
+
+
+def _ip(value: object, what: str) -> str:
+    from podnet.net.ip import parse_ip
+    text = _str(value, what)
+    try:
+        parse_ip(text)
+    except ValueError:
+        raise CNIError(DECODING_FAILURE, "result %s %r is not an IP address" % (what, text)) from None
+    return text
+
+
+def _dns(value: object) -> dict[str, Any]:
+    dns = value or {}
     if not isinstance(dns, dict):
         raise CNIError(DECODING_FAILURE, "result dns is not an object")
-    out["dns"] = dict(dns)
-    return out
+    for key in _DNS_LISTS:
+        items = dns.get(key)
+        if items is not None and (not isinstance(items, list) or not all(isinstance(i, str) for i in items)):
+            raise CNIError(DECODING_FAILURE, "result dns %s is not a list of strings" % key)
+    if dns.get("domain") is not None:
+        _str(dns["domain"], "dns domain")
+    return dict(dns)
 
 
 def _dict(value: object, what: str) -> dict[str, Any]:
@@ -104,7 +158,14 @@ def _str(value: object, what: str) -> str:
 def _routes(value: object) -> list[dict[str, Any]]:
     routes = [_dict(r, "routes") for r in _list(value, "routes")]
     for r in routes:
-        _str(r.get("dst"), "route dst")
+        _cidr(r.get("dst"), "route dst")
+        if r.get("gw"):
+            _ip(r["gw"], "route gw")
+        elif r.get("gw") is not None:
+            _str(r["gw"], "route gw")          # "" is no gateway, as Go's net.IP
+        for key in _ROUTE_INTS:
+            if r.get(key) is not None and not _is_int(r[key]):
+                raise CNIError(DECODING_FAILURE, "result route %s is not a number" % key)
     return routes
 
 

@@ -4,10 +4,12 @@ Pure: this module parses and validates the ranges of an `ipam` config and
 orders candidate addresses; ipam.store does the file I/O and ipam.host_local
 ties the two together. Semantics follow the reference host-local plugin
 (containernetworking/plugins, backend/allocator), including its error texts,
-with two deliberate differences: a gateway outside its subnet is rejected
-(1.1.1 accepts it, later releases reject it), and the network address and
+with three deliberate differences: a gateway outside its subnet is rejected
+(1.1.1 accepts it, later releases reject it); the network address and
 IPv4 broadcast address are never handed out even when an explicit
-rangeStart/rangeEnd includes them.
+rangeStart/rangeEnd includes them; and, for allocation, a range reaching
+into link-local, multicast, loopback or IPv4-mapped addresses is refused
+(unusable_reason; 1.1.1 allocates from all of them but IPv4-mapped).
 
 A range set is a list of ranges of one address family; each range set yields
 one address per ADD. Addresses are podnet.net.ip.IP values (family + int).
@@ -122,6 +124,16 @@ class RangeSet:
     def overlaps(self, other):
         return any(a.overlaps(b) for a in self.ranges for b in other.ranges)
 
+    def available(self, used):
+        """How many addresses are left to hand out, given `used` (int values of
+        this set's family): arithmetic on the range bounds, whatever their size."""
+        left = 0
+        for r in self.ranges:
+            lo, hi = r.start.value, r.end.value
+            left += hi - lo + 1 - sum(1 for v in r.skip if lo <= v <= hi)
+            left -= sum(1 for v in used if lo <= v <= hi and v not in r.skip)
+        return left
+
     def ordered(self, last=None):
         """(range, int value) pairs in round-robin order, each address once.
 
@@ -171,7 +183,7 @@ class RangeSet:
 def parse_range(obj):
     """One range object -> Range; ValueError with the reason if invalid."""
     if not isinstance(obj, dict):
-        raise ValueError("a range must be an object with a subnet, got %s" % _kind(obj))
+        raise ValueError("a range must be an object with a subnet, got %s" % json_kind(obj))
     text = obj.get("subnet")
     if not text:
         raise ValueError("range has no subnet")
@@ -216,7 +228,7 @@ def _field(obj, key, subnet, label):
 def parse_range_set(obj):
     """A list of range objects -> RangeSet; ValueError if invalid."""
     if not isinstance(obj, list):
-        raise ValueError("a range set must be a list of ranges, got %s" % _kind(obj))
+        raise ValueError("a range set must be a list of ranges, got %s" % json_kind(obj))
     if not obj:
         raise ValueError("empty range set")
     ranges = []
@@ -232,12 +244,14 @@ def parse_range_set(obj):
     return RangeSet(ranges)
 
 
-def parse_range_sets(ipam, runtime_ranges=None, cni_version="1.1.0"):
+def parse_range_sets(ipam, runtime_ranges=None, cni_version="1.1.0", for_allocation=False):
     """All range sets of an `ipam` config, in allocation order.
 
     As the reference: runtimeConfig.ipRanges first, then the legacy single
     range (ipam.subnet/rangeStart/rangeEnd/gateway), then ipam.ranges.
-    Raises CNIError(INVALID_NETCONF) on any invalid or overlapping range.
+    Raises CNIError(INVALID_NETCONF) on any invalid or overlapping range, and
+    with for_allocation also on a range no pod address may come from
+    (unusable_reason).
     """
     raw = []
     if runtime_ranges:
@@ -249,7 +263,7 @@ def parse_range_sets(ipam, runtime_ranges=None, cni_version="1.1.0"):
     ranges = ipam.get("ranges")
     if ranges is not None:
         if not isinstance(ranges, list):
-            raise _invalid("ipam.ranges must be a list of range sets, got %s" % _kind(ranges))
+            raise _invalid("ipam.ranges must be a list of range sets, got %s" % json_kind(ranges))
         raw.extend(ranges)
     if not raw:
         raise _invalid("no IP ranges specified")
@@ -260,6 +274,11 @@ def parse_range_sets(ipam, runtime_ranges=None, cni_version="1.1.0"):
             sets.append(parse_range_set(obj))
         except ValueError as e:
             raise _invalid("invalid range set %d: %s" % (i, e)) from None
+        if for_allocation:
+            for r in sets[-1].ranges:
+                reason = unusable_reason(r)
+                if reason:
+                    raise _invalid("invalid range set %d: %s" % (i, reason))
 
     # Spec 0.2.0 and older results carry one ip4 and one ip6 only.
     families = [s.family for s in sets]
@@ -274,10 +293,41 @@ def parse_range_sets(ipam, runtime_ranges=None, cni_version="1.1.0"):
     return sets
 
 
+# Blocks no pod address may come from (family, network, prefix length, what):
+# the reference 1.1.1 hands them out (all but IPv4-mapped, which it refuses with
+# 999), and the pod is left with an address the kernel treats as special.
+_UNUSABLE = (
+    (AF_INET, 0xA9FE0000, 16, "IPv4 link-local addresses (169.254.0.0/16)"),
+    (AF_INET, 0xE0000000, 4, "IPv4 multicast addresses (224.0.0.0/4)"),
+    (AF_INET, 0x7F000000, 8, "IPv4 loopback addresses (127.0.0.0/8)"),
+    (AF_INET6, 0xFE80 << 112, 10, "IPv6 link-local addresses (fe80::/10)"),
+    (AF_INET6, 0xFF << 120, 8, "IPv6 multicast addresses (ff00::/8)"),
+    (AF_INET6, 0xFFFF << 32, 96, "IPv4-mapped IPv6 addresses (::ffff:0:0/96)"),
+    (AF_INET6, 1, 128, "the IPv6 loopback address (::1)"),
+)
+
+
+def unusable_reason(r):
+    """Why range `r` cannot give pods their addresses, or None: its start..end
+    reaches into link-local, multicast, loopback or IPv4-mapped addresses."""
+    for family, network, plen, what in _UNUSABLE:
+        if family != r.family:
+            continue
+        host = (1 << (r.subnet.ip.bits - plen)) - 1
+        if r.start.value <= network | host and network <= r.end.value:
+            if family == AF_INET6 and plen == 96 and r.subnet.prefixlen >= 96:
+                v4 = IP(AF_INET, r.subnet.network.value & 0xFFFFFFFF)
+                return ("subnet %s is made of %s; for IPv4 write %s/%d"
+                        % (r.subnet, what, v4, r.subnet.prefixlen - 96))
+            return "range %s reaches into %s, which cannot be a pod's address" % (r, what)
+    return None
+
+
 def _invalid(msg):
     return CNIError(errors.INVALID_NETCONF, msg)
 
 
-def _kind(value):
+def json_kind(value):
+    """What a JSON value is, for messages: "a boolean", "a list"..."""
     return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
             type(None): "null"}.get(type(value), "a number")

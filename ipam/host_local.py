@@ -16,7 +16,18 @@ deliberate:
     releases reject it too), and the network and IPv4 broadcast addresses
     are never handed out, even from an explicit rangeStart/rangeEnd that
     includes them (1.1.1 would allocate them);
-  * GC and STATUS (spec 1.1.0) exist.
+  * ADD (and STATUS) refuse a range reaching into link-local (fe80::/10,
+    169.254.0.0/16), multicast, loopback or IPv4-mapped IPv6 addresses,
+    code 7 (1.1.1 hands out all but the last); DEL, CHECK and GC accept
+    them, so what was allocated there can still be released;
+  * dataDir and resolvConf of another type than string (false, 0, [], {})
+    are code 7, not "unset"; a NUL in them, or a string anywhere in ipam that
+    is not Unicode text (a lone surrogate), is code 7 too; route fields
+    mtu/advmss/priority/table/scope must be integers;
+  * the store survives kill -9 at any point (ipam.store: atomic reservations,
+    crash leftovers reclaimed);
+  * GC and STATUS (spec 1.1.0) exist; STATUS fails with 50 when a range set
+    has no address left, as the spec asks.
 
 The bridge plugin runs this in-process through cni.invoke, so the command
 functions return the internal result or raise CNIError; main() is the
@@ -30,9 +41,9 @@ from cni import errors
 from cni.errors import CNIError
 from cni.skel import run_plugin
 from cni.types import empty_result
-from ipam.allocator import ip_string, parse_addr, parse_range_sets
+from ipam.allocator import ip_string, json_kind, parse_addr, parse_range_sets
 from ipam.store import Store
-from podnet.net.ip import AF_INET, AF_INET6, parse_cidr
+from podnet.net.ip import AF_INET, AF_INET6, parse_cidr, parse_ip
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -58,29 +69,78 @@ class IPAMConfig:
         self.requested = requested
 
 
-def load_config(args, with_requested=True):
-    """Parse and validate args.conf["ipam"] (and requested IPs if asked)."""
+def load_config(args, with_requested=True, for_allocation=False):
+    """Parse and validate args.conf["ipam"] (and requested IPs if asked).
+
+    for_allocation (ADD, STATUS) also refuses ranges no pod can be given an
+    address from (ipam.allocator); DEL, CHECK and GC take them, so that what
+    an older version allocated there can still be released.
+    """
     conf = args.conf
     ipam = conf.get("ipam")
     if ipam is None:
         raise _invalid("IPAM config missing 'ipam' key")
     if not isinstance(ipam, dict):
         raise _invalid("ipam must be an object")
-    runtime = conf.get("runtimeConfig") or {}
-    if not isinstance(runtime, dict):
+    runtime = conf.get("runtimeConfig")
+    if runtime is None:
+        runtime = {}
+    elif not isinstance(runtime, dict):
         raise _invalid("runtimeConfig must be an object")
-    data_dir = ipam.get("dataDir") or None
-    resolv_conf = ipam.get("resolvConf") or None
-    for key, value in (("dataDir", data_dir), ("resolvConf", resolv_conf)):
-        if value is not None and not isinstance(value, str):
-            raise _invalid("ipam.%s must be a string" % key)
-    requested = _requested_ips(args, runtime) if with_requested else []
-    range_sets = parse_range_sets(ipam, runtime.get("ipRanges"), args.version)
+    conf_args = conf.get("args")
+    cni_block = conf_args.get("cni") if isinstance(conf_args, dict) else None
+    # Everything host-local reads, and may quote back in a result or an error,
+    # must be text that can be printed (JSON can carry lone surrogates).
+    _check_text(ipam, "ipam")
+    _check_text(runtime.get("ipRanges"), "runtimeConfig.ipRanges")
+    _check_text(runtime.get("ips"), "runtimeConfig.ips")
+    if isinstance(cni_block, dict):
+        _check_text(cni_block.get("ips"), "args.cni.ips")
+    data_dir = _path(ipam, "dataDir")
+    resolv_conf = _path(ipam, "resolvConf")
+    requested = _requested_ips(args, runtime, cni_block) if with_requested else []
+    range_sets = parse_range_sets(ipam, runtime.get("ipRanges"), args.version, for_allocation)
     routes = _routes(ipam.get("routes"))
     return IPAMConfig(conf.get("name"), data_dir, range_sets, routes, resolv_conf, requested)
 
 
-def _requested_ips(args, runtime):
+def _path(ipam, key):
+    """ipam[key] as a path, or None for the default: null, missing and "" mean unset
+    (as in the reference, where they all leave Go's string empty); any other
+    type is invalid, not "unset"."""
+    value = ipam.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise _invalid("ipam.%s must be a string, not %s" % (key, json_kind(value)))
+    if "\0" in value:
+        raise _invalid("ipam.%s holds a NUL character: %s" % (key, ascii(value)))
+    return value
+
+
+def _check_text(obj, where):
+    """CNIError(INVALID_NETCONF) naming the first string in `obj` (keys included)
+    that is not Unicode text: a lone surrogate, which JSON's \\uD800 escapes can
+    make and which neither a file name nor an answer can hold."""
+    stack = [(obj, where)]
+    while stack:
+        item, at = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise _invalid("%s is not valid Unicode text (a lone surrogate): %s"
+                                   % (at, ascii(item))) from None
+        elif isinstance(item, dict):
+            for key, value in item.items():
+                stack.append((key, "%s: a key" % at))
+                stack.append((value, "%s.%s" % (at, key) if isinstance(key, str) and key.isascii() else at))
+        elif isinstance(item, list):
+            stack.extend((value, "%s[%d]" % (at, i)) for i, value in enumerate(item))
+
+
+def _requested_ips(args, runtime, cni_block):
     """Addresses asked for: CNI_ARGS IP=, args.cni.ips, runtimeConfig.ips (capability "ips")."""
     out = []
     value = args.cni_args().get("IP")
@@ -91,8 +151,6 @@ def _requested_ips(args, runtime):
             except ValueError as e:
                 raise CNIError(errors.INVALID_ENV,
                                'ARGS: error parsing value of pair "IP=%s": %s' % (value, e)) from None
-    conf_args = args.conf.get("args")
-    cni_block = conf_args.get("cni") if isinstance(conf_args, dict) else None
     from_args = cni_block.get("ips") if isinstance(cni_block, dict) else None
     for where, items in (("args.cni.ips", from_args), ("runtimeConfig.ips", runtime.get("ips"))):
         if items is None:
@@ -128,14 +186,21 @@ def _routes(routes):
             entry = {"dst": "%s/%d" % (ip_string(net.ip), net.prefixlen)}
         except ValueError:
             raise _invalid("invalid CIDR address: %s" % (dst,)) from None
-        if route.get("gw"):
+        gw = route.get("gw")
+        if gw is not None and gw != "":
+            if not isinstance(gw, str):
+                raise _invalid("ipam.routes: gw must be a string, not %s" % json_kind(gw))
             try:
-                entry["gw"] = ip_string(parse_addr(route["gw"]))
+                entry["gw"] = ip_string(parse_addr(gw))
             except ValueError as e:
                 raise _invalid(str(e)) from None
         for key in _ROUTE_EXTRA:
-            if route.get(key) not in (None, ""):
-                entry[key] = route[key]
+            value = route.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):   # spec 1.1.0: integers
+                raise _invalid("ipam.routes: %s must be an integer, not %s" % (key, json_kind(value)))
+            entry[key] = value
         out.append(entry)
     return out
 
@@ -179,7 +244,7 @@ def read_resolv_conf(path):
 # -- commands ---------------------------------------------------------------
 
 def cmd_add(args):
-    conf = load_config(args)
+    conf = load_config(args, for_allocation=True)
     dns = read_resolv_conf(conf.resolv_conf) if conf.resolv_conf else {}
     store = Store(conf.name, conf.data_dir)
     try:
@@ -225,6 +290,8 @@ def allocate(store, range_sets, requested, container_id, ifname):
                                e.details) from None
             if new:
                 made.append(ip)
+                # After the address file: a failure here releases it with the rest.
+                store.set_last_reserved(idx, ip)
             entry = {"address": "%s/%d" % (ip_string(ip), r.subnet.prefixlen),
                      "gateway": ip_string(r.gateway)}
             out.append(entry)
@@ -233,7 +300,10 @@ def allocate(store, range_sets, requested, container_id, ifname):
                            % " ".join(ip_string(ip) for ip in pending))
     except BaseException:
         for ip in made:
-            store.release(ip_string(ip))
+            try:
+                store.release(ip_string(ip))
+            except OSError:
+                pass   # the original error says more; a DEL retries the release
         raise
     return out
 
@@ -270,7 +340,6 @@ def _allocate_from(store, idx, rs, want, held, used, container_id, ifname):
             raise CNIError(errors.NO_ADDRESSES,
                            "no IP addresses available in range set: %s" % rs)
     used.add(ip.value)
-    store.set_last_reserved(idx, ip)
     return r, ip, True
 
 
@@ -328,18 +397,46 @@ def cmd_gc(args):
 
 
 def cmd_status(args):
-    conf = load_config(args, with_requested=False)
+    """Ready when the store is usable and every range set has an address left."""
+    conf = load_config(args, with_requested=False, for_allocation=True)
     store = Store(conf.name, conf.data_dir)
     try:
         with store:   # creates the directory and lock file, proving both possible
-            pass
+            full = _exhausted(store, conf.range_sets)
         if not os.access(store.dir, os.W_OK | os.X_OK):
             raise PermissionError(13, "Permission denied", store.dir)
     except OSError as e:
         raise CNIError(errors.LIMITED_CONNECTIVITY,
                        "host-local: data directory %s is not usable: %s"
                        % (store.dir, e.strerror or e)) from None
+    if full is not None:
+        raise CNIError(errors.LIMITED_CONNECTIVITY, "host-local: no IP addresses available in "
+                       "range set %d: %s" % (full, conf.range_sets[full]))
     return None
+
+
+def _exhausted(store, range_sets):
+    """The index of the first range set with no address left to hand out, or None.
+
+    Counts address files by name, without reading them or walking the ranges,
+    so a /64 costs what a /30 does. A set that looks full is counted again after
+    a listing that reclaims what crashed writers left (ipam.store), as the next
+    ADD would.
+    """
+    swept = False
+    while True:
+        used = {AF_INET: set(), AF_INET6: set()}
+        for name in store.names():
+            try:
+                ip = parse_ip(name)
+            except ValueError:
+                continue
+            used[ip.family].add(ip.value)
+        full = next((i for i, rs in enumerate(range_sets) if not rs.available(used[rs.family])), None)
+        if full is None or swept:
+            return full
+        store.allocations()
+        swept = True
 
 
 COMMANDS: Commands = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "GC": cmd_gc, "STATUS": cmd_status}

@@ -10,12 +10,29 @@ backend/disk writes, so either plugin can take over the other's store):
     last_reserved_ip.<i> the address last allocated from range set i
     lock                 flock(LOCK_EX)ed for a whole allocation or release
 
-Address files are created with O_CREAT|O_EXCL, so even a writer that skips
-the lock cannot make two containers own one address.
+A reservation is atomic: the owner is written to a temporary file
+(.podnet-tmp.<pid>) which is then link(2)ed to the address's name. link
+fails if the name exists, so O_EXCL's guarantee holds (even a writer that
+skips the lock cannot make two containers own one address), and the address
+file appears complete or not at all: a kill -9 at any point leaves either no
+address file or one naming its owner, which the runtime's DEL releases.
+last_reserved_ip.<i> is replaced with rename(2) the same way.
+
+What crashes leave behind, and what becomes of it (all under the lock):
+  * temporary files (killed before the link, or between link and unlink):
+    only a lock holder writes them, so any seen by a lock holder is dead; every
+    listing made under the lock removes them;
+  * an empty address file: what a kill -9 between O_EXCL create and write
+    leaves in a store written by older podnet or by the reference plugin (which
+    writes that way). No DEL can match it (it names no container). It counts
+    as taken while fresh (a writer that skips the lock might be at it), and a
+    listing under the lock (ADD, DEL, CHECK, GC, and STATUS when a range looks
+    full) removes it once it is ORPHAN_AGE seconds old.
 """
 import errno
 import fcntl
 import os
+import time
 
 from ipam.allocator import ip_string
 from podnet.net.ip import parse_ip
@@ -24,6 +41,9 @@ DEFAULT_DATA_DIR = "/var/lib/cni/networks"
 LAST_RESERVED_PREFIX = "last_reserved_ip."
 LOCK_NAME = "lock"
 LINE_BREAK = "\r\n"
+TMP_PREFIX = ".podnet-tmp."
+# An empty address file older than this is a crashed writer's: reclaimed.
+ORPHAN_AGE = 10.0
 
 
 class Allocation:
@@ -104,25 +124,54 @@ class Store:
     # -- reading ------------------------------------------------------------
 
     def allocations(self):
-        """Every address file in the store, as a list of Allocation."""
+        """Every address file in the store, as a list of Allocation.
+
+        Under the lock, also removes what crashed writers left: temporary
+        files, and empty address files older than ORPHAN_AGE (module doc).
+        A fresh empty file is listed with container_id "": taken, and owned
+        by nobody a DEL can name.
+        """
         out = []
         try:
             names = os.listdir(self.dir)
         except FileNotFoundError:
             return out
+        locked = self._lock_fd >= 0
         for name in names:
             if name == LOCK_NAME or name.startswith(LAST_RESERVED_PREFIX):
+                continue
+            if name.startswith(TMP_PREFIX):
+                if locked:
+                    _unlink(self._path(name))
                 continue
             try:
                 ip = parse_ip(name)
             except ValueError:
-                continue   # not an address file (editor leftovers, temp files...)
+                continue   # not an address file (editor leftovers...)
             content = self._read(name)
             if content is None:
                 continue   # released meanwhile, or a directory
             container_id, ifname = parse_owner(content)
+            if not container_id and locked and self._stale(name):
+                self.release(name)
+                continue
             out.append(Allocation(name, ip, container_id, ifname))
         return out
+
+    def names(self):
+        """The names of the address files, without reading them (cheap)."""
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            return []
+        return [n for n in names if n != LOCK_NAME and not n.startswith(LAST_RESERVED_PREFIX)
+                and not n.startswith(TMP_PREFIX)]
+
+    def _stale(self, name):
+        try:
+            return time.time() - os.stat(self._path(name)).st_mtime > ORPHAN_AGE
+        except OSError:
+            return False
 
     def last_reserved(self, range_index):
         """The last address allocated from range set `range_index`, or None."""
@@ -153,13 +202,33 @@ class Store:
     # -- writing ------------------------------------------------------------
 
     def reserve(self, ip, container_id, ifname):
-        """Claim `ip` for (container_id, ifname); False if someone holds it already."""
-        path = self._path(ip_string(ip))
+        """Claim `ip` for (container_id, ifname); False if someone holds it already.
+
+        Atomic (module doc): the address file appears with its owner in it, or
+        not at all.
+        """
+        tmp = self._write_tmp(container_id.strip() + LINE_BREAK + ifname)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            os.link(tmp, self._path(ip_string(ip)))
         except FileExistsError:
             return False
-        data = (container_id.strip() + LINE_BREAK + ifname).encode()
+        finally:
+            _unlink(tmp)
+        return True
+
+    def set_last_reserved(self, range_index, ip):
+        tmp = self._write_tmp(ip_string(ip))
+        try:
+            os.rename(tmp, self._path(LAST_RESERVED_PREFIX + str(range_index)))
+        except BaseException:
+            _unlink(tmp)
+            raise
+
+    def _write_tmp(self, text):
+        """A new temporary file in the store holding `text`; its path."""
+        path = self._path(TMP_PREFIX + str(os.getpid()))
+        data = text.encode()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         try:
             written = os.write(fd, data)
             if written != len(data):
@@ -169,15 +238,7 @@ class Store:
             _unlink(path)
             raise
         os.close(fd)
-        return True
-
-    def set_last_reserved(self, range_index, ip):
-        path = self._path(LAST_RESERVED_PREFIX + str(range_index))
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            os.write(fd, ip_string(ip).encode())
-        finally:
-            os.close(fd)
+        return path
 
     def release(self, name):
         """Remove one address file; True if it existed."""
@@ -207,11 +268,14 @@ class Store:
         """Release every allocation not in `valid`, a set of (containerID, ifname).
 
         A legacy file (no ifname) stays while its container has any valid
-        attachment. Returns the released file names.
+        attachment; a fresh empty file stays until it is stale (allocations()
+        removes it then). Returns the released file names.
         """
         valid_ids = {cid for cid, _ in valid}
         released = []
         for a in self.allocations():
+            if not a.container_id:
+                continue
             if a.ifname is None:
                 keep = a.container_id in valid_ids
             else:

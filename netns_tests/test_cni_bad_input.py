@@ -208,6 +208,20 @@ CASES = {
     "DEL-bad-json": (lambda b: dict(conf="{", command="DEL"), 6, r"decod"),
     "DEL-unknown-cniVersion": (lambda b: dict(conf=b.conf(cniVersion="0.9.0"), command="DEL"), 1,
                                r"incompatible"),
+    # Regression (issue 12, defect 9): bridge ran itself as its IPAM in-process until
+    # Python's recursion limit ("exceeded max nesting depth").
+    "ipam-type-is-the-plugin-itself": (lambda b: dict(conf=b.ipam(type="bridge", subnet="10.250.0.0/24")),
+                                       7, r'plugin "bridge" delegates to itself'),
+    # Found by the corpus: CHECK asked IPAM first, and host-local's "no address for this
+    # container" is a 999; the missing prevResult is the input error, and comes first now.
+    "CHECK-without-prevResult": (lambda b: dict(conf=b.conf(), command="CHECK"), 7,
+                                 r"Required prevResult missing"),
+    # Regression (issue 12, defect 13): a number as the type was accepted.
+    "type-is-a-number": (lambda b: dict(conf=b.conf(type=5)), 7, r"type must be a string"),
+    "unencodable-bridge-name": (lambda b: dict(conf=b.conf(bridge="br\ud800")), 6, r"lone surrogate"),
+    "unencodable-dataDir": (lambda b: dict(conf=b.conf(ipam={"type": "host-local", "subnet": "10.250.0.0/24",
+                                                             "dataDir": b.data_dir + "\udcff"})), 6,
+                            r"lone surrogate"),
     "loopback-missing-netns": (
         lambda b: dict(conf={"cniVersion": "1.0.0", "name": "lo", "type": "loopback"},
                        netns=b.pod.path + "-gone", ifname="lo", plugin="loopback"), 3,
@@ -227,6 +241,40 @@ def test_bad_input_fails_cleanly(bed, case):
         assert out.result["cniVersion"] == declared
     assert bed.snapshot() == before
     assert "eth0" not in bed.pod.link_names()
+
+
+@pytest.mark.parametrize("length", [300, 5000])
+def test_long_container_ids_work_as_with_the_reference(bed, length):
+    """Regression (issue 12, defect 9): with ipMasq the whole comment (it names the
+    container) went into the restore input; past 1,024 characters iptables-restore
+    refused it and the ADD failed with 999. The reference passes the comment to
+    iptables, which keeps 255 characters: so do we now, for bridge and portmap alike."""
+    cid = "L" * length
+    conf = bed.conf(bridge="longbr0", name="longnet")
+    before = bed.snapshot()
+    out = bed.run(conf, container_id=cid)
+    assert out.returncode == 0, out.stdout + out.stderr
+    prev = out.result
+    pm = {"cniVersion": "1.0.0", "name": "longnet", "type": "portmap", "prevResult": prev,
+          "runtimeConfig": {"portMappings": [{"hostPort": 8443, "containerPort": 443}]}}
+    out = bed.run(pm, container_id=cid, plugin="portmap")
+    assert out.returncode == 0, out.stdout + out.stderr
+    saved = bed.node.run(["iptables-save", "-t", "nat"]).stdout
+    comments = re.findall(r'--comment "((?:[^"\\]|\\.)*)"', saved)
+    assert comments and all(len(c.replace('\\"', '"')) <= 255 for c in comments), comments
+    assert bed.run(pm, command="DEL", container_id=cid, plugin="portmap").returncode == 0
+    out = bed.run(conf, command="DEL", container_id=cid)
+    assert out.returncode == 0, out.stdout + out.stderr
+    bed.node.ip("link", "del", "longbr0")        # DEL leaves the bridge, as the reference
+    for tool in ("iptables", "ip6tables"):         # and portmap its shared CNI-HOSTPORT-* chains
+        bed.node.run([tool, "-t", "nat", "-F"])
+        bed.node.run([tool, "-t", "nat", "-X"])
+    after = bed.snapshot()
+
+    def ours(snapshot):       # rules and chains (not the empty nat table the flush leaves)
+        return dict(snapshot, iptables=[l for l in snapshot["iptables"]
+                                        if l.startswith(("-A", ":CNI-"))])
+    assert ours(after) == ours(before)
 
 
 def test_bridge_name_taken_by_a_veth(bed):

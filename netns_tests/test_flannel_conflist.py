@@ -339,3 +339,42 @@ def test_gc_and_status(lab, net, bins):
     os.unlink(site.subnet_file)
     out = site.cni("status", check=False)
     assert out.returncode == 1 and json.loads(out.stdout)["code"] == 50
+
+
+# ---- a delegate that rejects its config (issue 12) ---------------------------------------
+
+@pytest.mark.parametrize("impl", ["ours", "reference"])
+def test_delegate_rejecting_its_config_leaves_a_pod_that_can_be_deleted(lab, net, bins, impl):
+    """host-local refuses the flannel entry's ipam.routes on ADD and on DEL alike: the
+    failed ADD keeps no saved delegate config (its DEL fails as its ADD did), so the
+    runtime's DEL, and every DEL after it, succeeds."""
+    site = Site(lab, net, "node1", bins[impl])
+    site.conflist["plugins"][0]["ipam"]["routes"] = [{"dst": "not-a-cidr"}]
+    with open(site.conflist_path, "w") as f:
+        json.dump(site.conflist, f)
+    site.pod("p")
+    out = site.cni("add", "p", check=False)
+    err = json.loads(out.stdout)
+    assert out.returncode == 1 and "failed to delegate add" in err["msg"], err
+    if impl == "ours":
+        assert err["code"] == 7
+    assert not os.path.exists(site.saved_config("p"))
+    for _ in range(2):
+        site.cni("del", "p")
+    assert_clean(site, "p")
+
+
+def test_status_reports_an_exhausted_lease(lab, net, bins):
+    """issue 12: a /30 lease holds one pod; with it taken, ADD fails with 100 and
+    STATUS (flannel -> bridge -> host-local) says 50 instead of success."""
+    site = Site(lab, net, "node1", bins["ours"], version="1.1.0")
+    site.write_env(SUBNET_ENV.replace("10.244.1.1/24", "10.244.1.1/30"))
+    assert site.cni("status").returncode == 0
+    site.add("only")
+    out = site.cni("status", check=False)
+    err = json.loads(out.stdout)
+    assert out.returncode == 1 and err["code"] == 50 and "no IP addresses available" in err["msg"], err
+    site.pod("more")
+    assert json.loads(site.cni("add", "more", check=False).stdout)["code"] == 100
+    site.cni("del", "only")
+    assert site.cni("status").returncode == 0

@@ -460,6 +460,21 @@ def _bad_cases(prev, node_ip):
         ("prev-result-malformed", portmap_conf(dict(prev, ips="10.0.0.1"), [m]), 6, "result ips is not a list"),
         ("runtime-config-not-object", dict(portmap_conf(prev, [m]), runtimeConfig=[]), 7,
          "runtimeConfig must be an object"),
+        # Regression (issue 12, defect 4): a lone surrogate anywhere in prevResult (echoed
+        # back as the result) installed the rules, then crashed printing the result: no
+        # JSON, and the CNI-DN chain left behind. Now refused before anything is touched.
+        ("prev-result-unencodable", portmap_conf(dict(prev, dns={"domain": "x\ud800"}), [m]), 6,
+         "lone surrogate"),
+        ("prev-result-unencodable-interface", portmap_conf(dict(prev, interfaces=[
+            dict(i, name=i["name"] + "\udcff") for i in prev["interfaces"]]), [m]), 6, "lone surrogate"),
+        ("conditions-too-long", portmap_conf(prev, [m], conditionsV4=["-m", "comment", "--comment", "x" * 1100]),
+         7, "too long for iptables"),
+        ("type-not-a-string", dict(portmap_conf(prev, [m]), type=5), 7, "type must be a string"),
+        # Found by the corpus: was 101, as if the kernel had failed.
+        ("conditions-iptables-refuses", portmap_conf(prev, [m], conditionsV4=["--no-such-option", "1"]), 7,
+         "iptables refused the rule with conditionsV4"),
+        ("conditions-iptables-refuses-v6", portmap_conf(prev, [m], conditionsV6=["-s", "..-s"]), 7,
+         "iptables refused the rule with conditionsV6"),
         # Valid input the kernel refuses, in the second family only: the first
         # family's rules are taken away again.
         ("external-chain-missing-in-ipv6", portmap_conf(prev, [m], externalSetMarkChain="ONLY-V4"), 101,
@@ -488,6 +503,34 @@ def test_bad_input_fails_cleanly(cluster):
         assert out.returncode == 0, (name, out.stdout)
     c.cni("portmap", "DEL", "bad", portmap_conf(prev, [{"hostPort": 5000, "containerPort": 80}]))
     node.run(["iptables", "-t", "nat", "-X", "ONLY-V4"])
+
+
+# ---- a " -j " in the conditions (issue 12, defect 5) -------------------------------
+
+@pytest.mark.parametrize("condition", ["a -j b", "-j", "-j CNI-DN-x"])
+def test_del_with_a_jump_word_in_the_conditions(cluster, condition):
+    """Regression: DEL took the first "-j" word of the CNI-HOSTPORT-DNAT rule for its
+    target, never deleted the jump, and failed deleting the still-referenced chain
+    (every retry too). The conflict check misread such rules the same way."""
+    c, node = cluster, cluster.node
+    cid = "jword%d" % len(condition)
+    prev = c.pod(cid)
+    before = both_nat(node)
+    conditions = ["-m", "comment", "--comment", condition]
+    conf = portmap_conf(prev, [{"hostPort": 6100, "containerPort": 80}], conditionsV4=conditions,
+                        conditionsV6=conditions)
+    c.cni("portmap", "ADD", cid, conf)
+    entry = [l for l in nat(node) if l.startswith("-A CNI-HOSTPORT-DNAT ") and l.endswith(chain_of(cid))]
+    assert len(entry) == 1 and "--comment" in entry[0].split(chain_of(cid))[0]
+    c.cni("portmap", "ADD", cid, conf)                  # a rerun replaces that jump
+    assert [l for l in nat(node) if l.endswith("-j " + chain_of(cid))] == entry
+    other = c.pod(cid + "b")
+    out = c.cni("portmap", "ADD", cid + "b", portmap_conf(other, [{"hostPort": 6100, "containerPort": 80}]),
+                check=False)
+    assert out.returncode == 1 and out.result["code"] == 103, out.stdout
+    c.cni("portmap", "DEL", cid, conf)
+    assert not any(chain_of(cid) in l for t in both_nat(node) for l in t)
+    assert not any("dnat name" in l for t in both_nat(node) for l in t if l not in before[0] + before[1])
 
 
 # ---- the hot path -------------------------------------------------------------

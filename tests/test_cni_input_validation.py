@@ -190,6 +190,117 @@ CASES = {
 }
 
 
+LONE = "\ud800"        # json.dumps writes it as the escape \ud800: valid JSON, not valid Unicode
+
+
+def portmap_conf(**changes):
+    conf = {"cniVersion": "1.0.0", "name": NETWORK, "type": "portmap",
+            "runtimeConfig": {"portMappings": [{"hostPort": 8080, "containerPort": 80}]},
+            "prevResult": {"cniVersion": "1.0.0",
+                           "interfaces": [{"name": "eth0", "sandbox": "/nonexistent/netns"}],
+                           "ips": [{"interface": 0, "address": "10.250.0.2/24"}]}}
+    conf.update(changes)
+    return conf
+
+
+def calico_conf(data_dir, **changes):
+    conf = {"cniVersion": "1.0.0", "name": NETWORK, "type": "calico",
+            "ipam": {"type": "host-local", "subnet": "useNodeBlock", "dataDir": data_dir}}
+    conf.update(changes)
+    return conf
+
+
+def flannel_conf(data_dir, **changes):
+    conf = {"cniVersion": "1.0.0", "name": NETWORK, "type": "flannel",
+            "subnetFile": os.path.join(data_dir, "subnet.env"), "dataDir": data_dir}
+    conf.update(changes)
+    return conf
+
+
+# Regression (issue 12, defect 4): each of these strings is echoed back somewhere (the
+# error message, a result, a file) and crashed the output step with a traceback (no
+# JSON at all) or answered 999. Now refused while parsing, before anything is touched.
+UNENCODABLE = {
+    "name": ("bridge", lambda d: bridge_conf(d, name="net" + LONE)),
+    "cniVersion": ("bridge", lambda d: bridge_conf(d, cniVersion="1.0." + LONE)),
+    "bridge": ("bridge", lambda d: bridge_conf(d, bridge="br" + LONE)),
+    "ipam.type": ("bridge", lambda d: ipam_conf(d, type="host" + LONE, subnet="10.250.0.0/24")),
+    "ipam.subnet": ("bridge", lambda d: ipam_conf(d, subnet="10.250.0.0/24" + LONE)),
+    "ipam.routes": ("bridge", lambda d: ipam_conf(d, subnet="10.250.0.0/24",
+                                                  routes=[{"dst": "0.0.0.0/0" + LONE}])),
+    "ipam.dataDir": ("bridge", lambda d: dict(bridge_conf(d), ipam={"type": "host-local",
+                                                                    "subnet": "10.250.0.0/24",
+                                                                    "dataDir": d + LONE})),
+    "a-key": ("bridge", lambda d: dict(bridge_conf(d), **{"x" + LONE: 1})),
+    "host-local-subnet": ("host-local", lambda d: ipam_conf(d, subnet="10.250.0.0/24" + LONE)),
+    "host-local-dataDir": ("host-local", lambda d: dict(ipam_conf(d, subnet="10.250.0.0/24"),
+                                                        ipam={"type": "host-local",
+                                                              "subnet": "10.250.0.0/24",
+                                                              "dataDir": d + LONE})),
+    "flannel-subnetFile": ("flannel", lambda d: flannel_conf(d, subnetFile="/run/x" + LONE)),
+    "flannel-dataDir": ("flannel", lambda d: flannel_conf(d, dataDir=d + LONE)),
+    "portmap-prevResult": ("portmap", lambda d: portmap_conf(prevResult=dict(
+        portmap_conf()["prevResult"], dns={"domain": "x" + LONE}))),
+    "portmap-mapping-hostIP": ("portmap", lambda d: portmap_conf(runtimeConfig={"portMappings": [
+        {"hostPort": 8080, "containerPort": 80, "hostIP": "10.0.0.1" + LONE}]})),
+    "loopback-name": ("loopback", lambda d: {"cniVersion": "1.0.0", "name": "lo" + LONE,
+                                             "type": "loopback"}),
+    "calico-nodeBlocksFile": ("calico", lambda d: calico_conf(d, nodeBlocksFile="/run/b" + LONE)),
+}
+
+
+@pytest.mark.parametrize("case", list(UNENCODABLE))
+@pytest.mark.parametrize("command", ["ADD", "DEL"])
+def test_unencodable_strings_are_a_decoding_failure(bin_dir, data_dir, case, command):
+    plugin, make = UNENCODABLE[case]
+    proc = run(bin_dir, plugin, make(data_dir), command=command)
+    err = error_of(proc)        # JSON on stdout, no traceback
+    assert err["code"] == 6 and "lone surrogate" in err["msg"], err
+    proc.stdout.encode("utf-8")
+    assert not os.path.exists(data_dir)
+
+
+# Regression (issue 12, defects 9 and 13): each answered 999 (a Python exception) or was
+# accepted although the reference's typed decoding refuses it.
+LOOSE = {
+    "type-is-a-number": ("bridge", lambda d: bridge_conf(d, type=5), 7, r"type must be a string"),
+    "portmap-type-is-a-list": ("portmap", lambda d: portmap_conf(type=["portmap"]), 7, r"type must be a string"),
+    "loopback-type-is-an-object": ("loopback", lambda d: {"cniVersion": "1.0.0", "name": "lo",
+                                                          "type": {}}, 7, r"type must be a string"),
+    "host-local-type-is-a-bool": ("host-local", lambda d: dict(ipam_conf(d, subnet="10.250.0.0/24"),
+                                                               type=True), 7, r"type must be a string"),
+    "bridge-args-is-a-list": ("bridge", lambda d: bridge_conf(d, args=["cni"]), 7, r"args must be a object"),
+    "bridge-args-cni-is-a-string": ("bridge", lambda d: bridge_conf(d, args={"cni": "mac"}), 7,
+                                    r"args\.cni must be a object"),
+    "bridge-args-mac-is-a-number": ("bridge", lambda d: bridge_conf(d, args={"cni": {"mac": 5}}), 7,
+                                    r"mac must be a string"),
+    "bridge-runtimeConfig-is-a-list": ("bridge", lambda d: bridge_conf(d, runtimeConfig=[]), 7,
+                                       r"runtimeConfig must be a object"),
+    "bridge-runtimeConfig-mac-is-a-list": ("bridge", lambda d: bridge_conf(d, runtimeConfig={"mac": []}), 7,
+                                           r"mac must be a string"),
+    "bridge-dns-nameservers-not-a-list": ("bridge", lambda d: bridge_conf(d, dns={"nameservers": "8.8.8.8"}),
+                                          7, r"dns\.nameservers must be a list of strings"),
+    "bridge-dns-domain-not-a-string": ("bridge", lambda d: bridge_conf(d, dns={"domain": 5}), 7,
+                                       r"dns\.domain must be a string"),
+    "bridge-name-with-nul": ("bridge", lambda d: bridge_conf(d, bridge="br\x000"), 7, r"invalid bridge name"),
+    "calico-nodeBlocksFile-with-nul": ("calico", lambda d: calico_conf(d, nodeBlocksFile="/run/b\x00x"), 7,
+                                       r"nodeBlocksFile must be a path"),
+    "calico-CHECK-without-prevResult": ("calico", lambda d: dict(calico_conf(d), cniVersion="1.0.0"), 7,
+                                        r"Required prevResult missing"),
+    "calico-dns-search-not-strings": ("calico", lambda d: calico_conf(d, dns={"search": [1]}), 7,
+                                      r"dns\.search must be a list of strings"),
+}
+
+
+@pytest.mark.parametrize("case", list(LOOSE))
+def test_loosely_typed_config_is_refused(bin_dir, data_dir, case):
+    plugin, make, code, pattern = LOOSE[case]
+    err = error_of(run(bin_dir, plugin, make(data_dir), command="CHECK" if "CHECK" in case else "ADD"))
+    assert err["code"] == code, err
+    assert re.search(pattern, err["msg"] + " " + err.get("details", "")), err
+    assert not os.path.exists(data_dir)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_malformed_input(bin_dir, data_dir, case):
     plugin, make, code, pattern = CASES[case]

@@ -161,6 +161,65 @@ def test_bad_config(stdin, code):
     assert e.value.code == code
 
 
+@pytest.mark.parametrize("stdin", [
+    b'{"cniVersion": "1.0.0", "name": "podnet", "type": "fake", "x": "\\ud800"}',
+    b'{"cniVersion": "1.0.\\udfff", "name": "podnet", "type": "fake"}',
+    b'{"cniVersion": "1.0.0", "name": "podnet", "type": "fake", "ipam": {"dataDir": "/a\\udc80"}}',
+    b'{"cniVersion": "1.0.0", "name": "podnet", "type": "fake", "prevResult": {"dns": {"domain": "\\ud83d"}}}',
+])
+def test_unencodable_config_is_a_decoding_failure(stdin):
+    """Regression: a lone surrogate passed parsing and crashed the output later."""
+    with pytest.raises(CNIError) as e:
+        args_from_env(env_for("ADD"), stdin)
+    assert e.value.code == errors.DECODING_FAILURE and "lone surrogate" in e.value.msg
+    str(e.value).encode("utf-8")
+
+
+@pytest.mark.parametrize("value", [5, True, ["bridge"], {"t": 1}])
+@pytest.mark.parametrize("command", ["ADD", "DEL", "GC"])
+def test_type_must_be_a_string(value, command):
+    """Regression: "type": 5 was accepted."""
+    with pytest.raises(CNIError) as e:
+        args_from_env(env_for(command), conf_bytes("1.1.0", type=value))
+    assert e.value.code == errors.INVALID_NETCONF and "type" in e.value.msg
+
+
+def test_type_null_or_missing_is_accepted():
+    assert args_from_env(env_for("ADD"), conf_bytes(type=None)).conf["type"] is None
+    raw = b'{"cniVersion": "1.0.0", "name": "podnet"}'
+    assert "type" not in args_from_env(env_for("ADD"), raw).conf
+
+
+@pytest.mark.parametrize("key", ["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH"])
+@pytest.mark.parametrize("bad", ["\udcff", "\x00"])
+def test_environment_that_is_not_text(key, bad):
+    """Regression: bytes that are not UTF-8 (os.environ holds them as lone surrogates)
+    and NUL (possible through a mapping, never through exec) got through."""
+    env = env_for("ADD", **{key: FULL_ENV[key].replace("/", bad, 1) if "/" in FULL_ENV[key]
+                            else FULL_ENV[key] + bad})
+    with pytest.raises(CNIError) as e:
+        args_from_env(env, conf_bytes())
+    assert e.value.code == errors.INVALID_ENV and key in e.value.msg
+    str(e.value).encode("utf-8")
+
+
+def test_conf_path():
+    assert skel.conf_path({"p": "/run/x"}, "p", "/d") == "/run/x"
+    assert skel.conf_path({}, "p", "/d") == "/d"
+    assert skel.conf_path({"p": None}, "p", "/d") == "/d"
+    for bad in ("/run/\x00x", "", 5):
+        with pytest.raises(CNIError) as e:
+            skel.conf_path({"p": bad}, "p", "/d")
+        assert e.value.code == errors.INVALID_NETCONF and "p" in e.value.msg
+
+
+def test_netns_path_with_nul_is_invalid_env():
+    from cni.container import open_container_netns
+    with pytest.raises(CNIError) as e:
+        open_container_netns("/run/netns/a\x00b")
+    assert e.value.code == errors.INVALID_ENV
+
+
 # --- args_from_env: names ------------------------------------------------------------
 
 @pytest.mark.parametrize("name,ok", [
@@ -350,6 +409,38 @@ def test_plugin_main_unexpected_exception_is_999(capsys):
     assert "Traceback" in err and "KeyError" in err
 
 
+@pytest.mark.parametrize("raise_", [
+    lambda: CNIError(errors.INVALID_NETCONF, "bad \udcff name", "details \ud800"),
+    lambda: ValueError("text \udcff from somewhere"),
+])
+def test_error_output_cannot_crash(capsys, raise_):
+    """Regression: an error quoting bad input crashed in the output step (no JSON at all)."""
+    def add(args):
+        raise raise_()
+    code, out, err = _main(capsys, env_for("ADD"), conf_bytes("1.0.0"), {"ADD": add})
+    assert code == 1
+    import json
+    err_json = json.loads(out)      # (fastjson.loads refuses the lone surrogate it quotes)
+    assert out.isascii() and err_json["code"] in (errors.INVALID_NETCONF, errors.INTERNAL)
+    assert "\udcff" in err_json["msg"]           # quoted faithfully, as a JSON escape
+    assert "UnicodeEncodeError" not in err
+
+
+def test_output_is_utf8_whatever_the_locale(capsys, monkeypatch):
+    """stdout goes out as UTF-8 bytes even if the text layer has another encoding."""
+    import io
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="latin-1"))
+
+    def add(args):
+        return {"interfaces": [{"name": "eth0", "sandbox": "/run/netns/\u4e2d"}], "ips": [],
+                "routes": [], "dns": {}}
+    with pytest.raises(SystemExit):
+        plugin_main({"ADD": add}, env=env_for("ADD"), stdin=conf_bytes())
+    sys.stdout.flush()
+    assert loads(raw.getvalue())["interfaces"][0]["sandbox"] == "/run/netns/\u4e2d"
+
+
 def test_plugin_main_prints_about_without_command(capsys):
     code, out, err = _main(capsys, {}, b"{}", about="podnet fake plugin v0")
     assert code == 1 and "podnet fake plugin v0" in err
@@ -515,6 +606,21 @@ def test_delegate_external_error_json(tmp_path):
     assert (e.value.code, e.value.msg, e.value.details) == (11, "busy", "later")
 
 
+@pytest.mark.parametrize("answer", [
+    {"code": "7", "msg": "x"}, {"code": True, "msg": "x"}, {"code": 7.5, "msg": "x"},
+    {"code": 7, "msg": {"a": 1}}, {"code": 7, "msg": "x", "details": [1]},
+])
+def test_delegate_external_error_json_of_the_wrong_types(tmp_path, answer):
+    """Regression (issue 12, defect 13): an error answer's fields were taken whatever their
+    JSON type ("code": "7" became 7, a dict became our msg). Such an answer is a failed
+    plugin, reported as one: 999 with its text."""
+    _fake_plugin(tmp_path, "odd", dumps(dict(answer, cniVersion="1.0.0")), exit_code=1)
+    with pytest.raises(CNIError) as e:
+        invoke.delegate("odd", "ADD", _caller_args([str(tmp_path)]))
+    assert e.value.code == errors.INTERNAL and isinstance(e.value.msg, str)
+    assert isinstance(e.value.details, str) and e.value.msg.startswith("netplugin failed")
+
+
 def test_delegate_external_crash_without_json(tmp_path):
     _fake_plugin(tmp_path, "crashy", "", exit_code=2, stderr="panic: runtime error")
     with pytest.raises(CNIError) as e:
@@ -563,6 +669,9 @@ def cmd_add(args):
         raise CNIError(11, "busy", "later")
     if fail == "crash":
         raise ValueError("boom")
+    if fail == "self":          # its own IPAM: the same plugin with the same config
+        from cni.invoke import delegate
+        return delegate("fake-ipam", "ADD", args)
     ips = [{"interface": 0, "address": "10.1.2.3/24", "gateway": "10.1.2.1"}]
     if args.conf.get("two"):
         ips.append({"interface": 0, "address": "10.1.2.4/24"})
@@ -668,6 +777,19 @@ def test_in_process_failures_match_executed(fake_plugin, monkeypatch, netconf, c
     assert raised[0][0] == code
     if msg:
         assert raised[0][1] == msg
+
+
+def test_delegation_to_itself_is_an_invalid_config(fake_plugin):
+    """Regression: bridge with "ipam": {"type": "bridge"} recursed in-process until
+    Python's recursion limit and reported "exceeded max nesting depth"."""
+    ours, _, modname = fake_plugin
+    stdin = b'{"cniVersion": "1.0.0", "name": "n", "type": "fake-ipam", "fail": "self"}'
+    with pytest.raises(CNIError) as e:
+        invoke.delegate("fake-ipam", "ADD", _caller_args([ours], stdin, "1.0.0"))
+    assert e.value.code == errors.INVALID_NETCONF
+    assert "delegates to itself" in e.value.msg and "fake-ipam" in e.value.msg
+    assert len(sys.modules[modname].CALLS) == 1     # the nested call was refused before it ran
+    assert invoke.delegate("fake-ipam", "ADD", _caller_args([ours]))["ips"]     # state is clean
 
 
 def test_marker_from_another_tree_is_executed(fake_plugin, tmp_path, monkeypatch):

@@ -261,6 +261,23 @@ MALFORMED_NEW = [
     {"routes": [{"dst": 0}]},
     {"dns": ["10.0.0.53"]},
     {"dns": "10.0.0.53"},
+    # Regression (issue 12, defect 13): accepted, then a plugin using the value failed
+    # with 999 (bridge CHECK parses gw and address) or echoed it into its result.
+    {"ips": [{"address": "10.0.0.2"}]},                    # not a CIDR
+    {"ips": [{"address": "garbage/24"}]},
+    {"ips": [{"address": "10.0.0.2/24", "gateway": "10.0.0"}]},
+    {"routes": [{"dst": "0.0.0.0/0", "gw": 5}]},
+    {"routes": [{"dst": "0.0.0.0/0", "gw": "x"}]},
+    {"routes": [{"dst": "0.0.0.0"}]},
+    {"routes": [{"dst": "0.0.0.0/0", "mtu": "1500"}]},
+    {"routes": [{"dst": "0.0.0.0/0", "table": True}]},
+    {"interfaces": [{"name": 5}]},
+    {"interfaces": [{"name": "eth0", "mac": ["aa"]}]},
+    {"interfaces": [{"name": "eth0", "sandbox": {}}]},
+    {"interfaces": [{"name": "eth0", "mtu": "1500"}]},
+    {"dns": {"nameservers": "10.0.0.53"}},
+    {"dns": {"search": [1]}},
+    {"dns": {"domain": ["a"]}},
 ]
 
 MALFORMED_020 = [
@@ -273,6 +290,10 @@ MALFORMED_020 = [
     {"ip4": {"ip": "10.0.0.2/24", "routes": [{"gw": "10.0.0.1"}]}},
     {"ip4": {"ip": "10.0.0.2/24", "gateway": 1}},
     {"dns": 1},
+    {"ip4": {"ip": "10.0.0.2"}},
+    {"ip4": {"ip": "10.0.0.2/24", "gateway": "10.0.0.300"}},
+    {"ip4": {"ip": "10.0.0.2/24", "routes": [{"dst": "0.0.0.0/0", "gw": 7}]}},
+    {"ip4": {"ip": "10.0.0.2/24"}, "dns": {"nameservers": [1]}},
 ]
 
 

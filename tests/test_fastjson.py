@@ -296,3 +296,36 @@ def test_import_is_light():
 
 def test_module_exports():
     assert set(fastjson.__all__) == {"loads", "dumps", "JSONError"}
+
+
+# --- lone surrogates: valid JSON grammar, not Unicode text ---------------------------
+
+@pytest.mark.parametrize("text", [
+    '"\\ud800"', '"\\uDFFF"', '{"a\\udc00": 1}', '[1, {"b": ["x", "y\\udbff"]}]',
+    '"\\ude00\\ud83d"',                       # a pair in the wrong order is two lone halves
+    '"\\ud83d"', '"abc\\ud83dx"', '{"k": {"k": {"k": "\\ud800"}}}',
+    '[' * 900 + '"\\ud800"' + ']' * 900,      # deep: found without recursion
+])
+def test_loads_refuses_lone_surrogates(text):
+    """Regression: "\\ud800" decoded to a str that cannot be encoded again, so any
+    plugin echoing it (a name, a path, an error message) crashed on output."""
+    for data in (text, text.encode()):
+        with pytest.raises(JSONError, match="lone surrogate") as e:
+            loads(data)
+        str(e.value).encode("utf-8")          # the message itself can be printed
+
+
+def test_loads_keeps_surrogate_pairs_and_escaped_backslashes():
+    assert loads('"\\ud83d\\ude00"') == "\U0001F600"
+    assert loads('"\\\\ud800"') == "\\ud800"                  # a backslash, then text
+    assert loads('{"\\ud83d\\ude00": ["\\\\uDFFF"]}') == {"\U0001F600": ["\\uDFFF"]}
+
+
+def test_dumps_ascii_escapes_what_utf8_cannot_carry():
+    doc = {"msg": "bad \ud800 and \udcff, fine \u00e9 \U0001F600"}
+    with pytest.raises(UnicodeEncodeError):
+        dumps(doc).encode()
+    text = dumps(doc, indent=4, ascii=True)
+    assert text.isascii() and json.loads(text) == doc
+    assert text == json.dumps(doc, indent=4)
+    assert dumps(doc, ascii=True) == json.dumps(doc, separators=(",", ":"))

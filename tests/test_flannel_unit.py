@@ -868,3 +868,146 @@ def test_cli_reports_plugin_errors_as_cni_json(chain, tmp_path, capsys):
                      "--cache-dir", cache])
     assert code == 1
     assert loads(capsys.readouterr().out) == {"cniVersion": "1.0.0", "code": 11, "msg": "later"}
+
+
+# ---- issue 12: a delegate that rejects its config cannot make a pod undeletable ----------
+
+def test_del_drops_a_saved_config_the_delegate_rejects(fl):
+    fl.run("ADD")
+    fl.fakes.fail("bridge", "DEL", code=errors.INVALID_NETCONF, msg="bad config")
+    fl.fakes.clear()
+    assert fl.run("DEL") is None            # retrying with that config could never succeed
+    assert [(c[0], c[1]) for c in fl.fakes.calls()] == [("bridge", "DEL")]
+    assert fl.saved() is None
+    fl.fakes.clear()
+    assert fl.run("DEL") is None and fl.fakes.calls() == []
+
+
+@pytest.mark.parametrize("code", [errors.INCOMPATIBLE_VERSION, errors.UNSUPPORTED_FIELD,
+                                  errors.DECODING_FAILURE, errors.INVALID_NETCONF])
+def test_failed_add_whose_delegate_rejects_its_config_leaves_nothing(fl, code):
+    fl.fakes.fail("bridge", "ADD", code=code, msg="bad config")
+    fl.fakes.fail("bridge", "DEL", code=code, msg="bad config")
+    with pytest.raises(CNIError) as e:
+        fl.run("ADD")
+    assert e.value.code == code and "failed to delegate add" in e.value.msg
+    assert fl.saved() is None and os.listdir(fl.data_dir) == []
+    fl.fakes.clear()
+    assert fl.run("DEL") is None and fl.fakes.calls() == []
+
+
+def test_failed_add_whose_del_fails_the_same_way_leaves_nothing(fl):
+    # The reference plugins answer 999 for everything: the same config failing
+    # ADD and DEL with the same error is the config's fault.
+    fl.fakes.fail("bridge", "ADD", code=999, msg='invalid CIDR address: not-a-cidr')
+    fl.fakes.fail("bridge", "DEL", code=999, msg='invalid CIDR address: not-a-cidr')
+    with pytest.raises(CNIError) as e:
+        fl.run("ADD")
+    assert e.value.code == 999 and fl.saved() is None
+
+
+def test_add_with_a_delegate_not_in_cni_path_saves_nothing(fl):
+    with pytest.raises(CNIError) as e:
+        fl.run("ADD", delegate={"type": "no-such-plugin"})
+    assert e.value.code == errors.PLUGIN_NOT_FOUND
+    assert fl.fakes.calls() == [] and not os.path.exists(fl.data_dir)
+
+
+def test_transient_del_failure_still_keeps_the_config(fl):
+    fl.run("ADD")
+    for code in (errors.IO_FAILURE, errors.TRY_AGAIN_LATER, errors.KERNEL, errors.INTERNAL):
+        fl.fakes.fail("bridge", "DEL", code=code)
+        with pytest.raises(CNIError) as e:
+            fl.run("DEL")
+        assert e.value.code == code and fl.saved() is not None
+
+
+@pytest.mark.parametrize("content", [b"", b"{half", b"[1, 2]", b'{"type": 5}', b'{"no": "type"}',
+                                     b"\xff\xfe", b'{"type": "\\ud800"}'])
+def test_del_drops_an_unusable_saved_config(fl, content):
+    os.makedirs(fl.data_dir)
+    with open(os.path.join(fl.data_dir, "c1"), "wb") as f:
+        f.write(content)
+    assert fl.run("DEL") is None            # nothing that config could undo
+    assert fl.fakes.calls() == [] and fl.saved() is None
+
+
+def test_unreadable_saved_config_is_io_failure(fl):
+    os.makedirs(os.path.join(fl.data_dir, "c1"))      # a directory where the file should be
+    with pytest.raises(CNIError) as e:
+        fl.run("DEL")
+    assert e.value.code == errors.IO_FAILURE
+
+
+# ---- issue 12: paths of the wrong type, and text that is not text --------------------------
+
+@pytest.fixture
+def flannel_defaults(tmp_path, monkeypatch):
+    d = tmp_path / "defaults"
+    monkeypatch.setattr(flannel, "DEFAULT_DATA_DIR", str(d / "data"))
+    monkeypatch.setattr(flannel, "DEFAULT_SUBNET_FILE", str(d / "subnet.env"))
+    return d
+
+
+@pytest.mark.parametrize("key", ["subnetFile", "dataDir"])
+@pytest.mark.parametrize("value", [False, True, 0, 1, [], ["x"], {}, {"a": "b"}],
+                         ids=["false", "true", "0", "1", "[]", "list", "{}", "object"])
+def test_flannel_path_of_the_wrong_type_is_invalid_config(fl, flannel_defaults, key, value):
+    fl.write_env(ENV4)
+    os.makedirs(str(flannel_defaults))
+    with open(str(flannel_defaults / "subnet.env"), "w") as f:
+        f.write(ENV4)
+    for command in ("ADD", "DEL", "CHECK", "GC", "STATUS"):
+        conf = dict(fl.conf, cniVersion="1.1.0", **{key: value})
+        with pytest.raises(CNIError) as e:
+            fl.run(command, conf=conf)
+        assert e.value.code == errors.INVALID_NETCONF, (command, e.value)
+        assert "%s must be a string" % key in e.value.msg
+    assert fl.fakes.calls() == [] and not os.path.exists(fl.data_dir)
+    assert os.listdir(str(flannel_defaults)) == ["subnet.env"]
+
+
+@pytest.mark.parametrize("key", ["subnetFile", "dataDir"])
+def test_flannel_path_with_nul_is_invalid_config(fl, key):
+    with pytest.raises(CNIError) as e:
+        fl.run("ADD", **{key: "/tmp/x\x00y"})
+    assert e.value.code == errors.INVALID_NETCONF and "NUL" in e.value.msg
+    assert fl.fakes.calls() == [] and not os.path.exists(fl.data_dir)
+
+
+def run_unparsed(fl, command, conf, cid="c1"):
+    """As Flannel.run with conf handed over as a dict, past the JSON layer (which
+    refuses lone surrogates in a document itself): what flannel checks on its own."""
+    env = {"CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_NETNS": "/var/run/netns/p",
+           "CNI_IFNAME": "eth0", "CNI_PATH": fl.fakes.bin}
+    args = skel.args_from_env(env, dumps({"cniVersion": conf["cniVersion"], "name": conf["name"]}).encode())
+    args.conf = conf
+    return skel.call(flannel.COMMANDS, args)
+
+
+SURROGATE = "\ud800"
+
+
+@pytest.mark.parametrize("where", ["subnetFile", "dataDir", "delegate.type", "delegate.bridge",
+                                   "ipam.type", "ipam.routes", "runtimeConfig", "key"])
+def test_flannel_lone_surrogates_are_invalid_config(fl, where):
+    conf = dict(fl.conf, cniVersion="1.1.0")
+    if where in ("subnetFile", "dataDir"):
+        conf[where] = conf[where] + SURROGATE
+    elif where.startswith("delegate."):
+        conf["delegate"] = dict(conf["delegate"], **{where.split(".")[1]: SURROGATE})
+    elif where == "ipam.type":
+        conf["ipam"] = dict(conf["ipam"], type=SURROGATE)
+    elif where == "ipam.routes":
+        conf["ipam"] = dict(conf["ipam"], routes=[{"dst": SURROGATE}])
+    elif where == "runtimeConfig":
+        conf["runtimeConfig"] = {"portMappings": [{"hostIP": SURROGATE}]}
+    else:
+        conf[SURROGATE] = 1
+    for command in ("ADD", "DEL", "CHECK", "GC", "STATUS"):
+        with pytest.raises(CNIError) as e:
+            run_unparsed(fl, command, conf)
+        assert e.value.code == errors.INVALID_NETCONF, (command, e.value)
+        assert "\\ud800" in e.value.msg and "not valid Unicode" in e.value.msg
+        dumps(e.value.to_dict("1.1.0")).encode()            # printable as is
+    assert fl.fakes.calls() == [] and not os.path.exists(fl.data_dir)

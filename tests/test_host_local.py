@@ -4,6 +4,7 @@ import fcntl
 import json
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -40,6 +41,15 @@ def env_for(command, cid="c1", ifname="eth0", cni_args="", path="/nonexistent"):
 def call(command, conf, **kw):
     """Run one command in-process, as cni.invoke does for the bridge plugin."""
     args = skel.args_from_env(env_for(command, **kw), json.dumps(conf).encode())
+    return host_local.COMMANDS[command](args)
+
+
+def call_unparsed(command, conf, **kw):
+    """As call(), with conf handed over as a dict past the JSON layer (which refuses
+    lone surrogates in a document itself): what host-local checks on its own."""
+    head = {"cniVersion": conf.get("cniVersion"), "name": conf.get("name")}
+    args = skel.args_from_env(env_for(command, **kw), json.dumps(head).encode())
+    args.conf = conf
     return host_local.COMMANDS[command](args)
 
 
@@ -541,3 +551,334 @@ def test_legacy_file_released_like_the_reference(plugin, tmp_path):
         assert run(binary, "DEL", c, cid="old") == (0, None)
         assert not (d / "10.1.0.7").exists()
 
+
+
+# == issue 12: failures and crashes leave no allocation ======================
+
+def test_failed_last_reserved_write_leaves_no_allocation(tmp_path):
+    # Writing last_reserved_ip.0 fails after the address file was made: the
+    # ADD fails (I/O, code 5) and releases the address it had reserved.
+    d = tmp_path / NET
+    d.mkdir()
+    (d / "last_reserved_ip.0").mkdir()
+    with pytest.raises(CNIError) as e:
+        add(v4(tmp_path))
+    assert e.value.code == errors.IO_FAILURE
+    assert sorted(os.listdir(str(d))) == ["last_reserved_ip.0", "lock"]
+
+
+def test_failed_last_reserved_write_rolls_back_every_range_set(tmp_path, monkeypatch):
+    conf = netconf(tmp_path, ranges=[[{"subnet": "10.1.0.0/24"}], [{"subnet": "fd00::/64"}]])
+    real = Store.set_last_reserved
+
+    def failing(self, range_index, ip):
+        if range_index == 1:
+            raise OSError(28, "No space left on device")
+        return real(self, range_index, ip)
+
+    monkeypatch.setattr(Store, "set_last_reserved", failing)
+    with pytest.raises(CNIError) as e:
+        add(conf)
+    assert e.value.code == errors.IO_FAILURE and "No space left on device" in e.value.msg
+    assert [f for f in store_files(tmp_path) if not f.startswith("last_reserved_ip.")] == []
+    monkeypatch.undo()
+    assert addresses(add(conf)) == ["10.1.0.3/24", "fd00::2/64"]   # round-robin after .2
+
+
+def _age(path, seconds=3600):
+    old = os.stat(str(path)).st_mtime - seconds
+    os.utime(str(path), (old, old))
+
+
+def test_empty_address_file_is_taken_until_stale_then_reclaimed(tmp_path):
+    # The state a kill -9 between O_EXCL create and write leaves (older podnet,
+    # the reference): an address file with no owner, which no DEL can match.
+    conf = v4(tmp_path, subnet="10.1.0.0/29")
+    d = tmp_path / NET
+    d.mkdir()
+    (d / "10.1.0.2").write_bytes(b"")
+    (d / "10.1.0.3").write_bytes(b" \r\n")
+    # Fresh: taken (a writer might still be at it), untouched by DEL.
+    assert addresses(add(conf, cid="a")) == ["10.1.0.4/29"]
+    call("DEL", conf, cid="zombie")
+    assert (d / "10.1.0.2").exists() and (d / "10.1.0.3").exists()
+    # Stale: any ADD, DEL or GC under the lock removes it.
+    _age(d / "10.1.0.2")
+    call("DEL", conf, cid="zombie")
+    assert not (d / "10.1.0.2").exists() and (d / "10.1.0.3").exists()
+    _age(d / "10.1.0.3")
+    assert addresses(add(conf, cid="b")) == ["10.1.0.5/29"]
+    assert not (d / "10.1.0.3").exists()
+    assert [addresses(add(conf, cid=c))[0] for c in ("c", "d", "e")] == \
+        ["10.1.0.6/29", "10.1.0.2/29", "10.1.0.3/29"]
+
+
+def test_gc_reclaims_stale_empty_files_and_keeps_fresh_ones(tmp_path):
+    conf = v4(tmp_path, version="1.1.0")
+    add(conf, cid="a")
+    d = tmp_path / NET
+    (d / "10.1.0.7").write_bytes(b"")
+    (d / "10.1.0.8").write_bytes(b"")
+    _age(d / "10.1.0.8")
+    call("GC", dict(conf, **{"cni.dev/valid-attachments": [{"containerID": "a", "ifname": "eth0"}]}))
+    assert sorted(store_files(tmp_path)) == ["10.1.0.2", "10.1.0.7", "last_reserved_ip.0"]
+
+
+def test_reservation_is_atomic_and_leftover_temp_files_are_swept(tmp_path):
+    store = Store(NET, str(tmp_path))
+    d = tmp_path / NET
+    with store:
+        assert store.reserve(parse_ip("10.1.0.2"), "c1", "eth0")
+    assert sorted(os.listdir(str(d))) == ["10.1.0.2", "lock"]
+    # What a writer killed between writing its temp file and linking it (or
+    # after linking, before unlinking) leaves: swept by the next locked listing.
+    (d / ".podnet-tmp.99999").write_bytes(b"c9\r\neth0")
+    os.link(str(d / "10.1.0.2"), str(d / ".podnet-tmp.99998"))
+    with store:
+        assert [a.name for a in store.allocations()] == ["10.1.0.2"]
+    assert sorted(os.listdir(str(d))) == ["10.1.0.2", "lock"]
+    assert (d / "10.1.0.2").read_bytes() == b"c1\r\neth0"
+
+
+# == issue 12: wrong types are refused, not taken as "unset" =================
+
+@pytest.fixture
+def default_data_dir(tmp_path, monkeypatch):
+    """The store's default (/var/lib/cni/networks) moved into tmp_path, to see it stay untouched."""
+    d = tmp_path / "default-data-dir"
+    monkeypatch.setattr("ipam.store.DEFAULT_DATA_DIR", str(d))
+    return d
+
+
+@pytest.mark.parametrize("key", ["dataDir", "resolvConf"])
+@pytest.mark.parametrize("value", [False, True, 0, 1, 1.5, [], ["/tmp/x"], {}, {"path": "/tmp/x"}],
+                         ids=["false", "true", "0", "1", "1.5", "[]", "list", "{}", "object"])
+def test_path_of_the_wrong_type_is_invalid_config(tmp_path, default_data_dir, key, value):
+    conf = v4(tmp_path)
+    conf["ipam"][key] = value
+    for command in ("ADD", "DEL", "STATUS"):
+        c = dict(conf, cniVersion="1.1.0")
+        with pytest.raises(CNIError) as e:
+            call(command, c)
+        assert e.value.code == errors.INVALID_NETCONF, (command, e.value)
+        assert "ipam.%s must be a string" % key in e.value.msg
+    assert not default_data_dir.exists()
+    assert not (tmp_path / NET).exists()
+
+
+@pytest.mark.parametrize("value", [None, ""])
+def test_null_or_empty_data_dir_means_the_default(default_data_dir, value):
+    conf = {"cniVersion": "1.0.0", "name": NET, "ipam": {"type": "host-local", "subnet": "10.1.0.0/24",
+                                                         "dataDir": value, "resolvConf": value}}
+    assert addresses(add(conf)) == ["10.1.0.2/24"]
+    assert sorted(os.listdir(str(default_data_dir / NET))) == ["10.1.0.2", "last_reserved_ip.0", "lock"]
+
+
+@pytest.mark.parametrize("key", ["dataDir", "resolvConf"])
+def test_path_with_a_nul_byte_is_invalid_config(tmp_path, key):
+    conf = v4(tmp_path)
+    conf["ipam"][key] = str(tmp_path) + "\x00x"
+    with pytest.raises(CNIError) as e:
+        add(conf)
+    assert e.value.code == errors.INVALID_NETCONF and "NUL" in e.value.msg
+    assert not (tmp_path / NET).exists()
+
+
+# == issue 12: STATUS sees an exhausted range ================================
+
+def test_status_fails_with_50_when_a_range_set_is_exhausted(tmp_path):
+    conf = netconf(tmp_path, version="1.1.0",
+                   ranges=[[{"subnet": "10.1.0.0/24"}], [{"subnet": "10.2.0.0/29", "rangeEnd": "10.2.0.3"}]])
+    assert call("STATUS", conf) is None
+    add(conf, cid="a")
+    assert call("STATUS", conf) is None
+    add(conf, cid="b")                          # takes 10.2.0.3, the last of the second set
+    with pytest.raises(CNIError) as e:
+        add(conf, cid="c")
+    assert e.value.code == errors.NO_ADDRESSES
+    with pytest.raises(CNIError) as e:
+        call("STATUS", conf)
+    assert e.value.code == errors.LIMITED_CONNECTIVITY == 50
+    assert "no IP addresses available in range set 1: 10.2.0.1-10.2.0.3" in e.value.msg
+    call("DEL", conf, cid="a")
+    assert call("STATUS", conf) is None
+
+
+def test_status_counts_only_addresses_the_ranges_can_hand_out(tmp_path):
+    # Two ranges in one set; the first full, the second with room: available.
+    conf = netconf(tmp_path, version="1.1.0",
+                   ranges=[[{"subnet": "10.1.0.0/30"}, {"subnet": "10.3.0.0/29"}]])
+    d = tmp_path / NET
+    add(conf, cid="a")                                   # 10.1.0.2, the only one of the first range
+    assert call("STATUS", conf) is None
+    for i in range(2, 7):                                # fill the second range by hand
+        (d / ("10.3.0.%d" % i)).write_bytes(b"x\r\neth0")
+    # Files outside every range (an older config's) and odd names do not count.
+    (d / "10.9.0.5").write_bytes(b"old\r\neth0")
+    (d / "10.3.0.1").write_bytes(b"gateway?\r\neth0")    # the gateway: never handed out anyway
+    (d / "fd00::5").write_bytes(b"v6\r\neth0")
+    with pytest.raises(CNIError) as e:
+        call("STATUS", conf)
+    assert e.value.code == 50
+    os.unlink(str(d / "10.3.0.4"))
+    assert call("STATUS", conf) is None
+
+
+def test_status_of_a_full_range_with_a_stale_empty_file_is_available(tmp_path):
+    conf = v4(tmp_path, version="1.1.0", subnet="10.1.0.0/30")   # one address: 10.1.0.2
+    d = tmp_path / NET
+    d.mkdir()
+    (d / "10.1.0.2").write_bytes(b"")
+    with pytest.raises(CNIError) as e:
+        call("STATUS", conf)
+    assert e.value.code == 50
+    _age(d / "10.1.0.2")
+    assert call("STATUS", conf) is None             # the next ADD reclaims it
+    assert addresses(add(conf)) == ["10.1.0.2/30"]
+
+
+def test_status_of_a_huge_range_is_instant(tmp_path):
+    conf = netconf(tmp_path, version="1.1.0", ranges=[[{"subnet": "fd00::/64"}], [{"subnet": "10.0.0.0/8"}]])
+    add(conf)
+    t = time.monotonic()
+    assert call("STATUS", conf) is None
+    assert time.monotonic() - t < 0.5     # walking 10.0.0.0/8 alone would take seconds
+
+
+# == issue 12: ranges no pod can use =========================================
+
+UNUSABLE = [
+    ("fe80::/64", "link-local"),
+    ("fe80::/9", "link-local"),                 # overlaps fe80::/10
+    ("febf:ffff::/32", "link-local"),
+    ("169.254.0.0/16", "link-local"),
+    ("169.254.1.0/24", "link-local"),
+    ("224.0.0.0/24", "multicast"),
+    ("239.1.0.0/16", "multicast"),
+    ("ff02::/64", "multicast"),
+    ("127.0.0.0/8", "loopback"),
+    ("::ffff:10.1.0.0/120", "IPv4-mapped"),
+    ("::ffff:0.0.0.0/96", "IPv4-mapped"),
+    ("::/0", "link-local"),
+    ("0.0.0.0/0", "link-local"),
+]
+
+
+@pytest.mark.parametrize("subnet,why", UNUSABLE, ids=[s for s, _ in UNUSABLE])
+def test_add_refuses_ranges_no_pod_can_use(tmp_path, subnet, why):
+    for conf in (netconf(tmp_path, subnet=subnet), netconf(tmp_path, ranges=[[{"subnet": subnet}]]),
+                 netconf(tmp_path, ranges=[[{"subnet": "10.5.0.0/24"}], [{"subnet": "fd05::/64"}],
+                                           [{"subnet": subnet}]])):
+        with pytest.raises(CNIError) as e:
+            add(conf)
+        assert e.value.code == errors.INVALID_NETCONF, e.value
+        assert why in e.value.msg, e.value.msg
+        with pytest.raises(CNIError) as e:
+            call("STATUS", dict(conf, cniVersion="1.1.0"))
+        assert e.value.code == errors.INVALID_NETCONF
+    assert not (tmp_path / NET).exists()
+
+
+def test_add_refuses_a_range_whose_start_end_reach_into_an_unusable_block(tmp_path):
+    conf = netconf(tmp_path, ranges=[[{"subnet": "169.0.0.0/8", "rangeStart": "169.254.0.1",
+                                       "rangeEnd": "169.254.0.9"}]])
+    with pytest.raises(CNIError) as e:
+        add(conf)
+    assert e.value.code == errors.INVALID_NETCONF and "link-local" in e.value.msg
+    ok = netconf(tmp_path, ranges=[[{"subnet": "169.0.0.0/8", "rangeEnd": "169.253.255.254"}]])
+    assert addresses(add(ok)) == ["169.0.0.2/8"]
+
+
+def test_del_check_gc_still_work_on_ranges_add_now_refuses(tmp_path):
+    # A pod allocated from fe80::/64 by an older version (or the reference) can
+    # still be deleted; calico's DEL placeholder range (169.254.1.0/30) works.
+    for subnet, ip in (("fe80::/64", "fe80::2"), ("169.254.1.0/30", "169.254.1.2")):
+        conf = netconf(tmp_path, version="1.1.0", subnet=subnet)
+        d = tmp_path / NET
+        d.mkdir(exist_ok=True)
+        (d / ip).write_bytes(b"old\r\neth0")
+        assert call("CHECK", conf, cid="old") is None
+        assert call("DEL", conf, cid="old") is None
+        assert not (d / ip).exists()
+        (d / ip).write_bytes(b"old\r\neth0")
+        call("GC", dict(conf, **{"cni.dev/valid-attachments": []}))
+        assert not (d / ip).exists()
+
+
+def test_ipv4_mapped_addresses_inside_ipv4_ranges_are_fine(tmp_path):
+    conf = netconf(tmp_path, ranges=[[{"subnet": "10.1.0.0/24", "rangeStart": "::ffff:10.1.0.10",
+                                       "gateway": "::ffff:10.1.0.1"}]])
+    assert add(conf)["ips"] == [{"address": "10.1.0.10/24", "gateway": "10.1.0.1"}]
+
+
+# == issue 12 (defect 4): strings that are not Unicode text ==================
+
+SURROGATE = "\ud800"
+
+
+def _surrogate_cases():
+    base = {"type": "host-local", "subnet": "10.1.0.0/24"}
+    return {
+        "ipam.type": dict(base, type="host-" + SURROGATE),
+        "subnet": dict(base, subnet="10.1.0.0/24" + SURROGATE),
+        "ranges.subnet": {"type": "host-local", "ranges": [[{"subnet": SURROGATE}]]},
+        "rangeStart": dict(base, rangeStart=SURROGATE),
+        "gateway": dict(base, gateway="10.1.0." + SURROGATE),
+        "routes.dst": dict(base, routes=[{"dst": SURROGATE + "/8"}]),
+        "routes.gw": dict(base, routes=[{"dst": "10.0.0.0/8", "gw": SURROGATE}]),
+        "routes.table": dict(base, routes=[{"dst": "10.0.0.0/8", "table": SURROGATE}]),
+        "resolvConf": dict(base, resolvConf="/etc/" + SURROGATE),
+        "key": dict(base, **{SURROGATE: 1}),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_surrogate_cases()))
+def test_lone_surrogates_are_invalid_config_with_a_printable_message(tmp_path, case):
+    ipam = _surrogate_cases()[case]
+    ipam["dataDir"] = str(tmp_path)
+    conf = {"cniVersion": "1.1.0", "name": NET, "ipam": ipam}
+    for command in ("ADD", "DEL", "CHECK", "GC", "STATUS"):
+        with pytest.raises(CNIError) as e:
+            call_unparsed(command, conf)
+        assert e.value.code == errors.INVALID_NETCONF, (command, e.value)
+        json.dumps(e.value.to_dict("1.1.0"), ensure_ascii=False).encode()   # printable as is
+        assert "\\ud800" in e.value.msg and "not valid Unicode" in e.value.msg
+    assert not (tmp_path / NET).exists()
+
+
+@pytest.mark.parametrize("where", ["dataDir", "runtimeConfig.ips", "args.cni.ips", "runtimeConfig.ipRanges"])
+def test_lone_surrogates_elsewhere(tmp_path, default_data_dir, where):
+    conf = v4(tmp_path)
+    if where == "dataDir":
+        conf["ipam"]["dataDir"] = str(tmp_path) + SURROGATE
+    elif where == "runtimeConfig.ips":
+        conf["runtimeConfig"] = {"ips": ["10.1.0.5" + SURROGATE]}
+    elif where == "args.cni.ips":
+        conf["args"] = {"cni": {"ips": [SURROGATE]}}
+    else:
+        conf["runtimeConfig"] = {"ipRanges": [[{"subnet": SURROGATE}]]}
+    with pytest.raises(CNIError) as e:
+        call_unparsed("ADD", conf)
+    assert e.value.code == errors.INVALID_NETCONF, e.value
+    assert "\\ud800" in e.value.msg and where.split(".")[-1] in e.value.msg
+    json.dumps(e.value.to_dict("1.0.0"), ensure_ascii=False).encode()
+    assert os.listdir(str(tmp_path)) == [] and not default_data_dir.exists()
+
+
+def test_executable_answers_bad_text_with_error_json(plugin, tmp_path):
+    for ipam in (dict(subnet="10.1.0.0/24", dataDir=str(tmp_path / "d") + SURROGATE),
+                 dict(subnet="10.1.0.0/24", dataDir=str(tmp_path / "d") + "\x00"),
+                 dict(subnet="10.1.0.0/24", dataDir=str(tmp_path / "d"), resolvConf="/etc/\x00"),
+                 dict(subnet=SURROGATE, dataDir=str(tmp_path / "d")),
+                 dict(subnet="10.1.0.0/24", dataDir=str(tmp_path / "d"),
+                      routes=[{"dst": "10.0.0.0/8", "scope": SURROGATE}])):
+        conf = {"cniVersion": "1.0.0", "name": NET, "ipam": dict(ipam, type="host-local")}
+        env = dict(os.environ, **env_for("ADD", path=os.path.dirname(plugin)))
+        proc = subprocess.run([plugin], input=json.dumps(conf).encode(), env=env, capture_output=True)
+        assert proc.returncode == 1
+        assert b"Traceback" not in proc.stderr, proc.stderr.decode()
+        out = json.loads(proc.stdout)
+        # 7 from host-local's own checks (NUL, surrogates); 6 where the JSON layer
+        # refuses the document first (lone surrogates).
+        assert out["code"] in (errors.INVALID_NETCONF, errors.DECODING_FAILURE), out
+        assert os.listdir(str(tmp_path)) == ["bin"]

@@ -242,3 +242,30 @@ def test_bad_runtime_ip_ranges():
 ])
 def test_ip_string_matches_go(text, go):
     assert ip_string(parse_ip(text)) == go
+
+
+# -- what is left to hand out (STATUS), and ranges no pod can use ----------------
+
+def test_available_counts_without_walking_the_range():
+    rs = sets([{"subnet": "10.1.0.0/29"}, {"subnet": "10.2.0.0/30", "rangeStart": "10.2.0.0",
+                                           "rangeEnd": "10.2.0.3"}])[0]
+    # 10.1.0.2-.6 (gateway .1 skipped) + 10.2.0.2 (network, gateway, broadcast skipped)
+    assert rs.available(set()) == 6
+    used = {parse_ip(a).value for a in ("10.1.0.2", "10.1.0.1", "10.2.0.2", "10.9.9.9")}
+    assert rs.available(used) == 4          # the gateway and 10.9.9.9 do not count
+    huge = one(subnet="fd00::/64")
+    assert huge.available({parse_ip("fd00::2").value}) == (1 << 64) - 3   # no network, gateway, one used
+
+
+def test_unusable_ranges_only_refused_for_allocation():
+    ipam = {"subnet": "fe80::/64"}
+    assert len(parse_range_sets(dict(ipam), None, "1.0.0")) == 1
+    with pytest.raises(CNIError) as e:
+        parse_range_sets(dict(ipam), None, "1.0.0", for_allocation=True)
+    assert e.value.code == errors.INVALID_NETCONF and "fe80::/10" in e.value.msg
+    with pytest.raises(CNIError) as e:
+        parse_range_sets({"subnet": "::ffff:10.1.0.0/120"}, None, "1.0.0", for_allocation=True)
+    assert "for IPv4 write 10.1.0.0/24" in e.value.msg
+    for fine in ("10.0.0.0/8", "169.253.0.0/16", "169.255.0.0/16", "223.255.255.0/24", "240.0.0.0/24",
+                 "fd00::/8", "fe00::/9", "fec0::/10", "2001:db8::/32", "::ffff:0:0:0/96"):
+        assert parse_range_sets({"subnet": fine}, None, "1.0.0", for_allocation=True), fine

@@ -219,3 +219,125 @@ def test_failed_check_names_the_rule():
     assert portmap._failed_rule("iptables-restore v1.8.9 (nf_tables): Chain 'X' does not exist\n"
                                 "Error occurred at line: 2\nTry ...", rules) == "missing: -A X -j A"
     assert portmap._failed_rule("something else", rules) == "something else"
+
+
+# ---- a " -j " inside a condition (issue 12, defect 5) ------------------------------
+
+def _entry(comment, conditions, chain=CHAIN, ports="8080"):
+    return ('-A CNI-HOSTPORT-DNAT -m comment --comment "dnat name: \\"podnet\\" id: \\"%s\\"" '
+            "-m multiport -p tcp --destination-ports %s %s -j %s" % (comment, ports, conditions, chain))
+
+
+# As iptables-save prints them: a comment with spaces is quoted, a bare "-j" is not.
+TRICKY = [
+    _entry("ctr-a", '-m comment --comment "a -j b"'),
+    _entry("ctr-a", "-m comment --comment -j"),
+    _entry("ctr-a", '-m comment --comment "-j CNI-DN-other"'),
+]
+
+
+@pytest.mark.parametrize("entry", TRICKY)
+def test_del_finds_the_jump_whatever_the_conditions_say(entry):
+    """Regression: the jump finder took the first "-j" token, so the jump to the
+    container's chain was never deleted and the `-X` of the chain always failed."""
+    saved = "\n".join(["*nat", ":CNI-HOSTPORT-DNAT - [0:0]", ":%s - [0:0]" % CHAIN, entry,
+                       "-A %s -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.244.1.2:80" % CHAIN,
+                       "COMMIT"])
+    text = portmap.diff_del_input(saved, (CHAIN,))
+    assert text.splitlines() == ["*nat", "-D" + entry[2:], ":%s - [0:0]" % CHAIN, "-X " + CHAIN, "COMMIT"]
+    # a repeated ADD drops that old jump before adding the new one
+    pm = conf([{"hostPort": 8080, "containerPort": 80}])
+    assert "-D" + entry[2:] in portmap.add_restore_input(pm, AF_INET, pm.ips[AF_INET], saved).splitlines()
+
+
+@pytest.mark.parametrize("entry", TRICKY)
+def test_conflicts_seen_whatever_the_conditions_say(entry):
+    other = entry.replace("ctr-a", "ctr-b").replace(CHAIN, "CNI-DN-bbbb")
+    saved = "\n".join(["*nat", ":CNI-DN-bbbb - [0:0]", other,
+                       "-A CNI-DN-bbbb -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.0.0.3:80",
+                       "COMMIT"])
+    assert [m[:4] for m in portmap.mapped_ports(saved, CHAIN)] == [("tcp", 8080, None, "CNI-DN-bbbb")]
+
+
+@pytest.mark.parametrize("conditions, message", [
+    (["--comment", "x" * 1100], "too long"),
+    (["-s", "10.0.0.0/8"] * 800, "too long"),
+])
+def test_conditions_iptables_restore_cannot_take_are_refused(conditions, message):
+    with pytest.raises(CNIError) as e:
+        conf([{"hostPort": 80, "containerPort": 1}], conditionsV4=conditions)
+    assert e.value.code == 7 and message in e.value.msg
+
+
+# ---- GC (issue 12, defect 11) ---------------------------------------------------------
+
+def _gc_table(network="podnet"):
+    from cni.iptables_names import chain_name
+    rows = ["*nat", ":CNI-HOSTPORT-DNAT - [0:0]"]
+    chains = {}
+    for cid in ("keep", "gone", "x" * 300):
+        chain = chain_name(network, cid, "DN-")
+        chains[cid] = chain
+        comment = 'dnat name: "%s" id: "%s"' % (network, cid)
+        if len(comment) > 255:
+            comment = comment[:252] + "..."
+        rows += [":%s - [0:0]" % chain,
+                 "-A CNI-HOSTPORT-DNAT -m comment --comment %s -m multiport -p tcp --destination-ports 80 "
+                 "-m comment --comment \"a -j b\" -j %s" % (_quote(comment), chain),
+                 "-A %s -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.0.0.2:80" % chain]
+    return rows, chains
+
+
+def _quote(text):
+    from podnet.net.iptables import quote
+    return quote(text)
+
+
+def test_gc_removes_the_chains_of_attachments_not_valid():
+    rows, chains = _gc_table()
+    other_rows, other_chains = _gc_table("othernet")
+    saved = "\n".join(rows + other_rows[2:] + [
+        ":CNI-DN-handmade - [0:0]",      # no comment naming a network: never ours to remove
+        "-A CNI-HOSTPORT-DNAT -p tcp -m multiport --destination-ports 81 -j CNI-DN-handmade", "COMMIT"])
+    stale = portmap.stale_chains(saved, "podnet", {"keep"})
+    assert sorted(stale) == sorted([chains["gone"], chains["x" * 300]])
+    text = portmap.diff_del_input(saved, stale)
+    lines = text.splitlines()
+    assert lines[0] == "*nat" and lines[-1] == "COMMIT" and lines.count("COMMIT") == 1
+    for chain in stale:
+        assert "-X " + chain in lines
+        assert any(l.startswith("-D CNI-HOSTPORT-DNAT ") and l.endswith("-j " + chain) for l in lines)
+    assert not any(chains["keep"] in l or "othernet" in l or "handmade" in l for l in lines)
+    assert portmap.stale_chains(saved, "podnet", {"keep", "gone", "x" * 300}) == []
+
+
+def test_gc_trusts_a_comment_only_if_the_chain_name_matches_it():
+    """A jump whose comment names this network but whose chain is not that container's
+    hash (made by hand, or by something else) is left alone."""
+    from cni.iptables_names import chain_name
+    forged = chain_name("podnet", "someone-else", "DN-")
+    saved = "\n".join(["*nat", ":%s - [0:0]" % forged,
+                       '-A CNI-HOSTPORT-DNAT -m comment --comment "dnat name: \\"podnet\\" id: \\"gone\\"" '
+                       "-m multiport -p tcp --destination-ports 80 -j " + forged, "COMMIT"])
+    assert portmap.stale_chains(saved, "podnet", set()) == []
+
+
+@pytest.mark.parametrize("message", [
+    "iptables-restore v1.8.9 (nf_tables): unknown option \"--no-such\"\nError occurred at line: {n}\nTry ...",
+    "iptables-restore: Bad argument `..-s'\nError occurred at line: {n}\nTry `iptables-restore -h'",
+    "iptables-restore: line {n} failed",
+])
+def test_conditions_iptables_refuses_are_an_invalid_config(message):
+    """Found by the corpus: conditions iptables cannot parse made the restore fail, which
+    was reported as a kernel failure (101); it is the config's fault (7)."""
+    pm = conf([{"hostPort": 8080, "containerPort": 80}], conditionsV4=["--no-such", "x"])
+    text = portmap.add_restore_input(pm, AF_INET, pm.ips[AF_INET], "")
+    lines = text.splitlines()
+    entry = next(i for i, l in enumerate(lines, 1) if l.startswith("-A CNI-HOSTPORT-DNAT "))
+    e = portmap.refused_conditions(pm, AF_INET, text, message.format(n=entry))
+    assert e is not None and e.code == 7 and "conditionsV4" in e.msg and "--no-such" in e.details
+    # another line, or no conditions: not the conditions' fault
+    assert portmap.refused_conditions(pm, AF_INET, text, message.format(n=entry - 1)) is None
+    plain = conf([{"hostPort": 8080, "containerPort": 80}])
+    text = portmap.add_restore_input(plain, AF_INET, plain.ips[AF_INET], "")
+    assert portmap.refused_conditions(plain, AF_INET, text, message.format(n=entry)) is None

@@ -8,7 +8,11 @@ same config, with these deliberate differences (docs/decisions.md):
   and the bridge if this call created it and nothing else uses it);
 - DEL removes the masquerade chain even when the container's netns is gone
   (the chain name depends only on network name and container ID);
-- masquerade rules are applied in one iptables-restore, not ~9 iptables calls.
+- masquerade rules are applied in one iptables-restore, not ~9 iptables calls;
+- GC (spec 1.1.0) also removes the masquerade chains (and POSTROUTING jumps) of
+  this network's attachments not in cni.dev/valid-attachments, found by the
+  comment naming network and container, in one restore per family (1.1.1 has
+  no GC).
 Found by netns_tests/test_conformance.py against Debian's 1.1.1, where ours
 keeps the better behaviour (several are bugs fixed upstream since):
 - several addresses of one family: all ACCEPTs precede the MASQUERADE (1.1.1
@@ -31,8 +35,8 @@ from cni import errors
 from cni.container import container_netlink, kernel_error, open_container_netns, roll_back
 from cni.errors import CNIError
 from cni.invoke import delegate
-from cni.iptables_names import chain_name
-from cni.skel import conf_value
+from cni.iptables_names import chain_name, owned_chains, owner_comment, removal_input, rules_referencing
+from cni.skel import conf_dns, conf_value
 from podnet.net import sysctl
 from podnet.net.ip import AF_INET, AF_INET6, IPNet, parse_cidr, parse_ip
 from podnet.net.netlink import Netlink, NetlinkError
@@ -65,9 +69,9 @@ class NetConf:
         self.enable_dad = conf_value(c, "enabledad", bool, False)
         self.ipam = conf_value(c, "ipam", dict, {})
         self.ipam_type = conf_value(self.ipam, "type", str, "")
-        self.dns = conf_value(c, "dns", dict, {})
+        self.dns = conf_dns(c)
         self.vlans = _vlan_trunk(c.get("vlanTrunk"))
-        if not self.bridge or len(self.bridge) > 15 or any(ch in "/: " for ch in self.bridge):
+        if not _valid_link_name(self.bridge):
             raise CNIError(errors.INVALID_NETCONF, "invalid bridge name %r" % self.bridge)
         if not 0 <= self.mtu <= 65535:
             raise CNIError(errors.INVALID_NETCONF, "invalid MTU %d" % self.mtu)
@@ -79,10 +83,18 @@ class NetConf:
             raise CNIError(errors.INVALID_NETCONF, "cannot set hairpin mode and promiscuous mode at the same time")
         # MAC for the container side: CNI_ARGS MAC=, then args.cni.mac, then runtimeConfig.mac.
         self.mac = args.cni_args().get("MAC", "")
-        self.mac = ((c.get("args") or {}).get("cni") or {}).get("mac") or self.mac
-        self.mac = (c.get("runtimeConfig") or {}).get("mac") or self.mac
+        cni = conf_value(conf_value(c, "args", dict, {}), "cni", dict, {}, "args.cni")
+        self.mac = conf_value(cni, "mac", str, "", "args.cni.mac") or self.mac
+        runtime = conf_value(c, "runtimeConfig", dict, {})
+        self.mac = conf_value(runtime, "mac", str, "", "runtimeConfig.mac") or self.mac
         if self.mac:
             _check_mac(self.mac)
+
+
+def _valid_link_name(name):
+    """What the kernel's dev_valid_name() takes (and no NUL, which netlink would cut at)."""
+    return (0 < len(name.encode("utf-8")) <= 15 and name not in (".", "..")
+            and not any(ch in "/:\0" or ch.isspace() for ch in name))
 
 
 def _vlan_trunk(trunk):
@@ -118,7 +130,21 @@ def _check_mac(mac):
 # ---- masquerade -------------------------------------------------------------
 
 def _comment(network, container_id):
-    return 'name: "%s" id: "%s"' % (network, container_id)
+    """The reference's comment, cut to the 255 characters iptables keeps of it (the reference
+    hands iptables the whole text; a restore line refuses words over 1,024 characters)."""
+    return owner_comment(network, container_id)
+
+
+def _iptables(action, *a, **kw):
+    """An iptables save/restore call with the spec's errors: a refusal is code 101, a
+    lock or process timeout "try again later" (11)."""
+    from podnet.net import iptables
+    try:
+        return action(*a, **kw)
+    except TimeoutError as e:
+        raise CNIError(errors.TRY_AGAIN_LATER, "iptables did not finish: %s" % e) from None
+    except iptables.IptablesError as e:
+        raise CNIError(errors.KERNEL, "masquerade rules: %s" % e) from None
 
 
 def masq_restore_input(chain, comment, nets):
@@ -143,8 +169,8 @@ def setup_masq(network, container_id, nets):
     for family in (AF_INET, AF_INET6):
         fam_nets = [n for n in nets if n.family == family]
         if fam_nets:
-            iptables.restore(masq_restore_input(chain, _comment(network, container_id), fam_nets),
-                             ipv6=family == AF_INET6)
+            _iptables(iptables.restore, masq_restore_input(chain, _comment(network, container_id), fam_nets),
+                      ipv6=family == AF_INET6)
 
 
 def teardown_masq(network, container_id, families=(AF_INET, AF_INET6), nets=None):
@@ -167,18 +193,50 @@ def teardown_masq(network, container_id, families=(AF_INET, AF_INET6), nets=None
                       for n in fam_nets]
             lines += ["-X %s" % chain, "COMMIT"]
             try:
-                iptables.restore("\n".join(lines) + "\n", ipv6=ipv6)
+                _iptables(iptables.restore, "\n".join(lines) + "\n", ipv6=ipv6)
                 continue
-            except iptables.IptablesError:
-                pass
-        saved = iptables.save("nat", ipv6=ipv6)
+            except CNIError as e:
+                if e.code != errors.KERNEL:
+                    raise
+        saved = _iptables(iptables.save, "nat", ipv6=ipv6)
         if not iptables.chain_exists(saved, chain):
             continue
         lines = ["*nat", ":%s - [0:0]" % chain]
-        lines += ["-D" + rule[2:] for rule in iptables.rules_referencing(saved, chain)
+        lines += ["-D" + rule[2:] for rule in rules_referencing(saved, chain)
                   if not rule.startswith("-A %s " % chain)]
         lines += ["-X %s" % chain, "COMMIT"]
-        iptables.restore("\n".join(lines) + "\n", ipv6=ipv6)
+        _iptables(iptables.restore, "\n".join(lines) + "\n", ipv6=ipv6)
+
+
+def stale_masq_chains(saved, network, valid_ids):
+    """This network's masquerade chains (jumped to from POSTROUTING with a comment naming
+    the network) whose container is not one of `valid_ids`."""
+    keep = {chain_name(network, cid) for cid in valid_ids}
+    return [chain for chain in owned_chains(saved, "POSTROUTING", network, "", "")
+            if chain not in keep and not chain.startswith(("CNI-HOSTPORT-", "CNI-DN-"))]
+
+
+def gc_restore_input(saved, chains):
+    """One transaction removing `chains` and their POSTROUTING jumps; None if nothing to do."""
+    return removal_input(saved, chains)
+
+
+def gc_masq(network, valid_ids):
+    """Remove the masquerade chains of attachments not valid any more, per family one restore
+    (re-read and retried once if the table changed in between)."""
+    from podnet.net import iptables
+    for ipv6 in (False, True):
+        for attempt in range(2):
+            saved = _iptables(iptables.save, "nat", ipv6=ipv6)
+            text = gc_restore_input(saved, stale_masq_chains(saved, network, valid_ids))
+            if text is None:
+                break
+            try:
+                _iptables(iptables.restore, text, ipv6=ipv6)
+                break
+            except CNIError as e:
+                if attempt or e.code != errors.KERNEL:
+                    raise
 
 
 # ---- ADD --------------------------------------------------------------------
@@ -497,14 +555,14 @@ def cmd_del(args):
 def cmd_check(args):
     from cni.types import from_version
     conf = NetConf(args)
+    prev = args.conf.get("prevResult")      # the input first, before IPAM is asked anything
+    if not prev:
+        raise CNIError(errors.INVALID_NETCONF, "Required prevResult missing")
+    result = from_version(prev, args.version)
     ns_fd = open_container_netns(args.netns)
     try:
         if conf.ipam_type:
             delegate(conf.ipam_type, "CHECK", args)
-        prev = args.conf.get("prevResult")
-        if not prev:
-            raise CNIError(errors.INVALID_NETCONF, "Required prevResult missing")
-        result = from_version(prev, args.version)
         host = Netlink()
         cont = container_netlink(ns_fd, args.netns)
         by_name = {i.get("name"): i for i in result["interfaces"]}
@@ -555,9 +613,24 @@ def _check_ips_and_routes(cont, link, result):
 
 
 def cmd_gc(args):
+    """GC (spec 1.1.0): the masquerade chains of attachments not in cni.dev/valid-attachments
+    (whether ipMasq is on now or not: it may have been when they were made), then IPAM's GC.
+    Both run; the first failure is reported."""
+    from cni.skel import valid_attachments
     conf = NetConf(args)
+    valid = {cid for cid, _ in valid_attachments(args.conf)}
+    failure = None
+    try:
+        gc_masq(conf.name, valid)
+    except CNIError as e:
+        failure = e
     if conf.ipam_type:
-        delegate(conf.ipam_type, "GC", args)
+        try:
+            delegate(conf.ipam_type, "GC", args)
+        except CNIError as e:
+            failure = failure or e
+    if failure is not None:
+        raise failure
 
 
 def cmd_status(args):

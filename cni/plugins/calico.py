@@ -43,7 +43,7 @@ from cni import errors
 from cni.container import container_netlink, kernel_error, open_container_netns, roll_back
 from cni.errors import CNIError
 from cni.invoke import delegate
-from cni.skel import conf_value
+from cni.skel import conf_dns, conf_path, conf_value
 from podnet.net import sysctl
 from podnet.net.ip import AF_INET, AF_INET6, IPNet, parse_cidr, parse_ip
 from podnet.net.netlink import RT_SCOPE_LINK, Netlink, NetlinkError
@@ -90,12 +90,12 @@ class NetConf:
         self.mtu = conf_value(c, "mtu", int, 0)
         if self.mtu and not 68 <= self.mtu <= 65535:
             raise CNIError(errors.INVALID_NETCONF, "invalid MTU %d (68 to 65535, or 0 for the default)" % self.mtu)
-        self.blocks_file = conf_value(c, "nodeBlocksFile", str, DEFAULT_BLOCKS_FILE)
+        self.blocks_file = conf_path(c, "nodeBlocksFile", DEFAULT_BLOCKS_FILE)
         self.ipam = conf_value(c, "ipam", dict, {})
         self.ipam_type = conf_value(self.ipam, "type", str, "")
         if not self.ipam_type:
             raise CNIError(errors.INVALID_NETCONF, "calico needs an IPAM plugin: ipam.type is missing")
-        self.dns = conf_value(c, "dns", dict, {})
+        self.dns = conf_dns(c)
         subnet = self.ipam.get("subnet")
         self.use_node_block = subnet == USE_NODE_BLOCK or (
             self.ipam_type == "host-local" and not subnet and not self.ipam.get("ranges"))
@@ -313,13 +313,13 @@ def cmd_del(args):
 def cmd_check(args):
     from cni.types import from_version
     conf = NetConf(args)
+    prev = args.conf.get("prevResult")      # the input first, before IPAM is asked anything
+    if not prev:
+        raise CNIError(errors.INVALID_NETCONF, "Required prevResult missing")
+    result = from_version(prev, args.version)
     ns_fd = open_container_netns(args.netns)
     try:
         delegate(conf.ipam_type, "CHECK", args, ipam_netconf(conf, args, need_blocks=False))
-        prev = args.conf.get("prevResult")
-        if not prev:
-            raise CNIError(errors.INVALID_NETCONF, "Required prevResult missing")
-        result = from_version(prev, args.version)
         host_name = host_veth_name(args.container_id, args.ifname)
         cont = container_netlink(ns_fd, args.netns)
         host = Netlink()

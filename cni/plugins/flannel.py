@@ -15,7 +15,19 @@ Deliberate differences from the reference:
   succeeded, so a failed DEL can be retried;
 - a failed delegate ADD is followed at once by the delegate's DEL (the
   reference bridge leaves its veth behind when IPAM fails), and the saved
-  config is dropped if that DEL succeeded, kept for the runtime's DEL if not;
+  config is dropped if that DEL succeeded, rejected the config (codes 1, 2, 6,
+  7) or failed exactly as the ADD did (the same config failing the same way
+  twice), kept for the runtime's DEL if it failed otherwise; a delegate type
+  not in CNI_PATH fails the ADD before anything is saved;
+- a saved config that cannot be used (unparseable, no type, or one the
+  delegate's DEL rejects as invalid: codes 1, 2, 6, 7) is removed and the DEL
+  succeeds: retrying it could never work, and a DEL that always fails makes a
+  pod that can never be deleted. The reference also answers success for an
+  unparseable file (but keeps it) and removes the file after any delegate DEL
+  (returning that DEL's error once), so a transient failure is not retried;
+- wrong types for subnetFile and dataDir (false, 0, [], {}) are code 7, not
+  "unset"; so are paths holding NUL and config strings that are not Unicode
+  text (lone surrogates);
 - subnet.env is checked harder: FLANNEL_IPMASQ must be true or false (the
   reference reads anything else as false), a subnet must lie inside a
   network of its family, comments, blank lines and quotes are allowed;
@@ -24,11 +36,12 @@ Deliberate differences from the reference:
 from __future__ import annotations
 
 import os
+import sys
 
 from cni import errors
 from cni.errors import CNIError
 from cni.fastjson import JSONError, dumps, loads
-from cni.invoke import delegate
+from cni.invoke import delegate, find
 from podnet.net.ip import parse_cidr
 
 TYPE_CHECKING = False
@@ -37,6 +50,10 @@ if TYPE_CHECKING:
 
 DEFAULT_SUBNET_FILE = "/run/flannel/subnet.env"
 DEFAULT_DATA_DIR = "/var/lib/cni/flannel"
+# A delegate failing with one of these rejects the config itself: the same
+# config can never succeed, so keeping it for a retry only blocks the DEL.
+CONFIG_ERRORS = (errors.INCOMPATIBLE_VERSION, errors.UNSUPPORTED_FIELD, errors.DECODING_FAILURE,
+                 errors.INVALID_NETCONF)
 
 
 class SubnetEnv:
@@ -145,11 +162,44 @@ def delegate_config(conf, env):
 
 
 def _paths(conf):
-    subnet_file = conf.get("subnetFile") or DEFAULT_SUBNET_FILE
-    data_dir = conf.get("dataDir") or DEFAULT_DATA_DIR
-    if not isinstance(subnet_file, str) or not isinstance(data_dir, str):
-        raise CNIError(errors.INVALID_NETCONF, "subnetFile and dataDir must be strings")
-    return subnet_file, data_dir
+    """(subnetFile, dataDir) after checking the whole config is printable text."""
+    bad = _bad_text(conf)
+    if bad:
+        raise CNIError(errors.INVALID_NETCONF, bad)
+    return _path(conf, "subnetFile", DEFAULT_SUBNET_FILE), _path(conf, "dataDir", DEFAULT_DATA_DIR)
+
+
+def _path(conf, key, default):
+    # null, missing and "" leave the reference's Go string at its default
+    value = conf.get(key)
+    if value is None or value == "":
+        return default
+    if not isinstance(value, str):
+        raise CNIError(errors.INVALID_NETCONF, "%s must be a string, not %s" % (key, dumps(value)))
+    if "\0" in value:
+        raise CNIError(errors.INVALID_NETCONF, "%s holds a NUL character: %s" % (key, ascii(value)))
+    return value
+
+
+def _bad_text(obj, where="the network config"):
+    """Why `obj` cannot be written back (a string, or key, holding a lone surrogate,
+    which JSON's \\uD800 escapes can make), or "" if it can."""
+    stack = [(obj, where)]
+    while stack:
+        item, at = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return "%s is not valid Unicode text (a lone surrogate): %s" % (at, ascii(item))
+        elif isinstance(item, dict):
+            for key, value in item.items():
+                stack.append((key, "a key in %s" % at))
+                stack.append((value, "%s.%s" % (at, key) if isinstance(key, str) and key.isascii() else at))
+        elif isinstance(item, list):
+            stack.extend((value, "%s[%d]" % (at, i)) for i, value in enumerate(item))
+    return ""
 
 
 def _save(data_dir, container_id, data):
@@ -165,61 +215,90 @@ def _save(data_dir, container_id, data):
     os.replace(tmp, path)   # a DEL never sees half a file
 
 
+def _drop(data_dir, container_id):
+    try:
+        os.unlink(os.path.join(data_dir, container_id))
+    except FileNotFoundError:
+        pass
+
+
 def _load_saved(data_dir, container_id):
-    """The saved delegate config (bytes, dict), or (None, None) if there is none."""
+    """The saved delegate config as (bytes, dict, problem): (None, None, "") if there
+    is none; (bytes, None, why) if it cannot be used."""
     path = os.path.join(data_dir, container_id)
     try:
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        return None, None
+        return None, None, ""
+    except OSError as e:
+        raise CNIError(errors.IO_FAILURE, "failed to read saved delegate config %s: %s"
+                       % (path, e.strerror or e)) from None
     try:
         conf = loads(data)
     except JSONError as e:
-        raise CNIError(errors.DECODING_FAILURE, "failed to parse saved delegate config %s: %s" % (path, e)) from None
+        return data, None, "failed to parse saved delegate config %s: %s" % (path, e)
     if not isinstance(conf, dict) or not isinstance(conf.get("type"), str):
-        raise CNIError(errors.DECODING_FAILURE, "saved delegate config %s has no type" % path)
-    return data, conf
+        return data, None, "saved delegate config %s has no type" % path
+    bad = _bad_text(conf, "saved delegate config %s" % path)
+    if bad:
+        return data, None, bad
+    return data, conf, ""
 
 
 def cmd_add(args):
     subnet_file, data_dir = _paths(args.conf)
     deleg = delegate_config(args.conf, load_subnet_env(subnet_file))
     data = dumps(deleg).encode()
+    find(deleg["type"], args.path)      # a delegate that is not there: nothing to save
     _save(data_dir, args.container_id, data)
     try:
         return delegate(deleg["type"], "ADD", args, data)
     except CNIError as e:
         # A delegate may leave things behind when its ADD fails (the reference
-        # bridge keeps the veth when IPAM fails): DEL it now. Only if that worked
-        # is the saved config dropped; otherwise the runtime's DEL retries with it.
+        # bridge keeps the veth when IPAM fails): DEL it now. If that worked, or
+        # the config is what fails (the delegate says so, or its DEL fails exactly
+        # as its ADD did, as the reference plugins' 999s do), the saved config is
+        # dropped: a retry could never do better. Otherwise the runtime's DEL
+        # retries with it.
         try:
             delegate(deleg["type"], "DEL", args, data)
-        except CNIError:
-            pass
+        except CNIError as d:
+            keep = d.code not in CONFIG_ERRORS and (d.code, d.msg) != (e.code, e.msg)
         else:
-            os.unlink(os.path.join(data_dir, args.container_id))
+            keep = False
+        if not keep:
+            _drop(data_dir, args.container_id)
         raise CNIError(e.code, "failed to delegate add: %s" % e.msg, e.details) from None
 
 
 def cmd_del(args):
     _, data_dir = _paths(args.conf)
-    data, deleg = _load_saved(data_dir, args.container_id)
+    data, deleg, problem = _load_saved(data_dir, args.container_id)
     if data is None:
         return None   # already cleaned up (or ADD never got that far)
-    delegate(deleg["type"], "DEL", args, data)
-    try:
-        os.unlink(os.path.join(data_dir, args.container_id))
-    except FileNotFoundError:
-        pass
+    if deleg is not None:
+        try:
+            delegate(deleg["type"], "DEL", args, data)
+        except CNIError as e:
+            if e.code not in CONFIG_ERRORS:
+                raise   # may work next time: keep the config for the retry
+            problem = "the delegate rejects saved config %s: %s" % (os.path.join(data_dir, args.container_id), e)
+    if problem:
+        # Nothing this config can undo, now or later: forget it, as a DEL must
+        # succeed when there is nothing left to do.
+        sys.stderr.write("flannel: %s; removed it\n" % problem)
+    _drop(data_dir, args.container_id)
     return None
 
 
 def cmd_check(args):
     _, data_dir = _paths(args.conf)
-    data, deleg = _load_saved(data_dir, args.container_id)
+    data, deleg, problem = _load_saved(data_dir, args.container_id)
     if data is None:
         raise CNIError(errors.INVALID_NETCONF, "no saved delegate config for container %s" % args.container_id)
+    if deleg is None:
+        raise CNIError(errors.DECODING_FAILURE, problem)
     if args.conf.get("prevResult"):
         deleg["prevResult"] = args.conf["prevResult"]
     delegate(deleg["type"], "CHECK", args, deleg)

@@ -4,10 +4,10 @@ from __future__ import annotations
 import os
 
 from cni import errors
+from cni.container import container_netlink, open_container_netns
 from cni.errors import CNIError
 from podnet.net.ip import AF_INET6
-from podnet.net.netlink import Netlink, NetlinkError
-from podnet.net.netns import open_netns
+from podnet.net.netlink import NetlinkError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -15,18 +15,10 @@ if TYPE_CHECKING:
 
 
 def _open(args):
+    """A Netlink socket in the container's netns, with the spec's errors (cni.container)."""
+    fd = open_container_netns(args.netns)
     try:
-        fd = open_netns(args.netns)
-    except FileNotFoundError:
-        raise CNIError(errors.UNKNOWN_CONTAINER, "failed to open netns %r: no such file" % args.netns) from None
-    except OSError as e:
-        raise CNIError(errors.INVALID_ENV, "failed to open netns %r: %s" % (args.netns, e.strerror)) from None
-    try:
-        return Netlink(netns=fd)
-    except OSError as e:
-        if e.errno == 22:   # EINVAL from setns: e.g. a regular file
-            raise CNIError(errors.INVALID_ENV, "%r is not a network namespace" % args.netns) from None
-        raise CNIError(errors.INVALID_ENV, "failed to open netns %r: %s" % (args.netns, e.strerror)) from None
+        return container_netlink(fd, args.netns)
     finally:
         os.close(fd)
 

@@ -54,15 +54,24 @@ How it differs from the reference, deliberately:
 - CHECK fails when the container's chain is missing (the reference's CHECK
   returns success then) and checks all rules in one `iptables-restore` of
   `-C` lines.
-- Comments are cut to 255 characters (the reference cuts to 256, which
-  iptables refuses).
+- Comments are cut as the reference's trimComment does for long container
+  IDs (253 characters and "...", of which iptables keeps 255): the same rules.
+- Conditions iptables-restore cannot take are refused (code 7) before anything
+  is touched: an argument longer than 1,000 characters, or more than 4,000 in all.
+  (The words themselves are iptables', which judges them: a "-j" may well be the
+  value of a --comment.)
+- GC (spec 1.1.0; the reference 1.1.1 has none) removes the CNI-DN- chains, and
+  the jumps to them, of this network's containers that are not in
+  cni.dev/valid-attachments. A chain is this network's when the comment of its
+  CNI-HOSTPORT-DNAT jump names the network (and, for a comment not cut short,
+  the chain's name is that container's hash). One restore per family.
 - masqAll (added after 1.1.1) is not supported.
 """
 from __future__ import annotations
 
 from cni import errors
 from cni.errors import CNIError
-from cni.iptables_names import chain_name
+from cni.iptables_names import MAX_COMMENT_LEN, chain_name, jump_target, owned_chains, removal_input, rules_referencing
 from podnet.net.ip import AF_INET, AF_INET6, parse_cidr, parse_ip
 
 TYPE_CHECKING = False
@@ -79,6 +88,9 @@ LOCK_NAME = b"\0podnet-portmap-lock"   # abstract: per network namespace
 _ATTEMPTS = 3                   # restore attempts when the table changed under us
 
 _SETMARK_COMMENT = "CNI portfwd masquerade mark"
+_COMMENT_PREFIX = "dnat "
+MAX_CONDITION_LEN = 1000        # iptables-restore refuses longer words ("Parameter too long!")
+MAX_CONDITIONS_LEN = 4000       # and cuts lines at 10 KiB; a rule carries other words too
 _MASQ_COMMENT = "CNI portfwd requiring masquerade"
 _ENTRY_CHAINS = ("PREROUTING", "OUTPUT")
 
@@ -153,6 +165,11 @@ def _conditions(conf, key):
     for arg in value:
         if any(ord(c) < 32 or ord(c) == 127 for c in arg):
             raise _invalid("%s: control character in argument %r" % (key, arg))
+        if len(arg) > MAX_CONDITION_LEN:
+            raise _invalid("%s: an argument is too long for iptables (%d characters, at most %d)"
+                           % (key, len(arg), MAX_CONDITION_LEN))
+    if sum(len(arg) + 3 for arg in value) > MAX_CONDITIONS_LEN:
+        raise _invalid("%s: too long for iptables (at most %d characters in all)" % (key, MAX_CONDITIONS_LEN))
     return value
 
 
@@ -239,8 +256,9 @@ class PortMapConf:
         return [m for m in self.mappings if m.family is None or m.family == family]
 
     def comment(self):
-        text = 'dnat name: "%s" id: "%s"' % (self.name, self.container_id)
-        return text if len(text) <= 255 else text[:252] + "..."
+        """As the reference's (253 characters and "..." when longer), as iptables keeps it."""
+        text = '%sname: "%s" id: "%s"' % (_COMMENT_PREFIX, self.name, self.container_id)
+        return text if len(text) <= MAX_COMMENT_LEN else (text[:253] + "...")[:MAX_COMMENT_LEN]
 
 
 def _check_duplicates(mappings):
@@ -356,7 +374,7 @@ def entry_rules(conf, family):
 
 def add_restore_input(conf, family, cnet, saved):
     """Restore input that makes the table `saved` hold this container's mappings."""
-    from podnet.net.iptables import chain_exists, rules_referencing
+    from podnet.net.iptables import chain_exists
     lines = set(saved.splitlines())
     out = ["*nat"]
     for chain, rules in shared_rules(conf):
@@ -375,21 +393,9 @@ def add_restore_input(conf, family, cnet, saved):
 
 
 def diff_del_input(saved, chains):
-    """Removal of `chains` and every rule jumping to them, from a table read; None if none exist."""
-    from podnet.net.iptables import chain_exists, rules_referencing
-    out = ["*nat"]
-    found = False
-    for chain in chains:
-        refs = [r for r in rules_referencing(saved, chain) if not r.startswith("-A %s " % chain)]
-        if not refs and not chain_exists(saved, chain):
-            continue
-        found = True
-        out += ["-D" + r[2:] for r in refs]
-        out += [":%s - [0:0]" % chain, "-X " + chain]
-    if not found:
-        return None
-    out.append("COMMIT")
-    return "\n".join(out) + "\n"
+    """Removal of `chains` and every rule jumping to them, from a table read, as one
+    transaction; None if none exist."""
+    return removal_input(saved, chains)
 
 
 def mapped_ports(saved, own_chain):
@@ -401,12 +407,12 @@ def mapped_ports(saved, own_chain):
     for line in saved.splitlines():
         if line.startswith("-A %s " % DNAT_CHAIN):
             args = split_rule(line)
-            if "-j" in args:
-                target = args[args.index("-j") + 1]
+            target = jump_target(args)
+            if target is not None:
                 comment = args[args.index("--comment") + 1] if "--comment" in args else ""
                 owners.setdefault(target, comment)
         elif line.startswith("-A CNI-DN-") and " -j DNAT " in line:
-            dnats.append(line.split())
+            dnats.append(split_rule(line))
     out = []
     for args in dnats:
         chain = args[1]
@@ -462,6 +468,8 @@ def _save(family, counters=False):
     from podnet.net import iptables
     try:
         return iptables.save("nat", ipv6=family == AF_INET6, counters=counters)
+    except TimeoutError as e:
+        raise CNIError(errors.TRY_AGAIN_LATER, "could not read the nat table: %s" % e) from None
     except (iptables.IptablesError, OSError) as e:
         raise CNIError(errors.KERNEL, "could not read the nat table: %s" % e) from None
 
@@ -473,12 +481,41 @@ def _apply(conf, family, cnet, saved):
         if attempt:
             saved = _save(family)
             check_conflicts(conf, family, saved)
+        text = add_restore_input(conf, family, cnet, saved)
         try:
-            iptables.restore(add_restore_input(conf, family, cnet, saved), ipv6=family == AF_INET6)
+            _restore(text, family)
             return
         except iptables.IptablesError as e:
+            refused = refused_conditions(conf, family, text, str(e))
+            if refused is not None:
+                raise refused from None
             error = e
     raise CNIError(errors.KERNEL, "could not add the port mappings: %s" % error)
+
+
+def _failed_line(message):
+    """The input line number an iptables-restore error names ("line 3 failed", "Error
+    occurred at line: 3"), or 0."""
+    for marker in ("line ", "line: "):
+        at = message.find(marker)
+        words = message[at + len(marker):].split() if at >= 0 else []
+        digits = words[0].rstrip(":") if words else ""
+        if digits.isdigit():
+            return int(digits)
+    return 0
+
+
+def refused_conditions(conf, family, text, message):
+    """INVALID_NETCONF if the restore of `text` failed on a rule carrying this family's
+    conditions (iptables judges their words: its refusal is the config's fault); else None."""
+    conditions = conf.conditions[family]
+    line = _failed_line(message)
+    lines = text.splitlines()
+    if not conditions or not 0 < line <= len(lines) or not lines[line - 1].startswith("-A %s " % DNAT_CHAIN):
+        return None
+    key = "conditionsV6" if family == AF_INET6 else "conditionsV4"
+    return _invalid("iptables refused the rule with %s: %s" % (key, message.splitlines()[0][:200]),
+                    " ".join(conditions)[:500])
 
 
 def teardown(conf, family):
@@ -491,20 +528,49 @@ def teardown(conf, family):
     old_snat = chain_name(conf.name, conf.container_id, "SN-")   # made by old reference versions
     for attempt in range(2):
         saved, packets = iptables.split_counters(_save(family, counters=True))
-        udp_used = set()
-        for rule, n in packets.items():
-            if n and rule.startswith("-A %s " % conf.chain) and " -p udp " in rule and " -j DNAT " in rule:
-                args = rule.split()
-                udp_used.add(int(args[args.index("--dport") + 1]))
+        udp_used = _udp_ports_used(packets, (conf.chain,))
         text = diff_del_input(saved, (conf.chain, old_snat))
         if text is None:
             return udp_used
         try:
-            iptables.restore(text, ipv6=family == AF_INET6)
+            _restore(text, family)
             return udp_used
         except iptables.IptablesError as e:
             if attempt:
                 raise CNIError(errors.KERNEL, "could not remove the port mappings: %s" % e) from None
+
+
+def _udp_ports_used(packets, chains):
+    """Host ports of the UDP DNAT rules of `chains` that ever matched a packet."""
+    from podnet.net.iptables import split_rule
+    heads = tuple("-A %s " % chain for chain in chains)
+    used = set()
+    for rule, n in packets.items():
+        if n and heads and rule.startswith(heads) and " -p udp " in rule and " -j DNAT " in rule:
+            args = split_rule(rule)
+            if "--dport" in args:
+                try:
+                    used.add(int(args[args.index("--dport") + 1]))
+                except (ValueError, IndexError):
+                    pass
+    return used
+
+
+def _restore(text, family):
+    """iptables-restore; a lock or process timeout is "try again later" (code 11)."""
+    from podnet.net import iptables
+    try:
+        iptables.restore(text, ipv6=family == AF_INET6)
+    except TimeoutError as e:
+        raise CNIError(errors.TRY_AGAIN_LATER, "iptables-restore did not finish: %s" % e) from None
+
+
+def stale_chains(saved, network, valid_ids):
+    """This network's CNI-DN- chains (jumped to from CNI-HOSTPORT-DNAT with a comment
+    naming the network) whose container is not one of `valid_ids`."""
+    keep = {chain_name(network, cid, "DN-") for cid in valid_ids}
+    owned = owned_chains(saved, DNAT_CHAIN, network, _COMMENT_PREFIX, "DN-")
+    return [chain for chain in owned if chain not in keep]
 
 
 def _routable_host_if(ip):
@@ -593,6 +659,37 @@ def cmd_del(args):
     return None
 
 
+def cmd_gc(args):
+    """Remove the port mappings of this network's attachments that are not valid any more
+    (spec 1.1.0 GC): their CNI-DN- chains and the jumps to them, one restore per family."""
+    from cni.skel import valid_attachments
+    from podnet.net import iptables
+    network = args.conf["name"]
+    valid = {cid for cid, _ in valid_attachments(args.conf)}
+    used = {}
+    for family in (AF_INET, AF_INET6):
+        for attempt in range(2):      # the table changed between read and write: read again
+            saved, packets = iptables.split_counters(_save(family, counters=True))
+            owned = owned_chains(saved, DNAT_CHAIN, network, _COMMENT_PREFIX, "DN-")
+            stale = stale_chains(saved, network, valid)
+            # chains of older reference versions, for the containers whose ID the comment holds
+            old = [chain_name(network, owned[c], "SN-") for c in stale if owned[c]]
+            text = diff_del_input(saved, stale + old)
+            if text is None:
+                break
+            try:
+                _restore(text, family)
+                used[family] = _udp_ports_used(packets, stale)
+                break
+            except iptables.IptablesError as e:
+                if attempt:
+                    raise CNIError(errors.KERNEL, "could not remove stale port mappings: %s" % e) from None
+    families = [f for f in used if used[f]]
+    if families:    # UDP flows went to those containers: stop them reaching the addresses
+        _flush_udp_conntrack(None, families, ports=set().union(*used.values()))
+    return None
+
+
 def cmd_check(args):
     from podnet.net import iptables
     conf = PortMapConf(args)
@@ -607,7 +704,7 @@ def cmd_check(args):
         rules += [rule for rule, _ in jump_rules(conf)]
         text = "*nat\n" + "".join("-C" + r[2:] + "\n" for r in rules) + "COMMIT\n"
         try:
-            iptables.restore(text, ipv6=family == AF_INET6)
+            _restore(text, family)
         except iptables.IptablesError as e:
             raise _invalid("portmap rules of %s (IPv%d) not found" % (conf.chain, 6 if family == AF_INET6 else 4),
                            _failed_rule(str(e), rules)) from None
@@ -616,16 +713,13 @@ def cmd_check(args):
 
 def _failed_rule(message, rules):
     """The rule a `-C` restore stopped at ("line N failed"), else the tool's message."""
-    for marker in ("line ", "line: "):     # "line 3 failed: ...", "Error occurred at line: 3"
-        at = message.find(marker)
-        words = message[at + len(marker):].split() if at >= 0 else []
-        digits = words[0].rstrip(":") if words else ""
-        if digits.isdigit() and 2 <= int(digits) < len(rules) + 2:
-            return "missing: " + rules[int(digits) - 2]
+    line = _failed_line(message)
+    if 2 <= line < len(rules) + 2:
+        return "missing: " + rules[line - 2]
     return message
 
 
-COMMANDS: Commands = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check}
+COMMANDS: Commands = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "GC": cmd_gc}
 
 
 def main() -> None:
