@@ -1011,3 +1011,17 @@ def test_flannel_lone_surrogates_are_invalid_config(fl, where):
         assert "\\ud800" in e.value.msg and "not valid Unicode" in e.value.msg
         dumps(e.value.to_dict("1.1.0")).encode()            # printable as is
     assert fl.fakes.calls() == [] and not os.path.exists(fl.data_dir)
+
+
+def test_a_container_id_too_long_to_name_a_file_is_a_bad_environment(fl):
+    # The saved delegate config is dataDir/<container ID>: a 300-byte ID used to fail
+    # with ENAMETOOLONG, a traceback and 999. Now 4 before anything is touched, and DEL
+    # of such an ID (nothing can have been saved) succeeds.
+    cid = "c" * 300
+    with pytest.raises(CNIError) as e:
+        fl.run("ADD", cid=cid)
+    assert e.value.code == errors.INVALID_ENV and "too long" in e.value.msg
+    assert fl.fakes.calls() == []
+    assert fl.run("DEL", cid=cid) is None
+    assert fl.fakes.calls() == []
+    assert fl.run("ADD", cid="c" * 251) is not None       # the longest that fits (+ ".tmp")

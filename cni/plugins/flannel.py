@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
 DEFAULT_SUBNET_FILE = "/run/flannel/subnet.env"
 DEFAULT_DATA_DIR = "/var/lib/cni/flannel"
+_ENAMETOOLONG = 36
 # A delegate failing with one of these rejects the config itself: the same
 # config can never succeed, so keeping it for a retry only blocks the DEL.
 CONFIG_ERRORS = (errors.INCOMPATIBLE_VERSION, errors.UNSUPPORTED_FIELD, errors.DECODING_FAILURE,
@@ -202,7 +203,15 @@ def _bad_text(obj, where="the network config"):
     return ""
 
 
+NAME_MAX = 255        # bytes in one file name (ext4, xfs, tmpfs)
+
+
 def _save(data_dir, container_id, data):
+    if len(container_id.encode()) + len(".tmp") > NAME_MAX:
+        # the saved config is dataDir/<container ID>: an ID no file can be named after
+        raise CNIError(errors.INVALID_ENV, "CNI_CONTAINERID is %d bytes: too long to save the delegate "
+                       "config under %s (at most %d)" % (len(container_id.encode()), data_dir,
+                                                         NAME_MAX - len(".tmp")))
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
     path = os.path.join(data_dir, container_id)
     tmp = path + ".tmp"
@@ -232,6 +241,8 @@ def _load_saved(data_dir, container_id):
     except FileNotFoundError:
         return None, None, ""
     except OSError as e:
+        if e.errno == _ENAMETOOLONG:
+            return None, None, ""     # no ADD could have saved it (see _save)
         raise CNIError(errors.IO_FAILURE, "failed to read saved delegate config %s: %s"
                        % (path, e.strerror or e)) from None
     try:
