@@ -503,6 +503,17 @@ def test_gc_drops_saved_configs_of_invalid_attachments_and_delegates(fl):
     assert stdin["ipam"]["ranges"] == [[{"subnet": "10.244.1.0/24"}]]
 
 
+def test_gc_skips_what_it_cannot_remove_and_collects_the_rest(fl):
+    # A directory in dataDir (not ours) used to stop GC with a traceback (IsADirectoryError).
+    conf = dict(fl.conf, cniVersion="1.1.0")
+    fl.run("ADD", cid="drop", conf=conf)
+    os.mkdir(os.path.join(fl.data_dir, "somebodys-dir"))
+    fl.fakes.clear()
+    fl.run("GC", conf=conf, **{"cni.dev/valid-attachments": []})
+    assert os.listdir(fl.data_dir) == ["somebodys-dir"]
+    assert [(p, c) for p, c, _, _ in fl.fakes.calls()] == [("bridge", "GC")]
+
+
 def test_gc_without_subnet_env_still_drops_stale_configs(fl):
     conf = dict(fl.conf, cniVersion="1.1.0")
     fl.run("ADD", cid="old", conf=conf)

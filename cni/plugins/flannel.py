@@ -329,7 +329,12 @@ def cmd_gc(args):
         names = []
     for name in names:
         if name not in keep and not name.endswith(".tmp"):
-            os.unlink(os.path.join(data_dir, name))
+            try:
+                os.unlink(os.path.join(data_dir, name))
+            except FileNotFoundError:
+                pass
+            except OSError as e:    # not ours to remove (a directory someone made): the rest still goes
+                sys.stderr.write("flannel: GC left %s: %s\n" % (os.path.join(data_dir, name), e.strerror))
     try:
         deleg = delegate_config(args.conf, load_subnet_env(subnet_file))
     except CNIError as e:
