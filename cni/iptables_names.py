@@ -8,8 +8,8 @@ the other. The rules that jump to such a chain carry a comment naming network
 and container (`name: "<net>" id: "<id>"`, portmap's with a "dnat " in front),
 which is how GC tells the chains of one network apart without knowing the IDs.
 
-Rules are read from iptables-save text: a rule's target is its last `-j`/`-g`
-(a condition may hold the word "-j" itself, e.g. in a comment).
+Rules are read from iptables-save text with podnet.net.iptables (jump_target,
+rules_jumping_to, rules_referencing): a rule's target is its last `-j`/`-g`.
 """
 from __future__ import annotations
 
@@ -35,31 +35,6 @@ def owner_comment(network: str, container_id: str, prefix: str = "") -> str:
     return ('%sname: "%s" id: "%s"' % (prefix, network, container_id))[:MAX_COMMENT_LEN]
 
 
-def jump_target(args: list[str]) -> str | None:
-    """The chain a rule (its split_rule arguments) jumps or goes to, else None."""
-    if len(args) >= 2 and args[-2] in ("-j", "-g"):
-        return args[-1]
-    return None
-
-
-def rules_jumping_to(saved: str, chain: str) -> list[str]:
-    """The rules of iptables-save text that jump or go to `chain`."""
-    from podnet.net.iptables import split_rule
-    out = []
-    for line in saved.splitlines():
-        # the target is the last word: only a line ending with it can be one
-        if line.startswith("-A ") and line.endswith(" " + chain) and jump_target(split_rule(line)) == chain:
-            out.append(line)
-    return out
-
-
-def rules_referencing(saved: str, chain: str) -> list[str]:
-    """The rules of `chain` and those jumping to it, in table order."""
-    own = "-A %s " % chain
-    jumps = set(rules_jumping_to(saved, chain))
-    return [line for line in saved.splitlines() if line.startswith(own) or line in jumps]
-
-
 def owned_chains(saved: str, entry_chain: str, network: str, comment_prefix: str,
                  chain_prefix: str) -> dict[str, str]:
     """{chain: container ID or ""} of the chains `entry_chain` jumps to whose rule's comment
@@ -68,7 +43,7 @@ def owned_chains(saved: str, entry_chain: str, network: str, comment_prefix: str
     A comment cut short (a long ID: iptables keeps 255 characters) gives "" for the ID.
     A whole one is trusted only if the chain is that container's (chain_name(network, id,
     chain_prefix)): a rule made by hand that merely looks like ours is not taken."""
-    from podnet.net.iptables import split_rule
+    from podnet.net.iptables import jump_target, split_rule
     head = '%sname: "%s" id: "' % (comment_prefix, network)
     start = "-A %s " % entry_chain
     out: dict[str, str] = {}
@@ -95,7 +70,7 @@ def owned_chains(saved: str, entry_chain: str, network: str, comment_prefix: str
 def removal_input(saved: str, chains: list[str] | tuple[str, ...]) -> str | None:
     """nat restore input removing `chains` and every rule jumping to them, as one
     transaction (the table read as `saved`); None if none of them exists."""
-    from podnet.net.iptables import chain_exists
+    from podnet.net.iptables import chain_exists, rules_jumping_to
     out = ["*nat"]
     found = False
     for chain in chains:

@@ -35,7 +35,7 @@ from cni import errors
 from cni.container import container_netlink, kernel_error, open_container_netns, roll_back
 from cni.errors import CNIError
 from cni.invoke import delegate
-from cni.iptables_names import chain_name, owned_chains, owner_comment, removal_input, rules_referencing
+from cni.iptables_names import chain_name, owned_chains, owner_comment, removal_input
 from cni.skel import conf_dns, conf_value
 from podnet.net import sysctl
 from podnet.net.ip import AF_INET, AF_INET6, IPNet, parse_cidr, parse_ip
@@ -202,7 +202,7 @@ def teardown_masq(network, container_id, families=(AF_INET, AF_INET6), nets=None
         if not iptables.chain_exists(saved, chain):
             continue
         lines = ["*nat", ":%s - [0:0]" % chain]
-        lines += ["-D" + rule[2:] for rule in rules_referencing(saved, chain)
+        lines += ["-D" + rule[2:] for rule in iptables.rules_jumping_to(saved, chain)
                   if not rule.startswith("-A %s " % chain)]
         lines += ["-X %s" % chain, "COMMIT"]
         _iptables(iptables.restore, "\n".join(lines) + "\n", ipv6=ipv6)

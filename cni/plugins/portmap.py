@@ -71,7 +71,7 @@ from __future__ import annotations
 
 from cni import errors
 from cni.errors import CNIError
-from cni.iptables_names import MAX_COMMENT_LEN, chain_name, jump_target, owned_chains, removal_input, rules_referencing
+from cni.iptables_names import MAX_COMMENT_LEN, chain_name, owned_chains, removal_input
 from podnet.net.ip import AF_INET, AF_INET6, parse_cidr, parse_ip
 
 TYPE_CHECKING = False
@@ -374,7 +374,7 @@ def entry_rules(conf, family):
 
 def add_restore_input(conf, family, cnet, saved):
     """Restore input that makes the table `saved` hold this container's mappings."""
-    from podnet.net.iptables import chain_exists
+    from podnet.net.iptables import chain_exists, rules_jumping_to
     lines = set(saved.splitlines())
     out = ["*nat"]
     for chain, rules in shared_rules(conf):
@@ -383,7 +383,7 @@ def add_restore_input(conf, family, cnet, saved):
         out += [r for r in rules if r not in lines]
     out += [add for rule, add in jump_rules(conf) if rule not in lines]
     # A repeated ADD: drop the old jumps to our chain, then rebuild the chain.
-    out += ["-D" + r[2:] for r in rules_referencing(saved, conf.chain)
+    out += ["-D" + r[2:] for r in rules_jumping_to(saved, conf.chain)
             if not r.startswith("-A %s " % conf.chain)]
     out.append(":%s - [0:0]" % conf.chain)
     out += dnat_rules(conf, family, cnet)
@@ -401,7 +401,7 @@ def diff_del_input(saved, chains):
 def mapped_ports(saved, own_chain):
     """[(protocol, host port, host IP or None, chain, comment)] of the other containers'
     DNAT rules that are live (their chain is jumped to from CNI-HOSTPORT-DNAT)."""
-    from podnet.net.iptables import split_rule
+    from podnet.net.iptables import jump_target, split_rule
     owners = {}
     dnats = []
     for line in saved.splitlines():

@@ -166,16 +166,29 @@ def quote(text: str) -> str:
     return '"%s"' % text.replace("\\", "\\\\").replace('"', '\\"')
 
 
-def rules_referencing(saved: str, chain: str) -> list[str]:
-    """Lines of iptables-save output that jump to or belong to `chain`."""
+def jump_target(args: list[str]) -> str | None:
+    """The chain a rule (its split_rule arguments) jumps or goes to, else None: the last
+    `-j`/`-g`, as iptables reads it (a condition may hold the word "-j", e.g. a comment)."""
+    if len(args) >= 2 and args[-2] in ("-j", "-g"):
+        return args[-1]
+    return None
+
+
+def rules_jumping_to(saved: str, chain: str) -> list[str]:
+    """The rules of iptables-save text that jump or go to `chain`."""
     out = []
     for line in saved.splitlines():
-        if not line.startswith("-A "):
-            continue
-        parts = line.split()
-        if parts[1] == chain or ("-j" in parts and parts[parts.index("-j") + 1] == chain):
+        # the target is the last word: only a line ending with it can be one
+        if line.startswith("-A ") and line.endswith(" " + chain) and jump_target(split_rule(line)) == chain:
             out.append(line)
     return out
+
+
+def rules_referencing(saved: str, chain: str) -> list[str]:
+    """The rules of `chain` and those jumping to it, in table order."""
+    own = "-A %s " % chain
+    jumps = set(rules_jumping_to(saved, chain))
+    return [line for line in saved.splitlines() if line.startswith(own) or line in jumps]
 
 
 def declared_chains(saved: str) -> list[str]:
