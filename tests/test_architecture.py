@@ -69,3 +69,14 @@ def test_every_file_the_architecture_map_names_exists():
     assert len(named) > 30, "the map names too few files: %s" % sorted(named)
     missing = sorted(p for p in named if not os.path.exists(os.path.join(ROOT, p)))
     assert not missing, "docs/architecture.md names files that do not exist: %s" % missing
+
+
+def test_test_modules_have_names_of_their_own():
+    # tests/ and netns_tests/ have no __init__.py: pytest imports both as top-level modules,
+    # and two files of one name stop the whole run at collection ("import file mismatch").
+    names = {}
+    for folder in ("tests", "netns_tests", "."):
+        for name in os.listdir(os.path.join(ROOT, folder)):
+            if name.endswith(".py") and name != "conftest.py":
+                names.setdefault(name, []).append(folder)
+    assert {n: f for n, f in names.items() if len(f) > 1} == {}

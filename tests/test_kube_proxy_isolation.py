@@ -3,7 +3,7 @@ quarantined and reported, and every other change is still programmed in the same
 
 No root: the kernel is a stateful fake that refuses any transaction carrying a "poisoned"
 address (the kernel refusing one port's rules), committing iptables-restore's tables one at
-a time as the real tool does. netns_tests/test_kube_proxy_isolation.py does the same against
+a time as the real tool does. netns_tests/test_kube_proxy_isolation_kernel.py does the same against
 the real iptables-restore and nft.
 """
 import logging
