@@ -78,17 +78,20 @@ def loads(data: str | bytes | bytearray, allow_surrogates: bool = False) -> Any:
     # Only a \\uD800-\\uDFFF escape can leave a lone surrogate (the UTF-8 decoder refuses
     # encoded ones): such a string is not Unicode text, and could never be printed again.
     if not allow_surrogates and ("\\ud" in text or "\\uD" in text):
-        where = _lone_surrogate(obj)
-        if where is not None:
+        bad = unencodable(obj)
+        if bad is not None:
             raise JSONError("invalid Unicode at %s: a lone surrogate (a \\uD800-\\uDFFF escape "
-                            "that is not half of a pair)" % where[:200])
+                            "that is not half of a pair)" % ascii(bad[0])[1:-1][:200])
     return obj
 
 
-def _lone_surrogate(obj: object) -> str | None:
-    """Where (a path like "ipam.ranges[0]") a string, key or value, cannot be encoded as
-    UTF-8; None if nowhere. Iterative: documents nest as deep as the scanner allows."""
-    stack: list[tuple[object, str]] = [(obj, "")]
+def unencodable(obj: object, where: str = "") -> tuple[str, str] | None:
+    """(path, text) of the first string of `obj` (a key or a value, at a path like
+    "ipam.ranges[0][0].subnet" under `where`) that cannot be encoded as UTF-8 (a lone
+    surrogate, which JSON's \\uD800 escapes can make, and which neither a file name nor
+    an answer can hold); None if there is none. Iterative: documents nest as deep as the
+    scanner allows."""
+    stack: list[tuple[object, str]] = [(obj, where)]
     while stack:
         item, path = stack.pop()
         if isinstance(item, str):
@@ -96,15 +99,15 @@ def _lone_surrogate(obj: object) -> str | None:
                 try:
                     item.encode("utf-8")
                 except UnicodeEncodeError:
-                    return path or "the top level"
+                    return path or "the top level", item
         elif isinstance(item, dict):
             for key, value in item.items():
                 inner = "%s.%s" % (path, key) if path else key
-                if not key.isascii():
+                if isinstance(key, str) and not key.isascii():
                     try:
                         key.encode("utf-8")
                     except UnicodeEncodeError:
-                        return "key " + ascii(inner)
+                        return "a key in %s" % (path or "the top level"), key
                 stack.append((value, inner))
         elif isinstance(item, list):
             stack.extend((v, "%s[%d]" % (path, i)) for i, v in enumerate(item))

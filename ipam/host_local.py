@@ -39,6 +39,7 @@ import os
 
 from cni import errors
 from cni.errors import CNIError
+from cni.fastjson import unencodable
 from cni.skel import run_plugin
 from cni.types import empty_result
 from ipam.allocator import ip_string, json_kind, parse_addr, parse_range_sets
@@ -120,24 +121,10 @@ def _path(ipam, key):
 
 def _check_text(obj, where):
     """CNIError(INVALID_NETCONF) naming the first string in `obj` (keys included)
-    that is not Unicode text: a lone surrogate, which JSON's \\uD800 escapes can
-    make and which neither a file name nor an answer can hold."""
-    stack = [(obj, where)]
-    while stack:
-        item, at = stack.pop()
-        if isinstance(item, str):
-            if not item.isascii():
-                try:
-                    item.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise _invalid("%s is not valid Unicode text (a lone surrogate): %s"
-                                   % (at, ascii(item))) from None
-        elif isinstance(item, dict):
-            for key, value in item.items():
-                stack.append((key, "%s: a key" % at))
-                stack.append((value, "%s.%s" % (at, key) if isinstance(key, str) and key.isascii() else at))
-        elif isinstance(item, list):
-            stack.extend((value, "%s[%d]" % (at, i)) for i, value in enumerate(item))
+    that is not Unicode text (a lone surrogate: neither a file name nor an answer can hold it)."""
+    bad = unencodable(obj, where)
+    if bad is not None:
+        raise _invalid("%s is not valid Unicode text (a lone surrogate): %s" % (ascii(bad[0])[1:-1], ascii(bad[1])))
 
 
 def _requested_ips(args, runtime, cni_block):

@@ -40,7 +40,7 @@ import sys
 
 from cni import errors
 from cni.errors import CNIError
-from cni.fastjson import JSONError, dumps, loads
+from cni.fastjson import JSONError, dumps, loads, unencodable
 from cni.invoke import delegate, find
 from podnet.net.ip import parse_cidr
 
@@ -183,24 +183,10 @@ def _path(conf, key, default):
 
 
 def _bad_text(obj, where="the network config"):
-    """Why `obj` cannot be written back (a string, or key, holding a lone surrogate,
-    which JSON's \\uD800 escapes can make), or "" if it can."""
-    stack = [(obj, where)]
-    while stack:
-        item, at = stack.pop()
-        if isinstance(item, str):
-            if not item.isascii():
-                try:
-                    item.encode("utf-8")
-                except UnicodeEncodeError:
-                    return "%s is not valid Unicode text (a lone surrogate): %s" % (at, ascii(item))
-        elif isinstance(item, dict):
-            for key, value in item.items():
-                stack.append((key, "a key in %s" % at))
-                stack.append((value, "%s.%s" % (at, key) if isinstance(key, str) and key.isascii() else at))
-        elif isinstance(item, list):
-            stack.extend((value, "%s[%d]" % (at, i)) for i, value in enumerate(item))
-    return ""
+    """Why `obj` cannot be written back (a string, or key, holding a lone surrogate),
+    or "" if it can."""
+    bad = unencodable(obj, where)
+    return "" if bad is None else "%s is not valid Unicode text (a lone surrogate): %s" % (bad[0], ascii(bad[1]))
 
 
 NAME_MAX = 255        # bytes in one file name (ext4, xfs, tmpfs)
