@@ -1036,3 +1036,15 @@ def test_a_container_id_too_long_to_name_a_file_is_a_bad_environment(fl):
     assert fl.run("DEL", cid=cid) is None
     assert fl.fakes.calls() == []
     assert fl.run("ADD", cid="c" * 251) is not None       # the longest that fits (+ ".tmp")
+
+
+def test_a_data_dir_no_file_system_can_hold_is_invalid_config(fl):
+    # A dataDir with a 300-character component: ADD failed with ENAMETOOLONG, a traceback, 999.
+    long_dir = os.path.join(fl.data_dir, "z" * 300)
+    with pytest.raises(CNIError) as e:
+        fl.run("ADD", dataDir=long_dir)
+    assert e.value.code == errors.INVALID_NETCONF and "dataDir" in e.value.msg
+    assert fl.fakes.calls() == []
+    assert fl.run("DEL", dataDir=long_dir) is None
+    conf = dict(fl.conf, cniVersion="1.1.0", dataDir=long_dir)
+    fl.run("GC", conf=conf, **{"cni.dev/valid-attachments": []})

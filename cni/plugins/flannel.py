@@ -198,16 +198,22 @@ def _save(data_dir, container_id, data):
         raise CNIError(errors.INVALID_ENV, "CNI_CONTAINERID is %d bytes: too long to save the delegate "
                        "config under %s (at most %d)" % (len(container_id.encode()), data_dir,
                                                          NAME_MAX - len(".tmp")))
-    os.makedirs(data_dir, mode=0o700, exist_ok=True)
     path = os.path.join(data_dir, container_id)
     tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)   # a DEL never sees half a file
+        os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)   # a DEL never sees half a file
+    except OSError as e:
+        if e.errno == _ENAMETOOLONG:    # a dataDir no file system can hold: the config's fault
+            raise CNIError(errors.INVALID_NETCONF, "dataDir %s: %s" % (ascii(data_dir), e.strerror)) from None
+        raise CNIError(errors.IO_FAILURE, "failed to save the delegate config %s: %s"
+                       % (ascii(path), e.strerror or e)) from None
 
 
 def _drop(data_dir, container_id):
@@ -312,6 +318,10 @@ def cmd_gc(args):
     try:
         names = os.listdir(data_dir)
     except FileNotFoundError:
+        names = []
+    except OSError as e:
+        if e.errno != _ENAMETOOLONG:    # a dataDir no file system can hold: nothing was saved
+            raise CNIError(errors.IO_FAILURE, "failed to list %s: %s" % (ascii(data_dir), e.strerror)) from None
         names = []
     for name in names:
         if name not in keep and not name.endswith(".tmp"):
