@@ -27,6 +27,21 @@ requires_etcd = pytest.mark.skipif(not os.access(ETCD, os.X_OK),
                                    reason="needs etcd 3.4 at %s (Debian package etcd-server)" % ETCD)
 
 
+def allocation_files(data_dir, network=None):
+    """host-local's address files under data_dir (not its lock or last_reserved_ip.N):
+    the names in `network`'s store, or "net/name" across every network when None."""
+    nets = [network] if network else (sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else [])
+    out = []
+    for net in nets:
+        try:
+            names = os.listdir(os.path.join(data_dir, net))
+        except FileNotFoundError:
+            continue
+        out += [name if network else "%s/%s" % (net, name) for name in sorted(names)
+                if name != "lock" and not name.startswith("last_reserved_ip.")]
+    return out
+
+
 def wait_until(predicate, timeout, what, interval=0.05):
     """Seconds it took for predicate() to hold; an AssertionError after `timeout`."""
     start = time.monotonic()

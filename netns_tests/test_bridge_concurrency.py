@@ -11,6 +11,8 @@ import time
 
 from lab.cluster import finish_cni, start_cni
 
+from helpers import allocation_files
+
 NETWORK = "podnet"
 BRIDGE = "cni0"
 SUBNET = "10.244.0.0/24"
@@ -31,14 +33,6 @@ def unreachable(ns, targets):
     script = " ".join("(ping -c1 -W2 -q %s >/dev/null 2>&1 || echo %s) &" % (t, t)
                       for t in targets) + " wait"
     return ns.run(script, timeout=TIMEOUT).stdout.split()
-
-
-def allocation_files(data_dir):
-    try:
-        names = os.listdir(os.path.join(data_dir, NETWORK))
-    except FileNotFoundError:
-        return []
-    return sorted(n for n in names if n != "lock" and not n.startswith("last_reserved_ip."))
 
 
 def host_veths(node):
@@ -65,7 +59,7 @@ def test_fifty_adds_then_fifty_dels_at_once(lab, cni_bin):
     addrs = [json.loads(out)["ips"][0]["address"].split("/")[0] for _, out, _ in results]
     assert len(set(addrs)) == N
     assert len(host_veths(node)) == N
-    assert len(allocation_files(data_dir)) == N
+    assert len(allocation_files(data_dir, NETWORK)) == N
     assert len(nat_rules(node, "-A POSTROUTING")) == N
     assert len(nat_rules(node, ":CNI-")) == N
     # Each pod has exactly its address, and answers.
@@ -79,7 +73,7 @@ def test_fifty_adds_then_fifty_dels_at_once(lab, cni_bin):
     failed = [(cid, rc, out, err) for cid, (rc, out, err) in zip(ids, results) if rc != 0]
     assert failed == [], failed[:3]
     assert host_veths(node) == set()
-    assert allocation_files(data_dir) == []
+    assert allocation_files(data_dir, NETWORK) == []
     assert nat_rules(node) == []
     assert all(pod.link_names() == {"lo"} for pod in pods)
 
@@ -108,7 +102,7 @@ def test_repeated_add_is_idempotent_and_repeated_del_succeeds(lab, cni_bin):
         assert again["interfaces"][2]["mac"] == first["interfaces"][2]["mac"]
         assert sorted(nat_rules(node)) == sorted(nat_before)     # no duplicated rules
         assert host_veths(node) == veths_before
-        assert allocation_files(data_dir) == [first["ips"][0]["address"].split("/")[0]]
+        assert allocation_files(data_dir, NETWORK) == [first["ips"][0]["address"].split("/")[0]]
     addrs = pod.ip_json("-4", "addr", "show", "eth0")[0]["addr_info"]
     assert len(addrs) == 1
     assert unreachable(node, [addrs[0]["local"]]) == []
@@ -116,7 +110,7 @@ def test_repeated_add_is_idempotent_and_repeated_del_succeeds(lab, cni_bin):
     for _ in range(3):
         cni("DEL")
         assert host_veths(node) == set()
-        assert allocation_files(data_dir) == []
+        assert allocation_files(data_dir, NETWORK) == []
         assert nat_rules(node) == []
         assert pod.link_names() == {"lo"}
     # DEL once the sandbox is gone (the runtime deleted the netns first).
@@ -140,7 +134,7 @@ def test_del_after_the_netns_is_gone(lab, cni_bin):
         out = node.run_cni(bridge, "DEL", "gone1", netns, "eth0", conf, cni_bin, timeout=TIMEOUT)
         assert out.returncode == 0, out.stdout + out.stderr
         assert nat_rules(node) == []
-        assert allocation_files(data_dir) == []
+        assert allocation_files(data_dir, NETWORK) == []
     # The kernel dismantles a deleted netns asynchronously; the veth pair goes with it.
     deadline = time.monotonic() + 10
     while host_veths(node) and time.monotonic() < deadline:
@@ -165,7 +159,7 @@ def test_failed_rerun_keeps_the_running_attachment(lab, cni_bin):
     out = node.run_cni(bridge, "ADD", "web1", pod.path, "eth0", bad, cni_bin, timeout=TIMEOUT)
     assert out.returncode != 0 and out.result["code"] == 101, out.stdout
     assert "10.0.0.0/8 via 192.0.2.1" in out.result["msg"]
-    assert allocation_files(data_dir) == [addr]
+    assert allocation_files(data_dir, NETWORK) == [addr]
     assert sorted(nat_rules(node)) == sorted(nat_before)
     assert host_veths(node) == veths_before
     assert unreachable(node, [addr]) == []

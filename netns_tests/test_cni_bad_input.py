@@ -17,6 +17,8 @@ import pytest
 from cni.types import SUPPORTED_VERSIONS
 from lab.cluster import Lab
 
+from helpers import allocation_files
+
 NETWORK = "badnet"
 BRIDGE = "cni0"
 TIMEOUT = 20
@@ -91,16 +93,6 @@ class Bed:
                     tables.append(re.sub(r"\[\d+:\d+\]", "", line))
         return {"links": links, "addrs": addrs, "iptables": tables,
                 "store": allocation_files(self.data_dir), "pod": sorted(self.pod.link_names())}
-
-
-def allocation_files(data_dir):
-    """Files in the store other than lock and last_reserved_ip.* (all networks)."""
-    out = []
-    for net in sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else ():
-        for name in sorted(os.listdir(os.path.join(data_dir, net))):
-            if name != "lock" and not name.startswith("last_reserved_ip."):
-                out.append("%s/%s" % (net, name))
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,8 @@ import time
 
 from lab.cluster import cni_env, exec_argv, finish_cni, start_cni
 
+from helpers import allocation_files
+
 NETWORK = "podnet"
 SUBNET = "10.244.0.0/22"
 KILLS = int(os.environ.get("PODNET_KILLED_ADDS", "500"))
@@ -33,20 +35,12 @@ def bridge_conf(data_dir):
             "ipam": {"type": "host-local", "subnet": SUBNET, "dataDir": data_dir}}
 
 
-def allocations(data_dir):
-    try:
-        names = os.listdir(os.path.join(data_dir, NETWORK))
-    except FileNotFoundError:
-        return []
-    return sorted(n for n in names if n != "lock" and not n.startswith("last_reserved_ip."))
-
-
 def residue(node, pods, data_dir):
     veths = {link["ifname"] for link in node.ip_json("link", "show", "type", "veth")} - {"eth0"}
     nat = [line for line in node.run(["iptables-save", "-t", "nat"]).stdout.splitlines()
            if "CNI-" in line and not line.startswith("#")]
     in_pods = [pod.name for pod in pods if any(link["ifname"] == "eth0" for link in pod.ip_json("link", "show"))]
-    return {"allocations": allocations(data_dir), "veths": sorted(veths), "nat": nat, "pod eth0": in_pods}
+    return {"allocations": allocation_files(data_dir, NETWORK), "veths": sorted(veths), "nat": nat, "pod eth0": in_pods}
 
 
 def killed_add(node, plugin, conf, cid, pod, cni_bin, delay):
