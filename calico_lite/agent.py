@@ -37,6 +37,12 @@ says so in its OPEN (R bit: restarted; F bit: forwarding state kept),
 announces the same block, then End-of-RIB, and the peers drop only what it
 did not announce again. Without graceful restart a peer drops our block when
 the session closes.
+
+Metrics and health (calico_lite/metrics.py): --prometheus-metrics-enabled
+(-host, -port 9091) and --health-enabled (-host, -port 9099), Felix's flags
+and FELIX_* variables: BGP sessions, resets and prefixes per peer, our routes
+in the kernel; /healthz (the loop goes round), /readyz (every session
+Established and the kernel's routes reconciled once).
 """
 import argparse
 import logging
@@ -128,6 +134,9 @@ class Agent:
         self.stopping = threading.Event()
         self.announced = set()
         self.ipip_ready = False
+        from calico_lite.metrics import Metrics, kernel_routes
+        self.metrics = Metrics(lambda: self.speaker, lambda: len(self.announced),
+                               kernel_routes if role != "route-reflector" else None, clock=clock)
 
     # ---- start-up ----
 
@@ -136,6 +145,7 @@ class Agent:
         ip, self.mtu = interface_address(self.iface)
         while self.ds.get_config() is None and not self.stopping.is_set():
             log.info("waiting for the calico-lite config in the datastore")
+            self.metrics.beat()
             self.stopping.wait(1.0)
         old = self.ds.get_node(self.node_name)
         self.me = Node(self.node_name, ip, old.as_number if old else None, self.role,
@@ -311,6 +321,7 @@ class Agent:
                 except routes.IPIPUnavailable as e:
                     log.error("IPIP is needed but unavailable: %s", e)
             routes.sync(nl, want, self.iface, log)
+        self.metrics.routes_synced()
 
     def next_wake(self):
         with self.lock:
@@ -327,6 +338,7 @@ class Agent:
         threading.Thread(target=self._watch_datastore, name="datastore", daemon=True).start()
         try:
             while not self.stopping.is_set():
+                self.metrics.beat()
                 self.wake.wait(self.next_wake())
                 self.wake.clear()
                 if self.stopping.is_set():
@@ -334,6 +346,7 @@ class Agent:
                 try:
                     self.reconcile()
                 except Exception:
+                    self.metrics.reconcile_failed()
                     log.exception("reconcile failed; retrying")
                     self.stopping.wait(1.0)
                     self.wake.set()
@@ -373,6 +386,8 @@ def main(argv=None):
     p.add_argument("--bgp-port", type=int, default=179)
     p.add_argument("--md5-password", default=None, help="TCP MD5 on every session")
     p.add_argument("-v", "--verbose", action="store_true")
+    from calico_lite import metrics
+    metrics.add_flags(p)
     opts = p.parse_args(argv)
     if not 0 <= opts.graceful_restart_time <= 4095:
         p.error("--graceful-restart-time must be 0..4095")
@@ -383,6 +398,11 @@ def main(argv=None):
     agent = Agent(ds, opts.node_name, opts.iface, opts.role, opts.blocks_file, opts.hold_time, opts.route_grace,
                   opts.bgp_port, opts.md5_password, startup_grace=opts.startup_grace,
                   graceful_restart_time=opts.graceful_restart_time)
+    try:
+        metrics.start_servers(opts, agent.metrics, "calico-agent")
+    except OSError as e:
+        log.error("metrics or health endpoint: %s", e)
+        return 1
     signal.signal(signal.SIGTERM, agent.stop)
     signal.signal(signal.SIGINT, agent.stop)
     agent.run()

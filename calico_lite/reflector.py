@@ -22,6 +22,11 @@ stale across their restarts for their restart time, bounded by --stale-time);
 waits --idle-hold-time before reconnecting, doubling with each further
 failure up to --idle-hold-max.
 
+--prometheus-metrics-enabled and --health-enabled (Felix's names, with their
+FELIX_* variables: calico_lite/metrics.py) serve /metrics (sessions, resets,
+prefixes received and advertised per peer), /healthz (the event loop runs)
+and /readyz (every session Established).
+
 Session changes are logged (Established, down with the reason). --dump-file
 keeps a JSON snapshot of the sessions and the Loc-RIB (rewritten shortly after
 every change, and on SIGUSR1), for operators and tests. SIGTERM/SIGINT send
@@ -171,6 +176,8 @@ def parse_args(argv=None):
                    help="originate this prefix (repeatable)")
     p.add_argument("--dump-file", help="keep a JSON snapshot of sessions and routes here")
     p.add_argument("-v", "--verbose", action="store_true", help="log every state and route change")
+    from calico_lite import metrics
+    metrics.add_flags(p)
     args = p.parse_args(argv)
     from calico_lite.bgp.messages import ip_to_bytes
     if not 0 <= args.graceful_restart_time <= 4095:
@@ -214,6 +221,8 @@ class Reflector:
                                cluster_id=args.cluster_id,
                                restart_time=args.graceful_restart_time if args.graceful_restart_time else None)
         self.stopping = asyncio.Event()
+        from calico_lite.metrics import Metrics
+        self.metrics = Metrics(lambda: self.speaker, lambda: len(args.announcements))
         self._dump_handle = None
         self._file_peers = {}       # address -> PeerConfig that came from --peers-from-file
 
@@ -243,6 +252,12 @@ class Reflector:
         with open(tmp, "w") as f:
             json.dump(state, f, indent=1)
         os.replace(tmp, self.args.dump_file)
+
+    def _heartbeat(self):
+        """The event loop runs (for /healthz): a beat every second, from the loop itself."""
+        self.metrics.beat()
+        if not self.stopping.is_set():
+            self.loop.call_later(1.0, self._heartbeat)
 
     def load_peers_file(self):
         path = self.args.peers_from_file
@@ -294,7 +309,13 @@ class Reflector:
         log.info("route reflector %s AS %d: %d peers (%d clients), cluster id %s; listening on %s:%d (%s)",
                  self.args.router_id, self.args.local_as, len(speaker.peers()), clients,
                  self.args.cluster_id or self.args.router_id, self.args.listen, speaker.port, self.listen_reason)
+        self._heartbeat()
+        from calico_lite import metrics
+        servers = metrics.start_servers(self.args, self.metrics, "calico-reflector")
         await self.stopping.wait()
+        for server in servers:
+            server.shutdown()
+            server.server_close()
         log.info("stopping: sending Cease to every peer")
         await speaker.stop()
         if self.args.dump_file:

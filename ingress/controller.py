@@ -40,6 +40,12 @@ dirs, certificates) is under the state directory, so several controllers can
 run side by side, each in its own network namespace. `nginx -t` opens the
 listening sockets too: it must run where nginx runs, never in a namespace
 the controller does not own.
+
+--healthz-host:--healthz-port (ingress-nginx's flags, default all addresses,
+port 10254) serves /healthz (the loop goes round; nginx runs once started),
+/readyz (nginx runs a configuration it confirmed) and, unless
+--enable-metrics=false, /metrics with ingress-nginx's reload metrics
+(ingress/metrics.py).
 """
 import argparse
 import hashlib
@@ -328,6 +334,8 @@ class IngressController:
         self._started = False           # nginx was started once: keep it running
         self._restart_at = 0.0
         self._status = {}
+        from ingress.metrics import Metrics
+        self.metrics = Metrics(controller_name)
 
     # ---- input ----
 
@@ -396,6 +404,7 @@ class IngressController:
                 log.warning("%s", message)
         self._said = set(status["warnings"])
         self._status = status
+        self.metrics.synced(status["ingresses"])
         if digest == self.running_hash and self.nginx.running():
             self.rejected_hash, self.last_error = None, ""
             self._write_status()
@@ -410,6 +419,7 @@ class IngressController:
             self.last_error = "nginx -t rejected configuration %s: %s" % (digest, said)
             log.error("%s; keeping the running configuration %s (the refused one stays in %s)",
                       self.last_error, self.running_hash or "(none)", self.nginx.candidate)
+            self.metrics.refused()
             self._write_status()
             return False
         os.replace(self.nginx.candidate, self.nginx.conf)
@@ -417,7 +427,10 @@ class IngressController:
         self.last_error = ""
         applied = self._apply(digest)
         if applied:
+            self.metrics.applied(digest, len(text.encode()))
             self.certs.collect(set(status["cert_files"]))
+        else:
+            self.metrics.refused()
         self._write_status()
         return applied
 
@@ -468,6 +481,7 @@ class IngressController:
 
     def run_once(self, timeout=0.5):
         """Take events for up to `timeout` s, sync if due, mind nginx. For tests and run()."""
+        self.metrics.beat()
         now = self.clock()
         at = self.next_sync_at()
         self._drain(min(timeout, at - now) if at is not None else timeout)
@@ -486,6 +500,7 @@ class IngressController:
                           self.nginx.pid, self.nginx.proc.returncode if self.nginx.proc else "?")
                 self._restart_at = now + 2.0
                 self.running_hash = None
+                self.metrics.stopped()
                 self._dirty_since = now
 
     def run(self, source):
@@ -501,6 +516,21 @@ class IngressController:
 
     def stop(self):
         self.stopping.set()
+
+    # ---- health (ingress/metrics.py) ----
+
+    def alive(self):
+        """The loop goes round, and nginx runs once it was started."""
+        alive, reason = self.metrics.loop_alive()
+        if alive and self._started and not self.nginx.running():
+            return False, "nginx (pid %s) is not running" % self.nginx.pid
+        return alive, reason
+
+    def ready(self):
+        """nginx runs a configuration it confirmed."""
+        if self.running_hash is None or not self.nginx.running():
+            return False, self.last_error or "nginx runs no configuration yet"
+        return True, ""
 
 
 # ---- the command -----------------------------------------------------------------------------
@@ -526,6 +556,11 @@ def parse_args(argv):
     p.add_argument("--status-port", type=int, default=10246,
                    help="nginx status server on 127.0.0.1 (reload confirmation); 0: none")
     p.add_argument("--ipv6", action="store_true", help="listen on [::] too")
+    p.add_argument("--healthz-port", type=int, default=10254,
+                   help="port of /healthz, /readyz and /metrics (ingress-nginx's; default %(default)s); 0: none")
+    p.add_argument("--healthz-host", default="", help='address of that port (default "": all addresses)')
+    p.add_argument("--enable-metrics", type=lambda v: v.strip().lower() in ("1", "true", "yes", "on"),
+                   nargs="?", const=True, default=True, help="serve /metrics there (default true)")
     p.add_argument("--workers", default="auto", help="nginx worker_processes (default %(default)s)")
     p.add_argument("--worker-user", default="", help="user nginx's workers run as, when started by root "
                    "(default: nginx's own, nobody)")
@@ -544,6 +579,9 @@ def parse_args(argv):
             p.error("--%s: not a port number" % name.replace("_", "-"))
     if not 0 <= opts.status_port <= 65535:
         p.error("--status-port: not a port number")
+    if not 0 <= opts.healthz_port <= 65535 or opts.healthz_port and opts.healthz_port in (
+            opts.http_port, opts.https_port, opts.status_port):
+        p.error("--healthz-port: not a port number, or one of the other ports")
     if len({opts.http_port, opts.https_port, opts.status_port} - {0}) != 3:
         p.error("--http-port, --https-port and --status-port must differ")
     if opts.workers != "auto" and not (opts.workers.isdigit() and int(opts.workers) > 0):
@@ -600,6 +638,15 @@ def main(argv=None):
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if opts.healthz_port:
+        from podnet import httpd
+        try:
+            httpd.serve((opts.healthz_host or "0.0.0.0", opts.healthz_port),
+                        controller.metrics.routes(controller.alive, controller.ready, opts.enable_metrics),
+                        name="ingress-healthz")
+        except OSError as e:
+            log.error("--healthz-port %d: %s", opts.healthz_port, e)
+            return 1
     log.info("serving IngressClass %s (controller %s) from %s; state in %s", opts.ingress_class,
              opts.controller_name, opts.manifests or opts.kubeconfig or "the in-cluster API", options.state_dir)
     controller.run(source)

@@ -1,221 +1,202 @@
-"""kube-proxy's metrics (Prometheus text format) and health endpoints.
+"""kube-proxy's metrics (prometheus_client) and health endpoints.
 
-The metric names are kube-proxy's, so dashboards and alerts written for it
-work unchanged:
+The metric names, types, labels and buckets are kube-proxy's
+(pkg/proxy/metrics), so dashboards and alerts written for it work unchanged.
+Each Metrics object has a registry of its own (several can live in one
+process, as tests build them); nothing goes to prometheus_client's global one.
 
-  kubeproxy_sync_proxy_rules_duration_seconds          histogram, every sync
-  kubeproxy_sync_full_proxy_rules_duration_seconds     histogram, full syncs
-  kubeproxy_sync_partial_proxy_rules_duration_seconds  histogram, partial syncs
-  kubeproxy_sync_proxy_rules_last_timestamp_seconds    gauge, last successful sync (unix time)
-  kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds  gauge, last change received
-  kubeproxy_sync_proxy_rules_iptables_total{table}     gauge, rules we own per table
+  kubeproxy_sync_proxy_rules_duration_seconds          histogram: every sync (seconds)
+  kubeproxy_sync_full_proxy_rules_duration_seconds     histogram: full syncs
+  kubeproxy_sync_partial_proxy_rules_duration_seconds  histogram: partial syncs
+    (the three: kube-proxy's buckets, exponential from 1 ms by 2, 15 of them, to 16.384 s)
+  kubeproxy_sync_proxy_rules_last_timestamp_seconds    gauge: last successful sync (unix time)
+  kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds  gauge: last change received (unix time)
+  kubeproxy_sync_proxy_rules_iptables_total{table}     gauge, iptables mode: rules we own per table
+  podnet_sync_proxy_rules_total{table}                 gauge, nftables and ipvs modes: rules (or
+    virtual servers) we own per table
   kubeproxy_sync_proxy_rules_iptables_restore_failures_total  counter: transactions the kernel
     refused (iptables-restore, nft -f, ipset restore), those fault isolation tried included,
     plus syncs that failed as a whole
-  podnet_sync_proxy_rules_quarantined_service_ports    gauge, service ports whose rules the
+  kubeproxy_sync_proxy_rules_nftables_sync_failures_total  counter, nftables mode: the same count
+    under the name kube-proxy's nftables mode uses
+  kubeproxy_proxy_healthz_total{code}, kubeproxy_proxy_livez_total{code}  counters: answers of
+    /healthz and /livez on --healthz-bind-address, by HTTP status ("200", "503")
+  podnet_sync_proxy_rules_quarantined_service_ports    gauge: service ports whose rules the
     kernel refused, kept out of syncs until they change (kube_proxy/proxier.py, Quarantine)
-  podnet_sync_proxy_rules_quarantined_service_ports_total  counter, times a service port was
-    quarantined
-  kubeproxy_sync_proxy_rules_service_changes_total, ..._endpoint_changes_total: not kept
-    separately; `podnet_sync_changed_service_ports_total` counts rewritten service ports.
+  podnet_sync_proxy_rules_service_port_quarantines_total  counter: times a service port was
+    quarantined (not "..._quarantined_service_ports_total": beside the gauge of that name it is
+    one family twice to prometheus_client and OpenMetrics)
+  podnet_sync_changed_service_ports_total              counter: service ports rewritten by syncs
+  podnet_service_ports, podnet_endpoints               gauges: service ports and endpoints in the
+    desired state after the last sync
 
-/healthz (kube-proxy's --healthz-bind-address) answers 200 while the proxier
-keeps up: no change has waited for a sync longer than `timeout`; 503 when one
-has (or when the first sync has not happened within `timeout` of start). The
-body is kube-proxy's JSON ({"lastUpdated": ..., "currentTime": ...}).
+Not exported: kubeproxy_sync_proxy_rules_{service,endpoint}_changes_{total,pending} (the tracker
+coalesces changes per service port; podnet_sync_changed_service_ports_total counts what syncs
+rewrote), kubeproxy_network_programming_duration_seconds (needs EndpointSlices' trigger-time
+annotation), the conntrack-reconciler and nfacct packet counters; and no ip_family label (one
+family per process, as kube-proxy before it went dual-stack in one process).
+
+Health, as kube-proxy serves it. --healthz-bind-address (default 0.0.0.0:10256):
+/healthz and /livez answer 200 while the proxier keeps up, 503 once a change has
+waited for a sync longer than `health_timeout` (or the first sync has not come
+within it of start). The body is kube-proxy's JSON: {"lastUpdated": ...,
+"currentTime": ..., "nodeEligible": true} (/livez without nodeEligible);
+lastUpdated is the current time while healthy, as kube-proxy reports it.
+--metrics-bind-address (default 127.0.0.1:10249): /metrics, /proxyMode, and
+/healthz answering "ok" while the process serves (kube-proxy's generic ping).
 """
+from __future__ import annotations
+
 import json
-import logging
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-log = logging.getLogger("kube_proxy.metrics")
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-# kube-proxy's buckets: exponential from 1 ms, factor 2, 15 of them (to ~16 s)
-BUCKETS = tuple(0.001 * 2 ** i for i in range(15))
+from podnet import httpd
 
+if TYPE_CHECKING:
+    from kube_proxy.proxier import SyncResult
 
-class Histogram:
-    def __init__(self):
-        self.counts = [0] * len(BUCKETS)
-        self.total = 0
-        self.sum = 0.0
+# kube-proxy's buckets: exponential from 1 ms, factor 2, 15 of them (to ~16 s); rounded so the
+# `le` labels read as kube-proxy's do (0.008, not 0.008000000000000002)
+BUCKETS = tuple(round(0.001 * 2 ** i, 6) for i in range(15))
 
-    def observe(self, value):
-        self.total += 1
-        self.sum += value
-        for i, bound in enumerate(BUCKETS):
-            if value <= bound:
-                self.counts[i] += 1
-
-    def lines(self, name, help_text):
-        out = ["# HELP %s %s" % (name, help_text), "# TYPE %s histogram" % name]
-        for bound, count in zip(BUCKETS, self.counts):
-            out.append('%s_bucket{le="%s"} %d' % (name, repr(round(bound, 6)), count))
-        out.append('%s_bucket{le="+Inf"} %d' % (name, self.total))
-        out.append("%s_sum %s" % (name, repr(self.sum)))
-        out.append("%s_count %d" % (name, self.total))
-        return out
+METRICS_PORT = 10249
+HEALTHZ_PORT = 10256
+JSON = "application/json"
 
 
 class Metrics:
-    """What the sync loop reports; read by the HTTP handlers (thread-safe)."""
+    """What the sync loop reports; read by the HTTP handlers from other threads."""
 
-    def __init__(self, mode="iptables", health_timeout=60.0, clock=time.time):
+    def __init__(self, mode: str = "iptables", health_timeout: float = 60.0,
+                 clock: Callable[[], float] = time.time) -> None:
         self.mode = mode
         self.health_timeout = health_timeout
         self.clock = clock
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()        # the health state; prometheus_client locks its own values
         self.started = clock()
-        self.all = Histogram()
-        self.full = Histogram()
-        self.partial = Histogram()
-        self.last_sync = None           # unix time of the last successful sync
-        self.last_queued = None         # unix time of the last change received
-        self.pending_since = None       # oldest change not yet synced
-        self.rules = {}
-        self.failures = 0
-        self.quarantined = 0
-        self.quarantined_total = 0
-        self.changed_ports = 0
-        self.services = 0
-        self.endpoints = 0
+        self.last_sync: float | None = None
+        self.pending_since: float | None = None     # oldest change not yet synced
 
-    def queued(self):
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.sync_duration = Histogram("kubeproxy_sync_proxy_rules_duration_seconds",
+                                       "SyncProxyRules latency in seconds", buckets=BUCKETS, registry=r)
+        self.full_sync_duration = Histogram("kubeproxy_sync_full_proxy_rules_duration_seconds",
+                                            "SyncProxyRules latency in seconds for full resyncs",
+                                            buckets=BUCKETS, registry=r)
+        self.partial_sync_duration = Histogram("kubeproxy_sync_partial_proxy_rules_duration_seconds",
+                                               "SyncProxyRules latency in seconds for partial resyncs",
+                                               buckets=BUCKETS, registry=r)
+        self.last_sync_timestamp = Gauge("kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+                                         "The last time proxy rules were successfully synced", registry=r)
+        self.last_queued_timestamp = Gauge("kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+                                           "The last time a sync of proxy rules was queued", registry=r)
+        if mode == "iptables":
+            self.rules = Gauge("kubeproxy_sync_proxy_rules_iptables_total",
+                               "Total number of iptables rules owned by kube-proxy", ["table"], registry=r)
+        else:
+            self.rules = Gauge("podnet_sync_proxy_rules_total",
+                               "Rules (or virtual servers) owned by the proxier", ["table"], registry=r)
+        self.rule_tables: set[str] = set()
+        self.restore_failures = Counter("kubeproxy_sync_proxy_rules_iptables_restore_failures_total",
+                                        "Cumulative proxy iptables restore failures", registry=r)
+        self.nftables_failures = (Counter("kubeproxy_sync_proxy_rules_nftables_sync_failures_total",
+                                          "Cumulative proxy nftables sync failures", registry=r)
+                                  if mode == "nftables" else None)
+        self.healthz_answers = Counter("kubeproxy_proxy_healthz_total", "Cumulative proxy healthz HTTP status",
+                                       ["code"], registry=r)
+        self.livez_answers = Counter("kubeproxy_proxy_livez_total", "Cumulative proxy livez HTTP status",
+                                     ["code"], registry=r)
+        self.quarantined = Gauge("podnet_sync_proxy_rules_quarantined_service_ports",
+                                 "Service ports whose rules the kernel refused, kept out of syncs until they change",
+                                 registry=r)
+        self.quarantined_total = Counter("podnet_sync_proxy_rules_service_port_quarantines_total",
+                                         "Service ports put into quarantine", registry=r)
+        self.changed_ports = Counter("podnet_sync_changed_service_ports_total",
+                                     "Service ports rewritten by syncs", registry=r)
+        self.service_ports = Gauge("podnet_service_ports", "Service ports in the desired state", registry=r)
+        self.endpoints = Gauge("podnet_endpoints", "Endpoints in the desired state", registry=r)
+        self._exposition = httpd.metrics_handler(r)
+
+    # ---- what the sync loop reports ---------------------------------------------------------
+
+    def queued(self) -> None:
+        now = self.clock()
+        self.last_queued_timestamp.set(now)
         with self.lock:
-            now = self.clock()
-            self.last_queued = now
             if self.pending_since is None:
                 self.pending_since = now
 
-    def synced(self, result, services=0, endpoints=0):
+    def synced(self, result: SyncResult, services: int = 0, endpoints: int = 0) -> None:
+        now = self.clock()
+        self.sync_duration.observe(result.seconds)
+        (self.full_sync_duration if result.full else self.partial_sync_duration).observe(result.seconds)
+        self.last_sync_timestamp.set(now)
+        for table, count in result.rules.items():
+            self.rules.labels(table).set(count)
+        for gone in self.rule_tables - set(result.rules):
+            self.rules.remove(gone)
+        self.rule_tables = set(result.rules)
+        self.changed_ports.inc(result.changed)
+        self.service_ports.set(services)
+        self.endpoints.set(endpoints)
+        self._failures(result.refused)
+        self.quarantined.set(result.in_quarantine)
+        self.quarantined_total.inc(len(result.quarantined))
         with self.lock:
-            self.all.observe(result.seconds)
-            (self.full if result.full else self.partial).observe(result.seconds)
-            self.last_sync = self.clock()
+            self.last_sync = now
             self.pending_since = None
-            self.rules = dict(result.rules)
-            self.changed_ports += result.changed
-            self.services, self.endpoints = services, endpoints
-            self.failures += result.refused
-            self.quarantined = result.in_quarantine
-            self.quarantined_total += len(result.quarantined)
 
-    def failed(self):
-        with self.lock:
-            self.failures += 1
+    def failed(self) -> None:
+        self._failures(1)
 
-    def health(self):
-        """(healthy, JSON body)."""
+    def _failures(self, count: int) -> None:
+        self.restore_failures.inc(count)
+        if self.nftables_failures is not None:
+            self.nftables_failures.inc(count)
+
+    # ---- what the HTTP endpoints answer -----------------------------------------------------
+
+    def health(self, livez: bool = False) -> tuple[bool, str]:
+        """(healthy, kube-proxy's JSON body) for /healthz, or /livez when `livez`."""
         with self.lock:
             now = self.clock()
             if self.last_sync is None:
                 healthy = now - self.started < self.health_timeout
             else:
                 healthy = self.pending_since is None or now - self.pending_since < self.health_timeout
-            body = {"lastUpdated": _rfc3339(self.last_sync or self.started), "currentTime": _rfc3339(now),
-                    "nodeEligible": True}
+            last = now if healthy else (self.last_sync or self.started)
+        body: dict[str, object] = {"lastUpdated": _rfc3339(last), "currentTime": _rfc3339(now)}
+        if not livez:
+            body["nodeEligible"] = True     # no node-deletion tracking: this node always takes traffic
         return healthy, json.dumps(body) + "\n"
 
-    def render(self):
-        with self.lock:
-            out = []
-            out += self.all.lines("kubeproxy_sync_proxy_rules_duration_seconds",
-                                  "SyncProxyRules latency in seconds")
-            out += self.full.lines("kubeproxy_sync_full_proxy_rules_duration_seconds",
-                                   "SyncProxyRules latency in seconds for full resyncs")
-            out += self.partial.lines("kubeproxy_sync_partial_proxy_rules_duration_seconds",
-                                      "SyncProxyRules latency in seconds for partial resyncs")
-            out += ["# HELP kubeproxy_sync_proxy_rules_last_timestamp_seconds "
-                    "The last time proxy rules were successfully synced",
-                    "# TYPE kubeproxy_sync_proxy_rules_last_timestamp_seconds gauge",
-                    "kubeproxy_sync_proxy_rules_last_timestamp_seconds %s" % repr(float(self.last_sync or 0))]
-            out += ["# HELP kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds "
-                    "The last time a sync of proxy rules was queued",
-                    "# TYPE kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds gauge",
-                    "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds %s"
-                    % repr(float(self.last_queued or 0))]
-            if self.mode == "iptables":
-                out += ["# HELP kubeproxy_sync_proxy_rules_iptables_total Total number of iptables rules owned "
-                        "by kube-proxy", "# TYPE kubeproxy_sync_proxy_rules_iptables_total gauge"]
-                out += ['kubeproxy_sync_proxy_rules_iptables_total{table="%s"} %d' % (t, n)
-                        for t, n in sorted(self.rules.items())]
-            else:
-                out += ["# HELP podnet_sync_proxy_rules_total Rules (or virtual servers) owned by the proxier",
-                        "# TYPE podnet_sync_proxy_rules_total gauge"]
-                out += ['podnet_sync_proxy_rules_total{table="%s"} %d' % (t, n)
-                        for t, n in sorted(self.rules.items())]
-            out += ["# HELP kubeproxy_sync_proxy_rules_iptables_restore_failures_total "
-                    "Cumulative proxy restore failures",
-                    "# TYPE kubeproxy_sync_proxy_rules_iptables_restore_failures_total counter",
-                    "kubeproxy_sync_proxy_rules_iptables_restore_failures_total %d" % self.failures,
-                    "# HELP podnet_sync_proxy_rules_quarantined_service_ports Service ports whose rules the "
-                    "kernel refused, kept out of syncs until they change",
-                    "# TYPE podnet_sync_proxy_rules_quarantined_service_ports gauge",
-                    "podnet_sync_proxy_rules_quarantined_service_ports %d" % self.quarantined,
-                    "# HELP podnet_sync_proxy_rules_quarantined_service_ports_total Service ports put into "
-                    "quarantine",
-                    "# TYPE podnet_sync_proxy_rules_quarantined_service_ports_total counter",
-                    "podnet_sync_proxy_rules_quarantined_service_ports_total %d" % self.quarantined_total,
-                    "# HELP podnet_sync_changed_service_ports_total Service ports rewritten by partial syncs",
-                    "# TYPE podnet_sync_changed_service_ports_total counter",
-                    "podnet_sync_changed_service_ports_total %d" % self.changed_ports,
-                    "# HELP podnet_service_ports Service ports in the desired state",
-                    "# TYPE podnet_service_ports gauge",
-                    "podnet_service_ports %d" % self.services,
-                    "# HELP podnet_endpoints Endpoints in the desired state",
-                    "# TYPE podnet_endpoints gauge",
-                    "podnet_endpoints %d" % self.endpoints]
-        return "\n".join(out) + "\n"
+    def render(self) -> str:
+        """The /metrics text, as served."""
+        return self._exposition()[2].decode()
+
+    def routes(self, server: str) -> dict[str, httpd.Handler]:
+        """The paths of kube-proxy's "metrics" (--metrics-bind-address) or "healthz"
+        (--healthz-bind-address) server."""
+        if server == "metrics":
+            return {"/metrics": self._exposition,
+                    "/proxyMode": lambda: (200, httpd.TEXT, self.mode.encode()),
+                    "/healthz": lambda: (200, httpd.TEXT, b"ok")}
+        if server == "healthz":
+            return {"/healthz": lambda: self._answer(self.healthz_answers, livez=False),
+                    "/livez": lambda: self._answer(self.livez_answers, livez=True)}
+        raise ValueError("no kube-proxy server %r (have: metrics, healthz)" % server)
+
+    def _answer(self, answers: Counter, livez: bool) -> tuple[int, str, bytes]:
+        healthy, body = self.health(livez)
+        status = 200 if healthy else 503
+        answers.labels(str(status)).inc()
+        return status, JSON, body.encode()
 
 
-def _rfc3339(ts):
+def _rfc3339(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
-
-
-def parse_address(text, default_port):
-    """"host:port", ":port", "host" or "[v6]:port" -> (host, port); "" or "0" -> None (disabled)."""
-    if text in ("", "0"):
-        return None
-    if text.startswith("["):
-        host, _, port = text[1:].partition("]:")
-    elif text.count(":") == 1:
-        host, _, port = text.partition(":")
-    else:
-        host, port = text, ""
-    return host or "0.0.0.0", int(port) if port else default_port
-
-
-def serve(address, metrics, paths):
-    """An HTTP server in a daemon thread answering `paths` (subset of /metrics, /healthz,
-    /livez, /proxyMode). Returns the server (its .server_address has the bound port)."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            path = self.path.split("?", 1)[0]
-            if path not in paths:
-                return self._answer(404, "text/plain", "not found\n")
-            if path == "/metrics":
-                return self._answer(200, "text/plain; version=0.0.4", metrics.render())
-            if path == "/proxyMode":
-                return self._answer(200, "text/plain", metrics.mode)
-            healthy, body = metrics.health()
-            return self._answer(200 if healthy else 503, "application/json", body)
-
-        def _answer(self, code, ctype, body):
-            data = body.encode()
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("X-Content-Type-Options", "nosniff")
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, fmt, *args):     # access logs would drown the sync logs
-            pass
-
-    server = ThreadingHTTPServer(address, Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="http-%s" % address[1], daemon=True).start()
-    return server

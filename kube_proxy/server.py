@@ -37,36 +37,14 @@ import time
 from collections.abc import Sequence
 
 from kube_proxy.proxier import Config, Proxier
+from podnet.flags import parse_duration
 from podnet.kube.events import drain
 
 log = logging.getLogger("kube_proxy")
 
-_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_duration(text):
-    """Go's duration syntax as kube-proxy's flags take it ("1s", "500ms", "1m30s"), or plain seconds."""
-    text = text.strip()
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    total, number, i = 0.0, "", 0
-    while i < len(text):
-        c = text[i]
-        if c.isdigit() or c == ".":
-            number += c
-            i += 1
-            continue
-        unit = next((u for u in ("ms", "us", "µs", "ns", "h", "m", "s") if text.startswith(u, i)), None)
-        if unit is None or not number:
-            raise argparse.ArgumentTypeError("not a duration: %r" % text)
-        total += float(number) * _UNITS[unit]
-        number, i = "", i + len(unit)
-    if number:
-        raise argparse.ArgumentTypeError("not a duration (missing unit): %r" % text)
-    return total
-
+# The Event about a quarantined Service port (upstream kube-proxy has none: ours, in its style)
+QUARANTINE_REASON = "ServicePortQuarantined"
+SYNC_ACTION = "SyncProxyRules"
 
 def _cidrs(text):
     import ipaddress
@@ -139,13 +117,20 @@ def cleanup_other_modes(mode: str, config: Config) -> None:
 
 
 class ProxyServer:
-    """The sync loop. `source_factory(emit)` returns an object with start()/stop()."""
+    """The sync loop. `source_factory(emit)` returns an object with start()/stop(). With a
+    `recorder` (podnet.kube.recorder.EventRecorder: the API source only) every quarantined
+    Service port is also a Warning Event about its Service."""
 
-    def __init__(self, proxier, tracker, source_factory, metrics=None):
+    def __init__(self, proxier, tracker, source_factory, metrics=None, recorder=None):
         self.proxier = proxier
         self.tracker = tracker
         self.source = source_factory(self._emit)
         self.metrics = metrics
+        self.recorder = recorder
+        self.uids = None
+        if recorder is not None:
+            from podnet.kube.recorder import ObjectUids
+            self.uids = ObjectUids(("Service",))     # Events name their Service by uid too
         self.events = queue.Queue()
         self.stopping = threading.Event()
         self.syncs = 0
@@ -158,6 +143,8 @@ class ProxyServer:
 
     def _take(self, event):
         try:
+            if self.uids is not None:
+                self.uids.apply(event)
             self.tracker.apply(event)
         except Exception:       # a bug shown by one object must not stop the proxy
             log.exception("skipping %s %s event", event.type, event.kind)
@@ -190,7 +177,23 @@ class ProxyServer:
                         "is programmed; %d in quarantine", len(result.quarantined),
                         "" if len(result.quarantined) == 1 else "s", ", ".join(map(str, result.quarantined)),
                         result.in_quarantine)
+            if self.recorder is not None:
+                self._record_quarantined(result.quarantined)
         return result
+
+    def _record_quarantined(self, quarantined):
+        """One Warning Event per quarantined port, about its Service (`kubectl describe service`
+        shows it); the port is the reference's fieldPath, so each port is its own series."""
+        for q in quarantined:
+            name = q.name
+            ref = self.uids.reference("Service", name.namespace, name.name,
+                                      field_path="spec.ports{%s}" % name.port if name.port else "")
+            self.recorder.record(
+                ref, QUARANTINE_REASON, SYNC_ACTION,
+                "kube-proxy (%s mode) on node %s: the kernel refused the rules of port %s/%s: %s; %s until the "
+                "Service or its endpoints change" % (
+                    self.proxier.mode, self.tracker.hostname or "-", name.port or "(unnamed)", name.protocol,
+                    q.error, "its previous rules stay" if q.fallback[0] is not None else "it has no rules"))
 
     def run(self):
         self.proxier.setup()
@@ -272,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     node_ip=addrs[0][0] if addrs else "", ipvs_scheduler=opts.ipvs_scheduler)
     hostname = opts.hostname_override or socket.gethostname()
 
-    from kube_proxy.metrics import Metrics, parse_address, serve
+    from kube_proxy.metrics import HEALTHZ_PORT, METRICS_PORT, Metrics
     from kube_proxy.tracker import ChangeTracker
     tracker = ChangeTracker(hostname=hostname, min_sync_period=opts.min_sync_period,
                             full_sync_period=opts.full_sync_period, retry_period=opts.retry_period)
@@ -287,18 +290,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         def source_factory(emit):
             return KubeApiSource(emit, kubeconfig=opts.kubeconfig)
-    server = ProxyServer(make_proxier(opts.proxy_mode, config), tracker, source_factory, metrics)
-    for flag, default_port, paths in (("metrics_bind_address", 10249, ("/metrics", "/healthz", "/livez",
-                                                                       "/proxyMode")),
-                                      ("healthz_bind_address", 10256, ("/healthz", "/livez"))):
-        address = parse_address(getattr(opts, flag), default_port)
-        if address:
-            try:
-                serve(address, metrics, paths)
-            except OSError as e:
-                print("podnet kube-proxy: --%s %s: %s" % (flag.replace("_", "-"), getattr(opts, flag), e),
-                      file=sys.stderr)
-                return 1
+    recorder = None         # manifests: no API to post Events to, the log says it all
+    if not opts.manifests:
+        from podnet.kube.recorder import EventRecorder
+        recorder = EventRecorder("kube-proxy", "kube-proxy-" + hostname, kubeconfig=opts.kubeconfig)
+    server = ProxyServer(make_proxier(opts.proxy_mode, config), tracker, source_factory, metrics, recorder)
+    from podnet import httpd
+    for flag, default_port, kind in (("metrics_bind_address", METRICS_PORT, "metrics"),
+                                     ("healthz_bind_address", HEALTHZ_PORT, "healthz")):
+        try:
+            address = httpd.parse_address(getattr(opts, flag), default_port)
+            if address:
+                httpd.serve(address, metrics.routes(kind), name="kube-proxy-" + kind)
+        except (OSError, ValueError) as e:
+            print("podnet kube-proxy: --%s %s: %s" % (flag.replace("_", "-"), getattr(opts, flag), e),
+                  file=sys.stderr)
+            return 1
     cleanup_other_modes(opts.proxy_mode, config)
     signal.signal(signal.SIGTERM, server.stop)
     signal.signal(signal.SIGINT, server.stop)
@@ -308,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
              "manifests in %s" % opts.manifests if opts.manifests else "the Kubernetes API")
     started = time.monotonic()
     server.run()
+    if recorder is not None:
+        recorder.stop()
     log.info("stopped after %.0f s and %d syncs; rules stay in place", time.monotonic() - started, server.syncs)
     return 0
 

@@ -103,6 +103,37 @@ def test_killed_agent_is_withdrawn_and_comes_back(cluster):
         assert "holding %d routes of the previous run" % len(others) in f.read()
 
 
+def test_a_running_agent_serves_metrics_and_readiness(cluster):
+    """node1's agent again, with Felix's metrics and health flags: /readyz once its sessions are
+    up and its routes reconciled; /metrics (calico_lite/metrics.py) as the kernel and BGP have it."""
+    from prometheus_client.parser import text_string_to_metric_families
+    node1 = next(n for n in cluster.workers() if n.role == "node1")
+    others = [n for n in cluster.workers() if n is not node1]
+    cluster.stop_agent(node1)
+    cluster.start_agent(node1, extra=["--prometheus-metrics-enabled", "--prometheus-metrics-host", "127.0.0.1",
+                                      "--health-enabled"])
+
+    def get(port, path):
+        out = node1.run(["curl", "-s", "-m", "2", "-w", "\\n%{http_code}", "http://127.0.0.1:%d%s" % (port, path)],
+                        check=False).stdout
+        body, _, status = out.rpartition("\n")
+        return int(status) if status.isdigit() else 0, body
+    wait_until(lambda: get(9091, "/readyz")[0] == 200, 20, "node1's agent to be ready")
+    assert get(9099, "/readiness")[0] == 200 and get(9099, "/healthz") == (200, "ok\n")
+    families = {f.name: f for f in text_string_to_metric_families(get(9091, "/metrics")[1])}
+
+    def samples(name, **labels):
+        return [s.value for s in families[name].samples if all(s.labels.get(k) == v for k, v in labels.items())]
+    peers = [n for n in cluster.nodes if n.role == "rr1"] if cluster.route_reflector else others
+    for peer in peers:
+        assert samples("calico_lite_bgp_session_state", peer=peer.underlay_ip, state="Established") == [1.0]
+    assert sum(samples("calico_lite_bgp_prefixes_received")) == len(others)
+    assert samples("calico_lite_bgp_prefixes_originated") == [1.0]
+    assert samples("calico_lite_routes_installed", type="unicast") == [len(others)]
+    assert samples("calico_lite_routes_installed", type="blackhole") == [1.0]
+    assert samples("calico_lite_route_syncs")[0] >= 1 and samples("calico_lite_reconcile_failures") == [0.0]
+
+
 @pytest.mark.fullkernel
 def test_ipip_cross_subnet_only_between_subnets(lab):
     """Two underlay subnets joined by a router: pod traffic between them is IP-in-IP,

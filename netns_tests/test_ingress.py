@@ -422,6 +422,29 @@ def test_new_endpoint_reloads_nginx_without_dropping_requests(ing):
     assert sum(result["pods"].values()) > 50
 
 
+def test_metrics_and_health_of_the_running_controller(ing):
+    """--healthz-port 10254 (its default): ingress-nginx's reload metrics from a real nginx."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def get(path):
+        out = ing.node.run(["curl", "-s", "-m", "2", "-w", "\\n%{http_code}", "http://127.0.0.1:10254" + path],
+                           check=False).stdout
+        body, _, status = out.rpartition("\n")
+        return int(status) if status.isdigit() else 0, body
+    assert get("/healthz") == (200, "ok\n") and get("/readyz") == (200, "ok\n")
+    status, body = get("/metrics")
+    families = {f.name: f for f in text_string_to_metric_families(body)}
+    running = ing.status()
+
+    def one(name):
+        [sample] = [s for s in families[name].samples if s.name == name]
+        return sample.value
+    assert one("nginx_ingress_controller_config_hash") == int(running["config"][:13], 16)
+    assert one("nginx_ingress_controller_config_last_reload_successful") == 1
+    assert one("nginx_ingress_controller_success") == running["reloads"] + 1      # its start, then reloads
+    assert one("podnet_ingress_config_size_bytes") == os.path.getsize(os.path.join(ing.state, "nginx.conf"))
+
+
 def test_stopping_the_controller_stops_its_nginx(ing):
     pid = ing.status()["nginx_pid"]
     os.kill(pid, 0)                                        # runs now

@@ -241,12 +241,12 @@ def test_bad_objects_are_logged_and_skipped(env):
 
 def test_metrics_and_healthz(env):
     metrics = env.node1.run(["curl", "-sf", "http://127.0.0.1:10249/metrics"]).stdout
-    count = re.search(r"^kubeproxy_sync_proxy_rules_duration_seconds_count (\d+)$", metrics, re.M)
+    count = re.search(r"^kubeproxy_sync_proxy_rules_duration_seconds_count (\d+)\.0$", metrics, re.M)
     assert count and int(count.group(1)) >= 1, metrics
     if env.mode == "nftables":
-        assert re.search(r'^podnet_sync_proxy_rules_total\{table="kube-proxy"\} [1-9]\d*$', metrics, re.M), metrics
+        assert re.search(r'^podnet_sync_proxy_rules_total\{table="kube-proxy"\} [1-9]\d*\.0$', metrics, re.M), metrics
     else:
-        assert re.search(r'^kubeproxy_sync_proxy_rules_iptables_total\{table="nat"\} [1-9]\d*$', metrics, re.M)
+        assert re.search(r'^kubeproxy_sync_proxy_rules_iptables_total\{table="nat"\} [1-9]\d*\.0$', metrics, re.M)
     last = re.search(r"^kubeproxy_sync_proxy_rules_last_timestamp_seconds (\S+)$", metrics, re.M)
     assert last and abs(float(last.group(1)) - time.time()) < 3600
     health = env.node2.run(["curl", "-s", "-w", " %{http_code}", "http://127.0.0.1:10256/healthz"]).stdout

@@ -133,8 +133,8 @@ def test_one_refused_service_among_1000_good_ones(lab, mode, monkeypatch, caplog
         assert ("Invalid argument" if mode == "iptables" else "Operation not supported") in text
         assert "1 service port quarantined (default/svc500:http (TCP))" in text
         rendered = metrics.render()
-        assert "podnet_sync_proxy_rules_quarantined_service_ports 1\n" in rendered
-        assert "podnet_sync_proxy_rules_quarantined_service_ports_total 1\n" in rendered
+        assert "podnet_sync_proxy_rules_quarantined_service_ports 1.0\n" in rendered
+        assert "podnet_sync_proxy_rules_service_port_quarantines_total 1.0\n" in rendered
 
         set_endpoint(t, 3, "10.244.77.3")           # later changes: partial, svc500 left out
         later = proxy.sync_once()

@@ -492,10 +492,10 @@ def test_metrics_report_quarantined_ports_and_refused_restores():
     m.synced(SyncResult(full=False, in_quarantine=1))
     text = m.render()
     assert "# TYPE podnet_sync_proxy_rules_quarantined_service_ports gauge" in text
-    assert "podnet_sync_proxy_rules_quarantined_service_ports 1\n" in text
-    assert "# TYPE podnet_sync_proxy_rules_quarantined_service_ports_total counter" in text
-    assert "podnet_sync_proxy_rules_quarantined_service_ports_total 1\n" in text
-    assert "kubeproxy_sync_proxy_rules_iptables_restore_failures_total 3\n" in text
+    assert "podnet_sync_proxy_rules_quarantined_service_ports 1.0\n" in text
+    assert "# TYPE podnet_sync_proxy_rules_service_port_quarantines_total counter" in text
+    assert "podnet_sync_proxy_rules_service_port_quarantines_total 1.0\n" in text
+    assert "kubeproxy_sync_proxy_rules_iptables_restore_failures_total 3.0\n" in text
 
 
 def test_the_sync_loop_logs_a_quarantine_and_goes_on(caplog):
@@ -505,7 +505,7 @@ def test_the_sync_loop_logs_a_quarantine_and_goes_on(caplog):
     with caplog.at_level(logging.INFO, "kube_proxy"):
         result = srv.sync_once()
     assert result is not None and srv.syncs == 1
-    assert "podnet_sync_proxy_rules_quarantined_service_ports 1\n" in srv.metrics.render()
+    assert "podnet_sync_proxy_rules_quarantined_service_ports 1.0\n" in srv.metrics.render()
     text = " | ".join(r.getMessage() for r in caplog.records)
     assert "1 service port quarantined (default/svc2:http (TCP))" in text, text
 

@@ -9,6 +9,7 @@ from kube_proxy import server
 from kube_proxy.proxier import Config, SyncResult
 from kube_proxy.tracker import ChangeTracker
 from lab import manifests as k8s
+from podnet import httpd
 from podnet.net.conntrack import Flow
 
 HTTP = {"name": "http", "port": 80, "targetPort": 8080}
@@ -209,10 +210,10 @@ def test_durations_and_addresses():
     assert server.parse_duration("2") == 2.0
     with pytest.raises(argparse.ArgumentTypeError):
         server.parse_duration("10 parsecs")
-    assert km.parse_address("127.0.0.1:10249", 1) == ("127.0.0.1", 10249)
-    assert km.parse_address(":9000", 1) == ("0.0.0.0", 9000)
-    assert km.parse_address("[::1]:9000", 1) == ("::1", 9000)
-    assert km.parse_address("", 1) is None
+    assert httpd.parse_address("127.0.0.1:10249", 1) == ("127.0.0.1", 10249)
+    assert httpd.parse_address(":9000", 1) == ("0.0.0.0", 9000)
+    assert httpd.parse_address("[::1]:9000", 1) == ("::1", 9000)
+    assert httpd.parse_address("", 1) is None
 
 
 def test_flags_are_kube_proxys():
