@@ -23,6 +23,7 @@ NO_ADDRESSES = 100             # IPAM: no free address in the range set(s)
 KERNEL = 101                   # a netlink / netfilter operation failed
 PLUGIN_NOT_FOUND = 102         # delegate or IPAM plugin not in CNI_PATH
 HOST_PORT_IN_USE = 103         # portmap: another container already maps that host port
+NOT_AS_ADDED = 104             # CHECK: the container's networking is not what ADD left (docs/decisions.md)
 
 
 class CNIError(Exception):

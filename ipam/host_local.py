@@ -7,7 +7,8 @@ deliberate:
     in a range set gets that address again instead of a "duplicate
     allocation" error, so a retried ADD cannot leak or fail;
   * errors carry spec codes (INVALID_NETCONF, NO_ADDRESSES, ...) rather than
-    999 for everything;
+    999 for everything; a CHECK that finds no address for the container is 104
+    (errors.NOT_AS_ADDED), where the reference says 999;
   * unknown CNI_ARGS keys are ignored (the reference fails unless
     IgnoreUnknown=1 is among them), and IP= takes a comma-separated list;
   * DEL, CHECK and GC never create the store directory, and only ADD reads
@@ -354,7 +355,9 @@ def cmd_check(args):
         except OSError as e:
             raise _io_error(e) from None
     if not found:
-        raise CNIError(errors.INTERNAL, "host-local: Failed to find address added by container %s"
+        # Not 3: the container may well exist and hold interfaces a DEL must remove; not 7:
+        # the config is fine. A check that failed: ours, 104 (docs/decisions.md).
+        raise CNIError(errors.NOT_AS_ADDED, "host-local: Failed to find address added by container %s"
                        % args.container_id)
     return None
 

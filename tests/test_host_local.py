@@ -335,11 +335,12 @@ def test_check(tmp_path):
     conf = v4(tmp_path)
     with pytest.raises(CNIError) as e:
         call("CHECK", conf)
-    assert e.value.msg == "host-local: Failed to find address added by container c1"
+    assert (e.value.code, e.value.msg) == (104, "host-local: Failed to find address added by container c1")
     add(conf)
     assert call("CHECK", conf) is None
-    with pytest.raises(CNIError):
+    with pytest.raises(CNIError) as e:
         call("CHECK", conf, ifname="eth1")
+    assert e.value.code == errors.NOT_AS_ADDED
 
 
 def test_gc(tmp_path):
@@ -399,8 +400,8 @@ def test_executable_add_del_check(plugin, tmp_path):
         "routes": [{"dst": "0.0.0.0/0"}], "dns": {}})
     assert run(plugin, "CHECK", conf) == (0, None)
     assert run(plugin, "DEL", conf) == (0, None)
-    assert run(plugin, "CHECK", conf) == (1, {
-        "cniVersion": "1.0.0", "code": 999,
+    assert run(plugin, "CHECK", conf) == (1, {      # the reference's message; its 999 is our 104
+        "cniVersion": "1.0.0", "code": errors.NOT_AS_ADDED,
         "msg": "host-local: Failed to find address added by container c1"})
 
 

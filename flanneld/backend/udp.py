@@ -173,7 +173,7 @@ def gro_segments(n, seg):
 class Stats:
     """Counters, updated by the engine threads per batch (not per packet where avoidable)."""
 
-    __slots__ = ("tun_packets", "sends", "gso_sends", "no_route", "tun_dropped", "send_errors",
+    __slots__ = ("tun_packets", "sends", "gso_sends", "no_route", "tun_dropped", "send_errors", "send_dropped",
                  "recvs", "delivered", "coalesced", "foreign", "malformed", "write_errors")
 
     def __init__(self):
@@ -295,6 +295,7 @@ class Forwarder:
     def _send(self, sendmsg, data, seg, count, dest):
         stats = self.stats
         stats.tun_packets += count
+        sends = stats.sends             # what the per-packet fallback sent before a failure
         try:
             if count == 1:
                 sendmsg((data,), (), 0, dest)
@@ -318,6 +319,7 @@ class Forwarder:
         except OSError as e:
             # ENOBUFS, EHOSTUNREACH (no ARP answer), ENETUNREACH...: these packets are lost.
             stats.send_errors += 1
+            stats.send_dropped += count - (stats.sends - sends)
             if stats.send_errors == 1 or stats.send_errors % 10000 == 0:
                 log.warning("send to %s:%d failed (%s; %d so far)", dest[0], dest[1], e.strerror,
                             stats.send_errors)
@@ -604,19 +606,49 @@ class UDPBackend(Backend):
         self.forwarder = None
         self._current = {}              # the last desired() applied
         self.skipped = SkippedLeases(log)
+        self.tun_reopened = 0           # times flannel0 was found deleted and opened again
+
+    def stats(self):
+        """The forwarder's counters as flanneld's metrics read them, in packets: tx (from the
+        TUN, handed to the socket), rx (written to the TUN), the syscalls that carried them,
+        and drops by reason. The engine counts per batch, so reading them costs nothing there."""
+        st = self.forwarder.stats if self.forwarder is not None else Stats()
+        return {
+            "tx_packets": st.tun_packets - st.send_dropped,
+            "tx_sends": st.sends,                   # sendmsg calls (a GSO send carries up to 64 packets)
+            "tx_gso_sends": st.gso_sends,
+            "rx_packets": st.delivered,
+            "rx_receives": st.recvs,                # recvmsg calls (a GRO receive carries many)
+            "rx_coalesced_writes": st.coalesced,    # TSO writes of a TCP run
+            "drops_no_route": st.no_route,          # to a subnet no lease holds
+            "drops_not_ipv4": st.tun_dropped,       # from the TUN: IPv6, truncated
+            "drops_send_error": st.send_dropped,
+            "drops_foreign": st.foreign,            # received for a subnet not ours: never injected
+            "drops_malformed": st.malformed,
+            "drops_write_error": st.write_errors,
+            "send_errors": st.send_errors,          # failed sendmsg calls
+            "tun_reopened": self.tun_reopened,
+        }
 
     def _netlink(self):
         from podnet.net.netlink import Netlink
         return Netlink()
 
-    def register(self):
+    def _open_tun(self):
+        """Open (or create) the TUN, with our MTU and queue length."""
         self.tun_fd = open_tun(self.tun_name, vnet=self.offload)
+        with self._netlink() as nl:
+            link = nl.link(self.tun_name)
+            self.tun_index = link.index
+            self._set_mtu(nl, link)
+
+    def _set_mtu(self, nl, link):
+        if link.mtu != self.mtu or link.txqlen < TUN_TXQLEN:
+            nl.set_link(link.index, mtu=self.mtu, txqlen=max(link.txqlen, TUN_TXQLEN))
+
+    def register(self):
         try:
-            with self._netlink() as nl:
-                link = nl.link(self.tun_name)
-                self.tun_index = link.index
-                if link.mtu != self.mtu or link.txqlen < TUN_TXQLEN:
-                    nl.set_link(link.index, mtu=self.mtu, txqlen=max(link.txqlen, TUN_TXQLEN))
+            self._open_tun()
             self.sock, gso, gro = open_socket(str(self.ext.ip), self.port)
         except BaseException:
             self.close()
@@ -672,7 +704,46 @@ class UDPBackend(Backend):
         self.skipped.end()
         return out
 
+    def _ensure_tun(self):
+        """flannel0 deleted by hand (or a forwarder thread gone): open the TUN again, give it
+        MTU, address and up (the route to the network comes with the address), and restart
+        the forwarder on it, same socket, same counters. Set down, stripped of its address or
+        of its MTU: configure it again. Nothing is done when everything is in place."""
+        from podnet.net.ip import AF_INET, IPNet
+        if self.tun_fd is None or self.forwarder is None:
+            return          # not registered (unit tests of the table) or closed: nothing to heal
+        with self._netlink() as nl:
+            link = nl.link(index=self.tun_index)
+            gone = link is None or link.name != self.tun_name
+            if not gone and (self.own is None or self.forwarder.alive()):
+                if self.own is None:
+                    return
+                want = IPNet(self.own.subnet.network, self.config.network.prefixlen)
+                addrs = [a.net for a in nl.addrs(self.tun_index, family=AF_INET)]
+                if link.up and addrs == [want] and link.mtu == self.mtu:
+                    return
+                log.warning("%s is %s: configuring it again", self.tun_name,
+                            "down" if not link.up else "without its MTU %d" % self.mtu if link.mtu != self.mtu
+                            else "not holding just its address %s" % want)
+                self._set_mtu(nl, link)
+        if not gone and self.forwarder.alive():
+            self.configure(self.own)
+            return
+        if gone:
+            log.error("%s (index %d) has disappeared: opening it again", self.tun_name, self.tun_index)
+        else:
+            log.error("the udp forwarder has stopped: opening %s again and restarting it", self.tun_name)
+        self.forwarder.stop()
+        os.close(self.tun_fd)
+        self.tun_fd = None
+        self._open_tun()
+        self.tun_reopened += 1
+        if self.own is not None:
+            self.configure(self.own)
+            log.info("%s is back (index %d): forwarding again", self.tun_name, self.tun_index)
+
     def sync(self, remote_leases):
+        self._ensure_tun()
         want = self.desired(remote_leases)
         for subnet in sorted(set(self._current) - set(want), key=str):
             log.info("udp: route %s removed", subnet)
@@ -783,6 +854,7 @@ def main(argv=None):
             if msg.get("stats"):
                 stats = backend.forwarder.stats.as_dict()
                 stats["alive"] = backend.forwarder.alive()
+                stats["backend"] = backend.stats()
                 print("stats " + json.dumps(stats), flush=True)
     except KeyboardInterrupt:
         pass
