@@ -512,6 +512,8 @@ class Cluster:
         self.nodes = []
         self.flanneld = {}          # node role -> Popen
         self.kube_proxy = {}        # node role -> Popen
+        self.network_policy = {}    # node role -> Popen (`podnet network-policy`)
+        self.network_policy_manifests = {}      # node role -> the manifests directory its agent reads
         self.pods = []
         self.etcd_ns = None
         self.etcd_url = None
@@ -627,6 +629,75 @@ class Cluster:
         """SIGTERM the node's kube-proxy (its rules stay, as on a real node)."""
         _stop_one(node, self.kube_proxy.pop(node.role), timeout)
 
+    # -- NetworkPolicy --
+    NETWORK_POLICY_METRICS_PORT = 10265     # the agent's default --metrics-bind-address port
+
+    def start_network_policy(self, node, manifests, extra=()):
+        """`podnet network-policy` in the node, reading NetworkPolicies, Pods and Namespaces from
+        `manifests` (polled every 0.2 s, syncs at most every 0.2 s), its /metrics, /healthz and
+        /readyz on 127.0.0.1:10265 inside the node. Works for flannel and calico clusters alike."""
+        argv = [self.python, "-m", "cli.main", "network-policy", "--manifests", manifests,
+                "--manifests-interval", "0.2", "--hostname-override", node.role,
+                "--min-sync-period", "0.2"] + list(extra)
+        self.network_policy_manifests[node.role] = manifests
+        with open(self.network_policy_log(node), "a") as log:
+            self.network_policy[node.role] = node.popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                                        cwd=_SOURCE_ROOT,
+                                                        env=dict(os.environ, PYTHONPATH=_SOURCE_ROOT))
+        return self.network_policy[node.role]
+
+    def network_policy_log(self, node):
+        return os.path.join(self.node_dir(node), "network-policy.log")
+
+    def stop_network_policy(self, node, timeout=10):
+        """SIGTERM the node's agent and wait for it (its rules stay, as on a real node)."""
+        _stop_one(node, self.network_policy.pop(node.role), timeout)
+
+    def network_policy_get(self, node, path, port=None):
+        """(HTTP status, body) of GET `path` from the node's agent (curl inside the node);
+        status 0 when nothing answers."""
+        url = "http://127.0.0.1:%d%s" % (port or self.NETWORK_POLICY_METRICS_PORT, path)
+        out = node.run(["curl", "-s", "-m", "2", "-o", "-", "-w", "\\n%{http_code}", url], check=False).stdout
+        body, _, status = out.rpartition("\n")
+        return int(status) if status.isdigit() else 0, body
+
+    def network_policy_synced_through(self, node, port=None):
+        """The agent's podnet_network_policy_synced_through_timestamp_seconds (unix time): what its
+        manifests directory held then is in the kernel; None if it does not answer yet."""
+        status, body = self.network_policy_get(node, "/metrics", port)
+        found = re.search(r"^podnet_network_policy_synced_through_timestamp_seconds (\S+)$", body, re.M) \
+            if status == 200 else None
+        return float(found.group(1)) if found else None
+
+    def wait_network_policy(self, node, since, timeout=20, port=None):
+        """Until the node's agent enforces what its manifests directory held at `since` (a
+        time.time()) and at the last change of the directory's files, whichever is later, so
+        `since` may be taken before or after writing. The agent marks each scan of the directory
+        with the time the scan started; a scan that started after a write has read it. The
+        seconds it took; TimeoutError (with the agent's log) after `timeout`."""
+        mark = max(since, _newest_change(self.network_policy_manifests.get(node.role)))
+        started = time.monotonic()
+        _wait(lambda: (self.network_policy_synced_through(node, port) or 0) > mark, timeout,
+              "the NetworkPolicy agent on %s to sync what changed by %.3f" % (node.role, mark),
+              lambda: _tail(self.network_policy_log(node)))
+        return time.monotonic() - started
+
+    @staticmethod
+    def pod_manifest(pod, name=None, namespace="default", labels=None, ports=(), host_network=False):
+        """The Pod object an API server would hold for lab pod `pod` (running, its real address,
+        spec.nodeName the node's role as --hostname-override says it). ports: [(name, port,
+        protocol)] of its one container."""
+        container = {"name": "main", "image": "podnet/echo"}
+        if ports:
+            container["ports"] = [{"name": n, "containerPort": p, "protocol": proto} for n, p, proto in ports]
+        spec = {"nodeName": pod.node.role, "containers": [container]}
+        if host_network:
+            spec["hostNetwork"] = True
+        return {"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name or pod.name, "namespace": namespace, "labels": dict(labels or {})},
+                "spec": spec,
+                "status": {"phase": "Running", "podIP": pod.ip, "podIPs": [{"ip": pod.ip}]}}
+
     def start_echo(self, pod, port=8080, udp_port=8081):
         """A server in the pod that answers with the pod's name (lab.echo)."""
         proc = pod.ns.popen([self.python, "-m", "lab.echo", "serve", "--name", pod.name, "--port", str(port),
@@ -727,6 +798,36 @@ def _stop_one(ns, proc, timeout):
     finally:
         if proc in ns.processes and proc.returncode is not None:
             ns.processes.remove(proc)
+
+
+# file timestamps come from the kernel's coarse clock, up to a tick behind time.time()
+_FS_CLOCK_LAG = 0.02
+
+
+def _newest_change(directory):
+    """The latest time a file in `directory` (or the directory itself: a rename, a removal)
+    changed, plus the file system clock's lag; 0 when there is no such directory."""
+    if not directory:
+        return 0.0
+    try:
+        times = [os.stat(directory).st_mtime]
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                try:
+                    times.append(entry.stat().st_ctime)
+                except FileNotFoundError:       # removed meanwhile: the directory's mtime says so
+                    pass
+    except FileNotFoundError:
+        return 0.0
+    return max(times) + _FS_CLOCK_LAG
+
+
+def _tail(path, size=3000):
+    try:
+        with open(path) as f:
+            return "--- %s ---\n%s" % (path, f.read()[-size:])
+    except OSError:
+        return ""
 
 
 def _venv_python():
@@ -945,3 +1046,56 @@ class CalicoCluster(Cluster):
                 with open(path) as f:
                     text.append("--- %s calico-agent.log ---\n%s" % (node.role, f.read()[-3000:]))
         return "\n".join(text)
+
+
+class KubeFlannelCluster(Cluster):
+    """A flannel cluster in Kubernetes mode: `flanneld --kube-subnet-mgr` on every node,
+    against an API server at `api_url` (no etcd). Each node's NODE_NAME is its role, its
+    net-conf.json (the kube-flannel-cfg ConfigMap's net-conf.json) is network_config() in
+    its directory. The API server is the caller's: give it a namespace on the underlay
+    with api_namespace(), serve there, then set api_url (or pass --kubeconfig-file in
+    flanneld_args), and create each node's Node object (with its podCIDR) before start()."""
+
+    API_PORT = 6443
+
+    def __init__(self, lab, api_url=None, **kw):
+        super().__init__(lab, **kw)
+        self.api_url = api_url
+        self.api_ns = None
+        self.api_ip = None
+
+    def api_namespace(self):
+        """(namespace, address) for the API server: on the underlay, the last address but one."""
+        self.api_ns = self.lab.namespace("apiserver")
+        self.api_ip = str(self.underlay.subnet.broadcast_address - 2)
+        self.underlay.attach(self.api_ns, self.api_ip)
+        return self.api_ns, self.api_ip
+
+    def net_conf_path(self, node):
+        return os.path.join(self.node_dir(node), "net-conf.json")
+
+    def start_flanneld(self, node, extra=()):
+        with open(self.net_conf_path(node), "w") as f:
+            f.write(self.network_config())
+        argv = [self.python, "-m", "flanneld.daemon", "--kube-subnet-mgr",
+                "--net-config-path", self.net_conf_path(node), "--subnet-file", self.subnet_file(node)]
+        if self.api_url:
+            argv += ["--kube-api-url", self.api_url]
+        argv += self.flanneld_args + list(extra)
+        if not any(a.startswith("--iface") for a in argv):
+            argv += ["--iface", node.underlay_if]
+        if self.ip_masq:
+            argv.append("--ip-masq")
+        env = dict(os.environ, PYTHONPATH=_SOURCE_ROOT, NODE_NAME=node.role)
+        with open(self.flanneld_log(node), "a") as log:
+            self.flanneld[node.role] = node.popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=_SOURCE_ROOT,
+                                                  env=env)
+        return self.flanneld[node.role]
+
+    def start(self):
+        from cni.executable import install
+        install(self.bin_dir, "/usr/bin/python3")
+        for i in range(1, self.node_count + 1):
+            self.add_node("node%d" % i)
+        self.wait_ready()
+        return self

@@ -17,7 +17,7 @@ What is shown, per backend:
   - a daemon restart keeps the subnet and the traffic (vxlan, host-gw);
   - an etcd outage does not disturb pods, and the daemons reconnect (vxlan);
 and, on a bare etcd: a bad network config is refused without touching the
-node until a valid one appears, and /healthz reports readiness.
+node until a valid one appears, and /readyz reports readiness.
 """
 import importlib.util
 import ipaddress
@@ -436,7 +436,7 @@ def untouched(node, c):
 def test_bad_network_config_is_refused_until_a_valid_one_appears(bare):
     """Four daemons at once, each under its own etcd prefix holding a bad config:
     each logs what is wrong (twice: it retries), creates no device, writes no
-    subnet.env or lease, adds no route or iptables chain, and /healthz says 503.
+    subnet.env or lease, adds no route or iptables chain, and /readyz says 503.
     A valid config under the same prefix is then picked up without a restart."""
     c = bare
     nodes = {}
@@ -453,13 +453,13 @@ def test_bad_network_config_is_refused_until_a_valid_one_appears(bare):
     for case, node in nodes.items():
         assert c.flanneld[node.role].poll() is None, case
         assert untouched(node, c) == [], case
-        assert healthz(node) == "503", case
+        assert healthz(node, "/readyz") == "503", case
         assert c.etcdctl("get", "--prefix", "--keys-only", "/podnet-test/%s/subnets/" % case).stdout.strip() == ""
         assert "Traceback" not in read(c.flanneld_log(node)), case
 
     for case in BAD_CONFIGS:
         c.etcdctl("put", "/podnet-test/%s/config" % case, json.dumps(VALID))
-    took = wait_until(lambda: all(healthz(n) == "200" for n in nodes.values()), TIMEOUT,
+    took = wait_until(lambda: all(healthz(n, "/readyz") == "200" for n in nodes.values()), TIMEOUT,
                       "every daemon to pick up the valid config")
     print("valid config picked up after %.2fs" % took)
     for case, node in nodes.items():
@@ -534,12 +534,12 @@ def test_thirty_bad_network_configs_in_a_row_then_a_good_one(bare):
         assert proc.poll() is None, "flanneld exited (%s) on bad config %d %s:\n%s" % (
             proc.returncode, i, text, read(log)[-3000:])
     print("30 bad configs refused in %.1fs" % (time.monotonic() - started))
-    assert untouched(node, c) == [] and healthz(node) == "503"
+    assert untouched(node, c) == [] and healthz(node, "/readyz") == "503"
     assert c.etcdctl("get", "--prefix", "--keys-only", prefix + "/subnets/").stdout.strip() == ""
 
     c.etcdctl("put", prefix + "/config", json.dumps({"Network": "10.244.0.0/16",
                                                      "Backend": {"Type": "vxlan", "VNI": 1, "Port": 8472}}))
-    wait_until(lambda: healthz(node) == "200", TIMEOUT, "the daemon to take the good config")
+    wait_until(lambda: healthz(node, "/readyz") == "200", TIMEOUT, "the daemon to take the good config")
     assert proc.poll() is None
     keys = c.etcdctl("get", "--prefix", "--keys-only", prefix + "/subnets/").stdout.split()
     assert len(keys) == 1 and os.path.exists(c.subnet_file(node)) and "flannel.1" in node.link_names()
@@ -603,15 +603,16 @@ def test_the_whole_ipv4_space_in_slash_30s_leases_in_little_memory(bare):
 
 
 def test_healthz(bare):
-    """--healthz-port: 200 from GET /healthz once ready, on loopback and the node's
-    address, 404 for any other path; nothing listens once the daemon has stopped."""
+    """--healthz-port: 200 from GET /readyz once ready and from /healthz (liveness), on
+    loopback and the node's address, 404 for a path it does not serve; nothing listens once
+    the daemon has stopped."""
     c = bare
     node = c.add_node("hz", extra=["--healthz-port", HEALTHZ_PORT])
     wait_until(lambda: os.path.exists(c.subnet_file(node)), TIMEOUT, "the daemon to be ready")
-    wait_until(lambda: healthz(node) == "200", 5, "/healthz to say 200")
+    wait_until(lambda: healthz(node, "/readyz") == "200", 5, "/readyz to say 200")
     assert healthz(node, host=node.underlay_ip) == "200"
     r = node.run(["curl", "-s", "--max-time", "3", "http://127.0.0.1:%d/healthz" % HEALTHZ_PORT])
     assert r.stdout == "flanneld is running\n"
-    assert healthz(node, "/metrics") == "404"
+    assert healthz(node, "/nope") == "404"
     c.stop_flanneld(node)
     assert healthz(node) == "000"
