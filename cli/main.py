@@ -77,6 +77,7 @@ DAEMONS = {
     "kube-proxy": "kube_proxy.server",
     "ingress": "ingress.controller",
     "calico": "calico_lite.agent",
+    "network-policy": "network_policy.server",
 }
 
 
@@ -115,6 +116,8 @@ def main(argv=None):
     sub.add_parser("kube-proxy", help="run the Service proxy (kube-proxy's flags; see podnet kube-proxy --help)")
     sub.add_parser("ingress", help="run the Ingress controller on nginx (see podnet ingress --help)")
     sub.add_parser("calico", help="calico_lite: `agent` (BGP + routes), `reflector`, `bird-config`")
+    sub.add_parser("network-policy", help="run the NetworkPolicy agent (nftables); `network-policy explain "
+                   "NAMESPACE/POD` shows what a pod is allowed")
 
     p = sub.add_parser("demo", help="build a cluster in network namespaces, attach pods, check connectivity")
     p.add_argument("--nodes", type=int, default=3)

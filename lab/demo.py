@@ -9,6 +9,10 @@ every pod runs a small HTTP server that answers with its name, a Service over
 all of them (ClusterIP and NodePort) is written as manifests, `podnet
 kube-proxy` runs on every node, and the Service is asked from a pod and from
 an outside client on the underlay: the answers must come from every pod.
+In flannel mode, `podnet network-policy` then runs on every node: a
+default-deny ingress policy for the pods' namespace refuses a request from
+another node's pod (the agent logs the dropped packet), and a policy allowing
+that pod answers it again.
 Everything lives in namespaces the Lab created and is removed at the end.
 """
 import os
@@ -58,19 +62,22 @@ def run_demo(nodes=3, backend="vxlan", pods_per_node=1, keep=False, mode="flanne
             _step("%s -> %s" % (pod.name, ", ".join(row)))
         failures = [pair for pair, ok in matrix.items() if not ok]
         service_failures = _service_check(lab, cluster)
+        policy_failures = _network_policy_check(lab, cluster) if mode != "calico" else None
         pod_count = len(cluster.pods)
 
         if keep:
             input("cluster is up; press Enter to tear it down ")
         for pod in list(cluster.pods):
             cluster.remove_pod(pod)
-    print("RESULT: %s; %s (%.1f s)" % (
+    print("RESULT: %s; %s%s (%.1f s)" % (
         "all %d pod pairs across %d nodes reach each other" % (len(matrix), nodes) if not failures
         else "%d of %d pod pairs FAILED: %s" % (len(failures), len(matrix), failures),
         "the Service answers from all %d pods, by ClusterIP and by NodePort on every node" % pod_count
         if not service_failures else "Service FAILED: %s" % "; ".join(service_failures),
+        "" if policy_failures is None else "; NetworkPolicy: default-deny refuses, the allow rule answers"
+        if not policy_failures else "; NetworkPolicy FAILED: %s" % "; ".join(policy_failures),
         time.monotonic() - started))
-    return 0 if not failures and not service_failures else 1
+    return 0 if not failures and not service_failures and not policy_failures else 1
 
 
 def _show_calico_nodes(cluster):
@@ -121,8 +128,71 @@ def _service_check(lab, cluster):
     return failures
 
 
-def _answers(cluster, ns, url, count):
-    out = cluster.echo(ns, "get", url, "--count", count, "--timeout", 2)
+def _network_policy_check(lab, cluster):
+    """`podnet network-policy` on every node; a deny, then an allow, probed across nodes; returns failures."""
+    pods = list(cluster.pods)
+    if len(pods) < 2:
+        return []
+    target, client = pods[0], next((p for p in pods if p.node is not pods[0].node), pods[1])
+    url = "%s:%d" % (target.ip, POD_PORT)
+    manifests = os.path.join(lab.workdir, "network-policy")
+    namespace = {"apiVersion": "v1", "kind": "Namespace",
+                 "metadata": {"name": "default", "labels": {"kubernetes.io/metadata.name": "default"}}}
+    objects = [namespace] + [cluster.pod_manifest(p, labels={"app": "hello", "pod": p.name},
+                                                  ports=[("http", POD_PORT, "TCP")]) for p in pods]
+    k8s.write(manifests, "pods.json", *objects)
+    print("NetworkPolicy (podnet network-policy on every node, nftables), %s -> %s (%s):"
+          % (client.name, target.name, url))
+    started = time.monotonic()
+    for node in cluster.nodes:
+        cluster.start_network_policy(node, manifests)
+    since = time.time()
+    for node in cluster.nodes:
+        cluster.wait_network_policy(node, since)
+    _step("agents started and synced on every node in %.2f s; nothing isolated yet" % (time.monotonic() - started))
+    failures = []
+
+    def apply(filename, policy, expect_answer, label):
+        k8s.write(manifests, filename, policy)
+        since = time.time()
+        seconds = max(cluster.wait_network_policy(n, since) for n in cluster.nodes)
+        answers, errors = _answers(cluster, client.ns, url, 1, timeout=1)
+        answered = target.name in answers
+        _step("%s (in the kernel of every node %.2f s after the write): %s" % (
+            label, seconds, "answered by %s" % target.name if answered else "refused (%s)" % ", ".join(errors)))
+        if answered != expect_answer:
+            failures.append("%s: %s" % (label, "answered" if answered else "refused"))
+
+    deny = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "default-deny-ingress", "namespace": "default"},
+            "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}}
+    apply("deny.json", deny, False, "default-deny-ingress for namespace default")
+    dropped = _drop_line(cluster, target.node)
+    _step("%s's agent logged: %s" % (target.node.role, dropped or "(no drop line)"))
+    if dropped is None:
+        failures.append("no drop line in %s's agent log" % target.node.role)
+    allow = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+             "metadata": {"name": "allow-%s" % client.name, "namespace": "default"},
+             "spec": {"podSelector": {"matchLabels": {"pod": target.name}},
+                      "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": client.name}}}],
+                                   "ports": [{"protocol": "TCP", "port": "http"}]}]}}
+    apply("allow.json", allow, True, "allow-%s (pod=%s, named port http)" % (client.name, client.name))
+    return failures
+
+
+def _drop_line(cluster, node, timeout=3):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(cluster.network_policy_log(node)) as f:
+            found = re.findall(r"network_policy\.drops: (dropped .*)", f.read())
+        if found:
+            return found[-1]
+        time.sleep(0.1)
+    return None
+
+
+def _answers(cluster, ns, url, count, timeout=2):
+    out = cluster.echo(ns, "get", url, "--count", count, "--timeout", timeout)
     return out["answers"], out["errors"]
 
 

@@ -6,6 +6,8 @@ def test_demo_cluster_pods_and_service(capsys):
     assert run_demo(nodes=2) == 0
     out = capsys.readouterr().out
     assert "the Service answers from all 2 pods, by ClusterIP and by NodePort on every node" in out, out
+    assert "NetworkPolicy: default-deny refuses, the allow rule answers" in out, out
+    assert "agent logged: dropped ingress to default/node1-pod1 (" in out, out
 
 
 def test_demo_in_calico_mode(capsys):
