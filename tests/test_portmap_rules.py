@@ -44,6 +44,15 @@ def test_mapping_defaults_and_normalisation():
     assert (m.host_ip, m.family) == ("fd00::1", AF_INET6)
 
 
+def test_mapping_keys_match_as_gos_json_decoder_does():
+    # containerd 1.6 (go-cni) sends its struct's Go field names; the reference decodes them
+    # case-insensitively, so a hostPort pod under containerd depends on it
+    m = portmap.parse_mapping({"HostPort": 30080, "ContainerPort": 8080, "Protocol": "UDP", "HostIP": ""}, 0)
+    assert (m.host_port, m.container_port, m.protocol, m.host_ip) == (30080, 8080, "udp", None)
+    m = portmap.parse_mapping({"hostPort": 80, "HostPort": 81, "containerPort": 1}, 0)
+    assert m.host_port == 80      # the exact key first, as Go does
+
+
 @pytest.mark.parametrize("entry, message", [
     ({"containerPort": 1}, "Invalid host port number: missing"),
     ({"hostPort": 65536, "containerPort": 1}, "Invalid host port number: 65536"),

@@ -122,8 +122,21 @@ class Mapping:
                                             self.container_port)
 
 
+def _field(entry, key):
+    """entry[key] as Go's JSON decoder finds it, which the reference relies on: the exact key,
+    else one differing only in case. containerd 1.6 sends its Go struct's field names
+    ("HostPort", "ContainerPort", "Protocol", "HostIP": its libcni struct has no JSON tags)."""
+    if key in entry:
+        return entry[key]
+    folded = key.lower()
+    for name, value in entry.items():
+        if isinstance(name, str) and name.lower() == folded:
+            return value
+    return None
+
+
 def _port(entry, key, index):
-    value = entry.get(key)
+    value = _field(entry, key)
     if not _is_int(value) or not 0 < value <= 65535:
         what = "host" if key == "hostPort" else "container"
         raise _invalid("Invalid %s port number: %s" % (what, "missing" if value is None else repr(value)),
@@ -136,13 +149,13 @@ def parse_mapping(entry, index):
         raise _invalid("portMappings[%d] is not an object" % index)
     host_port = _port(entry, "hostPort", index)
     container_port = _port(entry, "containerPort", index)
-    protocol = entry.get("protocol")
+    protocol = _field(entry, "protocol")
     if protocol is None or protocol == "":
         protocol = "tcp"
     if not isinstance(protocol, str) or protocol.lower() not in PROTOCOLS:
         raise _invalid("Unknown protocol %r in portMappings[%d]" % (protocol, index),
                        "protocol must be tcp, udp or sctp")
-    host_ip = entry.get("hostIP")
+    host_ip = _field(entry, "hostIP")
     family = None
     if host_ip is not None and host_ip != "":
         try:
