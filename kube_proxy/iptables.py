@@ -46,7 +46,6 @@ from kube_proxy.proxier import (
     SyncResult,
     clear_stale_udp_flows,
     isolate,
-    one_line,
 )
 from kube_proxy.rules import (
     FILTER,
@@ -59,6 +58,7 @@ from kube_proxy.rules import (
     rule,
 )
 from kube_proxy.tracker import Sync
+from podnet.isolate import one_line
 from podnet.kube.endpointslices import ServicePortName
 from podnet.net.iptables import chain_rules, declared_chains, quote
 
@@ -785,7 +785,7 @@ class IptablesProxier:
         if comments != self.comments:
             self.port_rules = {}
         self.comments = comments
-        found = Isolation()
+        found: Isolation[ServicePortName] = Isolation()
         try:
             try:
                 written = self._full(state, sync.changed) if full else len(self._partial(state, sync.changed))

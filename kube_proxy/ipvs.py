@@ -47,9 +47,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kube_proxy import model
-from kube_proxy.proxier import REFUSED, Config, Quarantine, SyncResult, clear_stale_udp_flows, isolate, one_line
+from kube_proxy.proxier import REFUSED, Config, Quarantine, SyncResult, clear_stale_udp_flows, isolate
 from kube_proxy.rules import FILTER, MASQ_MARK, NAT, SHARED_CHAINS, SHARED_JUMPS, other_mode_present, rule
 from kube_proxy.tracker import Sync
+from podnet.isolate import one_line
 from podnet.kube.endpointslices import Endpoint, ServicePortName
 from podnet.net.iptables import chain_rules, declared_chains
 

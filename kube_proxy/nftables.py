@@ -83,9 +83,9 @@ from kube_proxy.proxier import (
     SyncResult,
     clear_stale_udp_flows,
     isolate,
-    one_line,
 )
 from kube_proxy.tracker import Sync
+from podnet.isolate import one_line
 from podnet.kube.endpointslices import ServicePortName
 
 log = logging.getLogger("kube_proxy.nftables")
@@ -723,7 +723,7 @@ class NftablesProxier:
         started = time.monotonic()
         sync = self.quarantine.effective(sync)
         full = sync.full or not self.synced
-        found = Isolation()
+        found: Isolation[ServicePortName] = Isolation()
         try:
             try:
                 text = self._full(sync.state, sync.changed) if full else self._partial(sync.state, sync.changed)
@@ -769,7 +769,7 @@ class NftablesProxier:
                             one_line(e))
             found = Isolation(refused=1)
         else:
-            found = Isolation()
+            found: Isolation[ServicePortName] = Isolation()
         if self._check is not None:
             ports = {name: (self.ports.get(name) if name not in sync.changed else None)
                      or render_service_port(sp, state.endpoints_for(name), self.config)

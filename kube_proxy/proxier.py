@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Protocol
 
+from podnet.isolate import Isolation
+from podnet.isolate import isolate as _isolate
 from podnet.kube.endpointslices import Endpoint, ServicePortName
 
 if TYPE_CHECKING:
@@ -141,82 +143,11 @@ Input = tuple["ServicePort | None", tuple[Endpoint, ...]]
 NOTHING: Input = (None, ())
 
 
-def one_line(error: object, limit: int = 600) -> str:
-    """An error as one log-friendly line: iptables-restore and nft answer on several lines."""
-    text = " | ".join(part.strip() for part in str(error).splitlines() if part.strip())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-@dataclass
-class Isolation:
-    """What isolate() found: the ports refused on their own ([(name, error)]), and how many
-    transactions it tried and how many of those the kernel refused."""
-    bad: list[tuple[ServicePortName, str]] = field(default_factory=list)
-    tried: int = 0
-    refused: int = 0
-
-
 def isolate(suspects: Sequence[ServicePortName], trial: Callable[[list[ServicePortName]], object],
-            control: Callable[[], object] | None = None) -> Isolation:
-    """Which of `suspects` the kernel refuses, on their own.
-
-    trial(names) applies those ports' changes in one go (a refusal raises one of REFUSED
-    and must leave nothing of them applied; what it applies stays applied). The whole
-    list is tried first, then its halves, recursing into a half that fails; when the
-    first half of a failing group goes through, the second is known to fail and is
-    split without being tried. One bad port among n costs about 1 + 1.5 log2(n) trials,
-    and all of them together carry about twice the suspects' rules.
-
-    When no trial at all went through, `control()` (a harmless transaction) tells a
-    refusal of these ports from a kernel that refuses everything: if it is refused
-    too, or there is no control, the first error is raised and nobody is blamed."""
-    out = Isolation()
-    bad = out.bad
-    passed = False
-    first: list[BaseException] = []
-
-    def attempt(group: list[ServicePortName]) -> str | None:
-        nonlocal passed
-        out.tried += 1
-        try:
-            trial(group)
-        except REFUSED as e:
-            out.refused += 1
-            if not first:
-                first.append(e)
-            return one_line(e)
-        passed = True
-        return None
-
-    def split(group: list[ServicePortName], error: str) -> None:
-        if len(group) == 1:
-            bad.append((group[0], error))
-            return
-        half = len(group) // 2
-        left, right = group[:half], group[half:]
-        left_error = attempt(left)
-        if left_error is None:
-            split(right, error)                 # the fault is in the right half
-            return
-        split(left, left_error)
-        right_error = attempt(right)
-        if right_error is not None:
-            split(right, right_error)
-
-    group = list(suspects)
-    if group:
-        error = attempt(group)
-        if error is not None:
-            split(group, error)
-    if bad and not passed:
-        if control is None:
-            raise first[0]
-        out.tried += 1
-        try:
-            control()
-        except REFUSED:
-            raise first[0] from None
-    return out
+            control: Callable[[], object] | None = None) -> Isolation[ServicePortName]:
+    """Which of `suspects` the kernel refuses on their own (podnet.isolate.isolate, with the
+    proxiers' REFUSED errors)."""
+    return _isolate(suspects, trial, REFUSED, control)
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,8 @@ from network_policy.model import (
     PolicyModel,
     PortSet,
 )
+from podnet.isolate import isolate as bisect
+from podnet.isolate import one_line
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -521,59 +523,12 @@ def _refused() -> tuple[type[BaseException], ...]:
     return (NftError,)
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
 def isolate(suspects: Sequence[Key], trial: Callable[[list[Key]], object],
             control: Callable[[], object]) -> list[tuple[Key, str]]:
-    """The suspects the kernel refuses on their own: trial(all), then halves, recursing into a
-    failing half (when the first half of a failing group passes, the second is split without
-    being tried). If nothing passed, control() (a table with no policies) tells refused
-    policies from a kernel that refuses everything: refused too, the first error is raised."""
-    refused = _refused()
-    bad: list[tuple[Key, str]] = []
-    first: list[BaseException] = []
-    passed = False
-
-    def attempt(group: list[Key]) -> str | None:
-        nonlocal passed
-        try:
-            trial(group)
-        except refused as e:
-            if not first:
-                first.append(e)
-            return _one_line(e)
-        passed = True
-        return None
-
-    def split(group: list[Key], error: str) -> None:
-        if len(group) == 1:
-            bad.append((group[0], error))
-            return
-        half = len(group) // 2
-        left, right = group[:half], group[half:]
-        left_error = attempt(left)
-        if left_error is None:
-            split(right, error)
-            return
-        split(left, left_error)
-        right_error = attempt(right)
-        if right_error is not None:
-            split(right, right_error)
-
-    group = list(suspects)
-    if group:
-        error = attempt(group)
-        if error is not None:
-            split(group, error)
-    if bad and not passed:
-        try:
-            control()
-        except refused:
-            raise first[0] from None
-    return bad
+    """The suspects the kernel refuses on their own (podnet.isolate.isolate: bisection); if
+    nothing passed, control() (a table with no policies) tells refused policies from a
+    kernel that refuses everything: refused too, the first error is raised."""
+    return bisect(suspects, trial, _refused(), control).bad
 
 
 class _Transaction:
@@ -659,7 +614,7 @@ class NftablesDataplane:
             try:
                 changed = self._partial()
             except _refused() as e:
-                log.warning("nft refused a partial sync (%s); rewriting the whole table", _one_line(e))
+                log.warning("nft refused a partial sync (%s); rewriting the whole table", one_line(e))
                 self.synced = False
                 changed = self._full()
                 full = True
@@ -715,7 +670,7 @@ class NftablesDataplane:
         try:
             self.nft.apply(text)
         except _refused() as e:
-            log.warning("nft refused the full sync (%s); finding the policies it refuses", _one_line(e))
+            log.warning("nft refused the full sync (%s); finding the policies it refuses", one_line(e))
             self._bisect()
             table = self._render(self.quarantine)
             text = full_text(table, kernel)
