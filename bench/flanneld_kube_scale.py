@@ -34,11 +34,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from fake_kube_api import FakeKubeApi  # noqa: E402
-
 from lab.cluster import KubeFlannelCluster, Lab  # noqa: E402
 from podnet.net.ip import parse_ip  # noqa: E402
 from podnet.net.netlink import Netlink  # noqa: E402
+
+from fake_kube_api import FakeKubeApi  # noqa: E402
 
 P = "flannel.alpha.coreos.com/"
 HEALTHZ = 8081

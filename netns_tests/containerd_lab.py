@@ -33,9 +33,9 @@ import tarfile
 import time
 import uuid
 
-import cri
-
 from lab.cluster import pid_alive, stale_pattern
+
+import cri
 
 CONTAINERD = "/usr/bin/containerd"
 CTR = "/usr/bin/ctr"

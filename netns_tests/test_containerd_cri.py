@@ -21,12 +21,12 @@ import sys
 import tarfile
 import time
 
-import containerd_lab
 import pytest
-from containerd_lab import Containerd, sandbox_netns_path
 
 from lab.cluster import _SOURCE_ROOT, NETNS_DIR, Cluster, Lab, exec_argv
 
+import containerd_lab
+from containerd_lab import Containerd, sandbox_netns_path
 from helpers import allocation_files, wait_until
 
 PYTHON = sys.executable

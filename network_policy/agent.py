@@ -25,7 +25,7 @@ the loop logs each newly quarantined one as a warning.
 then is in the kernel (or changed nothing); it is exported as a metric, so a test
 or an operator can wait for "my change is enforced" without sleeping. A source
 that can say how far it has looked emits HORIZON markers: the manifests poller
-(`ManifestPoller`) sends, after each scan, the time that scan started, so a file
+(`manifest_source`) sends, after each scan, the time that scan started, so a file
 written before a time T is enforced once synced_through > T. Without markers
 (the API source) it is the time the last event was taken in.
 
@@ -391,42 +391,13 @@ class PolicyAgent:
         return direction, line
 
 
-class ManifestPoller:
-    """podnet.kube.manifests.ManifestSource scanned from a thread of our own, with a HORIZON
-    marker after every scan: the time it started (files written before it have been read)."""
-
-    def __init__(self, source: Any, emit: Callable[[Event], None], interval: float,
-                 wall_clock: Callable[[], float] = time.time) -> None:
-        self.source = source
-        self.kinds = source.kinds
-        self.emit = emit
-        self.interval = interval
-        self.wall_clock = wall_clock
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def scan(self) -> None:
-        started = self.wall_clock()
-        self.source.scan()
-        self.emit(Event(HORIZON, "", started))
-
-    def run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.scan()
-            except Exception:
-                log.exception("scanning %s failed; trying again", self.source.directory)
-            self._stop.wait(self.interval)
-
-    def start(self) -> threading.Thread:
-        self._thread = threading.Thread(target=self.run, name="manifests", daemon=True)
-        self._thread.start()
-        return self._thread
-
-    def stop(self, timeout: float = 5) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+def manifest_source(directory: str, emit: Callable[[Event], None], interval: float,
+                    wall_clock: Callable[[], float] = time.time) -> Any:
+    """podnet.kube.manifests.ManifestSource of our kinds with a HORIZON marker after every scan:
+    the time it started (files written before it have been read)."""
+    from podnet.kube.manifests import ManifestSource
+    return ManifestSource(directory, emit, interval=interval, clock=wall_clock, kinds=KINDS,
+                          after_scan=lambda started: emit(Event(HORIZON, "", started)))
 
 
 class DropLogger:

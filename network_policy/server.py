@@ -102,10 +102,9 @@ def _logging(verbosity: int) -> None:
 
 
 def _source(opts: argparse.Namespace, emit: Any) -> Any:
-    from network_policy.agent import KINDS, ManifestPoller
+    from network_policy.agent import KINDS, manifest_source
     if opts.manifests:
-        from podnet.kube.manifests import ManifestSource
-        return ManifestPoller(ManifestSource(opts.manifests, emit, kinds=KINDS), emit, opts.manifests_interval)
+        return manifest_source(opts.manifests, emit, opts.manifests_interval)
     from podnet.kube.api import KubeApiSource
     return KubeApiSource(emit, kubeconfig=opts.kubeconfig, kinds=KINDS)
 

@@ -13,7 +13,6 @@ import time
 import urllib.request
 
 import pytest
-from fake_kube_api import FakeKubeApi, strategic_merge
 from prometheus_client.parser import text_string_to_metric_families
 
 from flanneld import daemon as flanneld_daemon
@@ -33,6 +32,8 @@ from podnet import httpd
 from podnet.kube.nodes import NodeNameError, make_client, pod_cidrs
 from podnet.kube.objects import InvalidObject
 from podnet.net.ip import parse_cidr, parse_ip
+
+from fake_kube_api import FakeKubeApi, strategic_merge
 
 P = "flannel.alpha.coreos.com/"
 NAMES = annotation_names()

@@ -325,11 +325,10 @@ def test_synced_through_follows_the_sources_horizon_when_it_has_one():
 
 
 def test_the_manifest_poller_marks_each_scan_with_the_time_it_started(tmp_path):
-    from podnet.kube.manifests import ManifestSource
     events = []
     wall = Clock(42.0)
-    source = ManifestSource(_manifests(tmp_path, policy("p"), namespace("x")), events.append, kinds=agent_mod.KINDS)
-    poller = agent_mod.ManifestPoller(source, events.append, 0.1, wall_clock=wall)
+    poller = agent_mod.manifest_source(_manifests(tmp_path, policy("p"), namespace("x")), events.append, 0.1,
+                                       wall_clock=wall)
     poller.scan()
     assert [e.type for e in events] == [RELIST, RELIST, RELIST, agent_mod.HORIZON] and events[-1].obj == 42.0
     poller.start()

@@ -120,8 +120,12 @@ class ManifestSource:
     """Polls `directory`; `scan()` does one pass, `start()` runs passes in a thread."""
 
     def __init__(self, directory: str, emit: Emit, interval: float = 1.0, recursive: bool = False,
-                 clock: Callable[[], float] = time.time, kinds: Iterable[str] | None = None) -> None:
+                 clock: Callable[[], float] = time.time, kinds: Iterable[str] | None = None,
+                 after_scan: Callable[[float], object] | None = None) -> None:
         self.directory = directory
+        # called after every pass with the clock() time the pass started: whatever was in the
+        # directory before then has been emitted (the NetworkPolicy agent's "synced through")
+        self.after_scan = after_scan
         self.kinds = check_kinds(kinds)
         self.emit = emit
         self.interval = interval
@@ -153,6 +157,12 @@ class ManifestSource:
     def scan(self) -> list[Event]:
         """Read what changed and emit the events; returns them too."""
         now = self.clock()
+        events = self._scan(now)
+        if self.after_scan is not None:
+            self.after_scan(now)
+        return events
+
+    def _scan(self, now: float) -> list[Event]:
         seen, changed = set(), False
         for path in self._paths():
             try:
