@@ -359,15 +359,8 @@ class Agent:
         self.wake.set()
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["reflector"]:
-        from calico_lite.reflector import main as reflector_main
-        return reflector_main(argv[1:])
-    if argv[:1] == ["bird-config"]:
-        return bird_config_main(argv[1:])
-    if argv[:1] == ["agent"]:
-        argv = argv[1:]
+def build_parser():
+    """`podnet calico agent`'s flags (Felix's metrics and health flags included)."""
     p = argparse.ArgumentParser(prog="podnet calico agent", description=__doc__.split("\n\n")[0])
     p.add_argument("--etcd-endpoints", default="http://127.0.0.1:2379")
     p.add_argument("--etcd-prefix", default=None)
@@ -388,11 +381,25 @@ def main(argv=None):
     p.add_argument("-v", "--verbose", action="store_true")
     from calico_lite import metrics
     metrics.add_flags(p)
+    return p
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["reflector"]:
+        from calico_lite.reflector import main as reflector_main
+        return reflector_main(argv[1:])
+    if argv[:1] == ["bird-config"]:
+        return bird_config_main(argv[1:])
+    if argv[:1] == ["agent"]:
+        argv = argv[1:]
+    p = build_parser()
     opts = p.parse_args(argv)
     if not 0 <= opts.graceful_restart_time <= 4095:
         p.error("--graceful-restart-time must be 0..4095")
     logging.basicConfig(level=logging.DEBUG if opts.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from calico_lite import metrics
     from calico_lite.datastore import DEFAULT_PREFIX, Datastore
     ds = Datastore(opts.etcd_endpoints.split(","), prefix=opts.etcd_prefix or DEFAULT_PREFIX)
     agent = Agent(ds, opts.node_name, opts.iface, opts.role, opts.blocks_file, opts.hold_time, opts.route_grace,

@@ -4,18 +4,6 @@ import os
 import sys
 
 
-def cmd_install_cni(opts):
-    from cni.executable import PLUGINS, install
-    names = opts.plugins or list(PLUGINS)
-    unknown = [n for n in names if n not in PLUGINS]
-    if unknown:
-        print("unknown plugin(s): %s (have: %s)" % (", ".join(unknown), ", ".join(PLUGINS)), file=sys.stderr)
-        return 2
-    for path in install(opts.dest, opts.python, names):
-        print(path)
-    return 0
-
-
 def cmd_cni(opts):
     """Run a conflist against a network namespace, as a container runtime would."""
     from cni import conflist
@@ -90,13 +78,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="podnet", description="Container networking for Kubernetes.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("install-cni", help="install podnet's CNI plugin executables")
-    p.add_argument("--dest", default="/opt/cni/bin", help="directory to install into (default: %(default)s)")
-    p.add_argument("--python", default="/usr/bin/python3",
-                   help="interpreter in the executables' #! line (default: %(default)s); "
-                        "never a pyenv shim: it costs ~70 ms per call")
-    p.add_argument("plugins", nargs="*", help="plugin names (default: all)")
-    p.set_defaults(func=cmd_install_cni)
+    if argv[:1] in (["install-cni"], ["cleanup"]):
+        from cli import cleanup, install
+        install.add_parser(sub)
+        cleanup.add_parser(sub)
+    else:       # listed, without their imports (~13 ms) on every `podnet cni` a runtime-like caller makes
+        sub.add_parser("install-cni", help="install podnet's CNI plugin executables (and a network config list)")
+        sub.add_parser("cleanup", help="remove everything podnet created on this node; --dry-run lists it")
 
     p = sub.add_parser("cni", help="run a CNI network config list against a netns (like cnitool)")
     p.add_argument("action", choices=["add", "del", "check", "gc", "status"])

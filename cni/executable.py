@@ -29,14 +29,16 @@ MARKER = "# podnet-cni-plugin "
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def render(name: str, python: str) -> str:
+def render(name: str, python: str, root: str = ROOT) -> str:
+    """The executable of plugin `name`, importing podnet from `root` (default: this tree;
+    an installed copy of the plugins' code, see cli/install.py, names its own)."""
     module = PLUGINS[name]
     return (
         "#!%s -IS\n"
         "%s%s %s\n"
         "import sys; sys.path.insert(0, %r)\n"
         "from %s import main; main()\n"
-    ) % (python, MARKER, module, ROOT, ROOT, module)
+    ) % (python, MARKER, module, root, root, module)
 
 
 def read_marker(path: str) -> tuple[str, str] | None:
@@ -55,16 +57,29 @@ def read_marker(path: str) -> tuple[str, str] | None:
     return module, root
 
 
-def install(dest: str, python: str, names: Iterable[str] | None = None) -> list[str]:
-    """Write the executables into dest atomically (rename), return their paths."""
+def install(dest: str, python: str, names: Iterable[str] | None = None, root: str = ROOT,
+            changed: list[str] | None = None) -> list[str]:
+    """Write the executables into dest atomically (rename), return their paths. One whose
+    content is already right is left alone (not rewritten: its mtime stays); the paths
+    actually written are appended to `changed` if given."""
     os.makedirs(dest, exist_ok=True)
-    written = []
+    paths = []
     for name in names or PLUGINS:
         path = os.path.join(dest, name)
+        paths.append(path)
+        text = render(name, python, root)
+        try:
+            with open(path) as f:
+                same = f.read() == text and os.access(path, os.X_OK)
+        except (OSError, UnicodeDecodeError):
+            same = False
+        if same:
+            continue
         tmp = path + ".podnet-tmp"
         with open(tmp, "w") as f:
-            f.write(render(name, python))
+            f.write(text)
         os.chmod(tmp, 0o755)
         os.replace(tmp, path)
-        written.append(path)
-    return written
+        if changed is not None:
+            changed.append(path)
+    return paths
