@@ -736,14 +736,27 @@ class Cluster:
         return self
 
     # -- pods --
+    def cni_bin(self, node):
+        """The directory of the CNI executables the node's runtime runs (one for every node here)."""
+        return self.bin_dir
+
+    def conflist_path(self, node):
+        """The network config list the node's runtime loads."""
+        return os.path.join(self.node_dir(node), "10-flannel.conflist")
+
+    def write_conflist(self, node):
+        """conflist(node) written at conflist_path(node), before a pod is attached; that path."""
+        path = self.conflist_path(node)
+        with open(path, "w") as f:
+            json.dump(self.conflist(node), f)
+        return path
+
     def add_pod(self, node, name, port_mappings=None):
         ns = self.lab.pod_netns(name)
-        conf_path = os.path.join(self.node_dir(node), "10-flannel.conflist")
-        with open(conf_path, "w") as f:
-            json.dump(self.conflist(node), f)
+        conf_path = self.write_conflist(node)
         cid = "%s-%s" % (self.lab.prefix, name)
         argv = [self.python, "-m", "cli.main", "cni", "add", ns.path, "--conflist", conf_path,
-                "--container-id", cid, "--cni-path", self.bin_dir,
+                "--container-id", cid, "--cni-path", self.cni_bin(node),
                 "--cache-dir", os.path.join(self.node_dir(node), "cache")]
         if port_mappings:
             argv += ["--cap-args", json.dumps({"portMappings": port_mappings})]
@@ -755,9 +768,9 @@ class Cluster:
         return pod
 
     def remove_pod(self, pod):
-        conf_path = os.path.join(self.node_dir(pod.node), "10-flannel.conflist")
-        pod.node.run([self.python, "-m", "cli.main", "cni", "del", pod.ns.path, "--conflist", conf_path,
-                      "--container-id", pod.container_id, "--cni-path", self.bin_dir,
+        pod.node.run([self.python, "-m", "cli.main", "cni", "del", pod.ns.path, "--conflist",
+                      self.conflist_path(pod.node), "--container-id", pod.container_id, "--cni-path",
+                      self.cni_bin(pod.node),
                       "--cache-dir", os.path.join(self.node_dir(pod.node), "cache")],
                      env=dict(os.environ, PYTHONPATH=_SOURCE_ROOT))
         self.pods.remove(pod)
