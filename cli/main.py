@@ -116,6 +116,19 @@ def main(argv=None):
     p.add_argument("--keep", action="store_true", help="leave the lab up until Enter is pressed")
     p.set_defaults(func=cmd_demo)
 
+    if argv[:1] == ["trace"]:
+        from diagnose import trace
+        trace.add_parser(sub)
+    else:
+        sub.add_parser("trace", help="where a packet from SRC to DST goes, hop by hop, and where it stops")
+
+    p = sub.add_parser("doctor", help="this node's kernel state against what podnet's components want, and the "
+                       "classic misconfigurations; exit 1 on an error finding")
+    if argv[:1] == ["doctor"]:
+        from diagnose import doctor
+        doctor.add_arguments(p)
+        p.set_defaults(func=doctor.main)
+
     opts = parser.parse_args(argv)
     if opts.command in ("demo",) and os.geteuid() != 0:
         print("podnet %s: needs root (it creates network namespaces)" % opts.command, file=sys.stderr)
