@@ -14,8 +14,10 @@ worth knowing) and the object it belongs to.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -285,6 +287,19 @@ def check_pod_cidr(inp: NodeInputs) -> list[Finding]:
 
 # ---- flannel: leases -> routes, neighbours, FDB ----------------------------------------------
 
+@contextlib.contextmanager
+def quiet(logger: str) -> Iterator[None]:
+    """An agent's logger silenced while its own code computes what doctor compares (that agent
+    reports its bad objects itself), and restored afterwards: doctor is also a library."""
+    log_ = logging.getLogger(logger)
+    was = log_.disabled
+    log_.disabled = True
+    try:
+        yield
+    finally:
+        log_.disabled = was
+
+
 def flannel_desired(view: FlannelView, snap: Snapshot) -> tuple[dict[str, list[dict[str, Any]]], str]:
     """(flanneld's backend's desired() for the remote leases, the VTEP's name)."""
     from flanneld.backend import backend_class
@@ -307,9 +322,9 @@ def flannel_desired(view: FlannelView, snap: Snapshot) -> tuple[dict[str, list[d
     backend: Any = backend_class(view.backend_type)(config, ext)
     backend.own = own
     backend.mac = dev.mac if dev is not None else None
-    logging.getLogger("flanneld").disabled = True       # desired() logs skipped leases: the daemon's job
     remote = [l for l in view.leases if l.subnet != own_subnet]
-    return backend.desired(remote), vtep
+    with quiet("flanneld"):             # desired() logs skipped leases: the daemon's job
+        return backend.desired(remote), vtep
 
 
 def check_flannel(inp: NodeInputs) -> list[Finding]:
@@ -463,8 +478,8 @@ def check_kube_proxy(inp: NodeInputs) -> list[Finding]:
     from kube_proxy.iptables import endpoint_chain, local_chain, service_chain
     from kube_proxy.model import build_state, categorize_endpoints
     from podnet.net.iptables import chain_rules, split_rule
-    logging.getLogger("kube_proxy").disabled = True     # bad objects are the daemon's to report
-    state = build_state(inp.kind("Service"), inp.kind("EndpointSlice"), hostname=inp.node_name or None)
+    with quiet("kube_proxy"):           # bad objects are the daemon's to report
+        state = build_state(inp.kind("Service"), inp.kind("EndpointSlice"), hostname=inp.node_name or None)
     nat = _nat_table(inp.snapshot.iptables_save)
     active = ":KUBE-SERVICES " in nat
     chains = chain_rules(nat, lambda c: c.startswith(("KUBE-SVC-", "KUBE-SVL-", "KUBE-SEP-")))

@@ -120,10 +120,18 @@ def test_a_running_agent_serves_metrics_and_readiness(cluster):
         return int(status) if status.isdigit() else 0, body
     wait_until(lambda: get(9091, "/readyz")[0] == 200, 20, "node1's agent to be ready")
     assert get(9099, "/readiness")[0] == 200 and get(9099, "/healthz") == (200, "ok\n")
-    families = {f.name: f for f in text_string_to_metric_families(get(9091, "/metrics")[1])}
+    families = {}
 
     def samples(name, **labels):
         return [s.value for s in families[name].samples if all(s.labels.get(k) == v for k, v in labels.items())]
+
+    def scrape():
+        families.clear()
+        families.update((f.name, f) for f in text_string_to_metric_families(get(9091, "/metrics")[1]))
+        # ready means sessions up and routes reconciled once: the peers' prefixes may still be arriving
+        return sum(samples("calico_lite_bgp_prefixes_received")) == len(others) \
+            and samples("calico_lite_routes_installed", type="unicast") == [len(others)]
+    wait_until(scrape, 20, "node1's agent to have every peer's prefix")
     peers = [n for n in cluster.nodes if n.role == "rr1"] if cluster.route_reflector else others
     for peer in peers:
         assert samples("calico_lite_bgp_session_state", peer=peer.underlay_ip, state="Established") == [1.0]

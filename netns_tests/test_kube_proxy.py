@@ -235,7 +235,7 @@ def test_bad_objects_are_logged_and_skipped(env):
         for name in ("bad-port", "bad-ip", "no-spec"):
             assert re.search(r"skipping Service default/%s: .+" % name, log), (name, log[-3000:])
         assert "EndpointSlice default/web-bad: skipping endpoint" in log, log[-3000:]
-    out = env.get(env.pod("node1-b").ns, "10.96.0.10:80", count=20)    # the good ones still work
+    out = env.get(env.pod("node1-b").ns, "10.96.0.10:80", count=60)    # the good ones still work (a backend missed by all 60: p ~ 1e-7)
     assert out["errors"] == {} and set(out["answers"]) == set(ALL), out
 
 
