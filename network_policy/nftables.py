@@ -10,6 +10,11 @@ Layout (every name is ours; `<H>` is 12 base32 characters of the sha256 of a set
       (ingress: daddr and @ingress-pods; IPv6: ip6 and the *6 sets and maps)
     `accept` ends only that base chain: the packet goes on to the next one and to everyone
     else's (kube-proxy's filter chains at 0, flannel's, calico_lite's); `drop` is final.
+  output-egress (filter, output hook, priority -10), output-ingress (priority -5): the same,
+    but the dispatch only takes a packet whose policed side is one of this node's pods and
+    whose source is not an address of the node:
+      ip saddr . ip saddr @self-pods fib saddr type != local ip saddr vmap @egress-pods
+      (ingress: ip daddr . ip daddr @self-pods fib saddr type != local ip daddr vmap @ingress-pods)
   egress-ns-<ns>, ingress-ns-<ns>:                one per namespace with policies of that direction
       ip saddr @pods-<H> jump egress-<ns>/<name>  per policy: its target pods -> its chain
       limit rate 10/second log group 100 prefix "egress <ns>"   (NFLOG, rate-limited)
@@ -27,6 +32,19 @@ Layout (every name is ours; `<H>` is 12 base32 characters of the sha256 of a set
 
 So a pod added, deleted or relabelled changes set and map elements only; a policy changes
 its own chains, its namespace's chain (one jump per policy) and the sets only it used.
+
+Why the output hook: kube-proxy's IPVS mode delivers a pod's packet to a ClusterIP locally
+(the address is on kube-ipvs0); IPVS takes it at LOCAL_IN, rewrites the destination and
+sends it on through LOCAL_OUT (ip_vs_nat_xmit -> NF_HOOK(NF_INET_LOCAL_OUT), no input
+device), so it never crosses the forward hook: without the output chains a client's egress
+policy, and the ingress policy of a backend on the client's node, would be bypassed. The
+output hook also carries the node's own traffic, which no policy judges (kubelet's probes,
+hostNetwork pods): its source is an address of the node (`fib saddr type local`), while
+what IPVS forwards keeps the client's. The `@self-pods` test (a pod's address twice: no new
+set) comes first so that the node's traffic that involves none of its pods, most of it,
+never pays the fib lookup; the dispatch maps only hold this node's pods anyway. The
+iptables and nftables modes DNAT in prerouting and forward: their packets never reach the
+output chains, and the forward chains are what they were.
 
 Why no `ct state invalid drop`: the base chains see all forwarded traffic of the node, and a
 pod that no policy isolates must pass exactly as without us; for an isolated pod a packet
@@ -100,6 +118,10 @@ TABLE = "podnet-network-policy"     # family inet
 CHECK_TABLE = "podnet-network-policy-check"     # what bisection has the kernel check (nft -c): never created
 FAMILY = "inet"
 BASE_CHAINS = {EGRESS: ("forward-egress", -10), INGRESS: ("forward-ingress", -5)}
+OUTPUT_CHAINS = {EGRESS: ("output-egress", -10), INGRESS: ("output-ingress", -5)}     # what IPVS forwards
+# (name, hook, priority, direction) of every base chain, in write order
+EVERY_BASE_CHAIN = tuple((chains[d][0], hook, chains[d][1], d)
+                         for hook, chains in (("forward", BASE_CHAINS), ("output", OUTPUT_CHAINS)) for d in DIRECTIONS)
 COUNTERS = {INGRESS: "ingress-drops", EGRESS: "egress-drops"}
 REWRITE_LIMIT = 20000       # elements a partial sync rewrites to avoid `delete element` (see above)
 STALE_LIMIT = 500           # flushed chains and sets left waiting for deletion
@@ -315,15 +337,24 @@ def render_ns_chain(direction: str, namespace: str, policies: Iterable[Policy], 
     return ns_chain(direction, namespace), tuple(rules), frozenset(refs)
 
 
-def base_chain_rules(direction: str) -> tuple[str, ...]:
+def base_chain_rules(direction: str, hook: str = "forward") -> tuple[str, ...]:
     addr_field = "daddr" if direction == INGRESS else "saddr"
     dispatch = INGRESS_PODS if direction == INGRESS else EGRESS_PODS
     rules = ["ct state established,related accept"]
     for family in (4, 6):
         ipx, _ = _family_words(family)
-        rules.append("%s saddr . %s daddr @%s accept" % (ipx, ipx, set_specs(LOCAL_PODS)[family].name))
-        rules.append("%s %s vmap @%s" % (ipx, addr_field, set_specs(dispatch)[family].name))
+        local = set_specs(LOCAL_PODS)[family].name
+        rules.append("%s saddr . %s daddr @%s accept" % (ipx, ipx, local))
+        vmap = "%s %s vmap @%s" % (ipx, addr_field, set_specs(dispatch)[family].name)
+        if hook == "output":
+            # one of this node's pods on our side, sent on by the node (IPVS), not from the node itself
+            vmap = "%s %s . %s %s @%s fib saddr type != local %s" % (ipx, addr_field, ipx, addr_field, local, vmap)
+        rules.append(vmap)
     return tuple(rules)
+
+
+def base_rule_count() -> int:
+    return sum(len(base_chain_rules(direction, hook)) for _, hook, _, direction in EVERY_BASE_CHAIN)
 
 
 # ---- the whole table as plain data ----------------------------------------------------------------------
@@ -342,7 +373,7 @@ class Table:
 
     @property
     def rules(self) -> int:
-        return sum(map(len, self.chains.values())) + sum(len(base_chain_rules(d)) for d in DIRECTIONS)
+        return sum(map(len, self.chains.values())) + base_rule_count()
 
     @property
     def element_count(self) -> int:
@@ -413,8 +444,9 @@ def _chain_block(name: str, rules: Sequence[str], spec: str | None = None) -> st
     return "\tchain %s {\n%s\t}\n" % (name, "".join("\t\t%s\n" % r for r in lines))
 
 
-def base_chain_spec(direction: str) -> str:
-    return "type filter hook forward priority %d; policy accept;" % BASE_CHAINS[direction][1]
+def base_chain_spec(direction: str, hook: str = "forward") -> str:
+    chains = OUTPUT_CHAINS if hook == "output" else BASE_CHAINS
+    return "type filter hook %s priority %d; policy accept;" % (hook, chains[direction][1])
 
 
 def full_text(table: Table, kernel: Kernel | None = None, table_name: str = TABLE) -> str:
@@ -427,7 +459,7 @@ def full_text(table: Table, kernel: Kernel | None = None, table_name: str = TABL
     out = ['add table %s { comment "podnet NetworkPolicy agent"; }\n' % head, "flush table %s\n" % head]
     for counter in COUNTERS.values():
         out.append("add counter %s %s\n" % (head, counter))
-    base = {name: ("forward", prio) for name, prio in BASE_CHAINS.values()}
+    base = {name: (hook, prio) for name, hook, prio, _ in EVERY_BASE_CHAIN}
     for name, have in sorted(kernel.sets.items()):
         spec = table.sets.get(name)
         if spec is None:
@@ -449,8 +481,8 @@ def full_text(table: Table, kernel: Kernel | None = None, table_name: str = TABL
     for name, spec in table.sets.items():
         if spec.kind == "map":
             out.append(_set_block(spec, table.elements.get(name, ())))
-    for direction in DIRECTIONS:
-        out.append(_chain_block(BASE_CHAINS[direction][0], base_chain_rules(direction), base_chain_spec(direction)))
+    for name, at, _, direction in EVERY_BASE_CHAIN:
+        out.append(_chain_block(name, base_chain_rules(direction, at), base_chain_spec(direction, at)))
     out.append("}\n")
     for name in sorted(kernel.chains):
         if name not in table.chains and name not in base:
@@ -685,7 +717,7 @@ class NftablesDataplane:
                 self.users.setdefault(ref, set()).add(chain)
         self.stale_chains, self.stale_sets = set(), {}
         self.synced = True
-        return len(table.chains) + len(BASE_CHAINS) + len(table.sets)
+        return len(table.chains) + len(EVERY_BASE_CHAIN) + len(table.sets)
 
     def _bisect(self) -> None:
         suspects = sorted(k for k in self.model.policies if k not in self.quarantine)
@@ -841,9 +873,9 @@ class NftablesDataplane:
         locals_ = sum(self.model.size(r) for r in LOCALS)
         elements = locals_ + sum(self.model.size(r) for r in self.users)
         sets = len(LOCALS) * 2 + sum(len(set_specs(r)) for r in self.users)
-        rules = sum(map(len, self.chains.values())) + sum(len(base_chain_rules(d)) for d in DIRECTIONS)
+        rules = sum(map(len, self.chains.values())) + base_rule_count()
         policies = len({key for key, _ in self.policy_chains})
-        return SyncResult(full, seconds, policies, len(self.chains) + len(BASE_CHAINS), rules, sets, elements,
+        return SyncResult(full, seconds, policies, len(self.chains) + len(EVERY_BASE_CHAIN), rules, sets, elements,
                           changed, tuple(sorted(self.quarantine)))
 
 

@@ -82,9 +82,14 @@ class FakeKernel:
         if table is None:
             return []
         if what[0] == "chains":
-            return [{"chain": dict({"family": "inet", "table": T, "name": n},
-                                   **({"type": "filter", "hook": "forward", "prio": int(re.search(r"priority (-?\d+)", table["base"][n]).group(1))}
-                                      if n in table["base"] else {}))} for n in table["chains"]]
+            out = []
+            for n in table["chains"]:
+                chain = {"family": "inet", "table": T, "name": n}
+                if n in table["base"]:
+                    hook, prio = re.search(r"hook (\S+) priority (-?\d+)", table["base"][n]).groups()
+                    chain.update(type="filter", hook=hook, prio=int(prio))
+                out.append({"chain": chain})
+            return out
         kind = what[0][:-1]
         out = []
         for name, s in table["sets"].items():
@@ -270,8 +275,8 @@ class FakeKernel:
 def rendered_state(table):
     """render_table()'s Table as FakeKernel.state() shows a table."""
     chains = {n: list(r) for n, r in table.chains.items()}
-    for d in m.DIRECTIONS:
-        chains[nt.BASE_CHAINS[d][0]] = list(nt.base_chain_rules(d))
+    for name, hook, _, d in nt.EVERY_BASE_CHAIN:
+        chains[name] = list(nt.base_chain_rules(d, hook))
     sets = {n: set(table.elements.get(n, ())) for n in table.sets}
     used = {ref for rules in chains.values() for r in rules for ref in re.findall(r"@(\S+)", r)}
     return chains, {n: e for n, e in sets.items() if n in used or e}
@@ -286,10 +291,11 @@ class Packet:
 
 
 class Interpreter:
-    """Runs a packet of a new connection through our two base chains, as nftables would."""
+    """Runs a packet of a new connection through our base chains of one hook, as nftables
+    would; `local`: the node's own addresses (what `fib saddr type local` says)."""
 
-    def __init__(self, chains, sets, interval=()):
-        self.chains, self.sets, self.interval = chains, sets, set(interval)
+    def __init__(self, chains, sets, interval=(), local=()):
+        self.chains, self.sets, self.interval, self.local = chains, sets, set(interval), set(local)
 
     def member(self, name, value):
         elements = self.sets.get(name, set())
@@ -304,8 +310,8 @@ class Interpreter:
                 return verdict
         return None
 
-    def accepts(self, pkt):
-        return all(self.chain(nt.BASE_CHAINS[d][0], pkt) != "drop" for d in (m.EGRESS, m.INGRESS))
+    def accepts(self, pkt, hook="forward"):
+        return all(self.chain(name, pkt) != "drop" for name, h, _, _ in nt.EVERY_BASE_CHAIN if h == hook)
 
     def rule(self, rule, pkt):
         words = rule.split()
@@ -344,6 +350,11 @@ class Interpreter:
                 if not int(lo) <= pkt.port <= int(hi or lo):
                     return None
                 i += 3
+            elif w == "fib":                                # fib saddr type != local
+                assert words[i + 1:i + 5] == ["saddr", "type", "!=", "local"], rule
+                if pkt.src in self.local:
+                    return None
+                i += 5
             elif w == "meta":
                 if pkt.proto != words[i + 2]:
                     return None
@@ -361,9 +372,9 @@ class Interpreter:
         return None
 
 
-def interpreter(table):
+def interpreter(table, local=()):
     chains, sets = rendered_state(table)
-    return Interpreter(chains, sets, [n for n, s in table.sets.items() if "interval" in s.flags])
+    return Interpreter(chains, sets, [n for n, s in table.sets.items() if "interval" in s.flags], local)
 
 
 # ---- names and rule text -----------------------------------------------------------------------------------
@@ -434,6 +445,50 @@ def test_namespace_and_base_chains():
         "ip6 saddr . ip6 daddr @self-pods6 accept", "ip6 saddr vmap @egress-pods6")
     assert nt.base_chain_spec("egress") == "type filter hook forward priority -10; policy accept;"
     assert nt.base_chain_spec("ingress") == "type filter hook forward priority -5; policy accept;"
+    assert nt.base_chain_rules("ingress", "forward") == nt.base_chain_rules("ingress") == (
+        "ct state established,related accept", "ip saddr . ip daddr @self-pods accept", "ip daddr vmap @ingress-pods",
+        "ip6 saddr . ip6 daddr @self-pods6 accept", "ip6 daddr vmap @ingress-pods6")
+
+
+def test_output_chains_take_only_what_the_node_sends_on_for_its_pods():
+    """IPVS sends a pod's packet on through the output hook: the same dispatch as on forward,
+    taken only by one of this node's pods on the policed side with a source the node does
+    not own (the node's own traffic is never judged); established first, as on forward."""
+    assert nt.EVERY_BASE_CHAIN == (
+        ("forward-ingress", "forward", -5, "ingress"), ("forward-egress", "forward", -10, "egress"),
+        ("output-ingress", "output", -5, "ingress"), ("output-egress", "output", -10, "egress"))
+    assert nt.base_chain_rules("egress", "output") == (
+        "ct state established,related accept", "ip saddr . ip daddr @self-pods accept",
+        "ip saddr . ip saddr @self-pods fib saddr type != local ip saddr vmap @egress-pods",
+        "ip6 saddr . ip6 daddr @self-pods6 accept",
+        "ip6 saddr . ip6 saddr @self-pods6 fib saddr type != local ip6 saddr vmap @egress-pods6")
+    assert nt.base_chain_rules("ingress", "output") == (
+        "ct state established,related accept", "ip saddr . ip daddr @self-pods accept",
+        "ip daddr . ip daddr @self-pods fib saddr type != local ip daddr vmap @ingress-pods",
+        "ip6 saddr . ip6 daddr @self-pods6 accept",
+        "ip6 daddr . ip6 daddr @self-pods6 fib saddr type != local ip6 daddr vmap @ingress-pods6")
+    assert nt.base_chain_spec("egress", "output") == "type filter hook output priority -10; policy accept;"
+    assert nt.base_chain_spec("ingress", "output") == "type filter hook output priority -5; policy accept;"
+    # the full text holds all four, forward's exactly as before
+    c = Cluster()
+    c.ns("x")
+    c.pod("x", "a", "10.0.0.1", {"app": "a"})
+    c.policy("x", "p", {"podSelector": {}, "ingress": []})
+    text = nt.full_text(nt.render_table(c.model))
+    for name, hook, _, d in nt.EVERY_BASE_CHAIN:
+        block = "\tchain %s {\n\t\t%s\n%s\t}\n" % (name, nt.base_chain_spec(d, hook),
+                                                  "".join("\t\t%s\n" % r for r in nt.base_chain_rules(d, hook)))
+        assert block in text, name
+    assert "\tchain forward-ingress {\n\t\ttype filter hook forward priority -5; policy accept;\n" \
+           "\t\tct state established,related accept\n\t\tip saddr . ip daddr @self-pods accept\n" \
+           "\t\tip daddr vmap @ingress-pods\n" in text
+    # node1's own addresses reaching its isolated pod through output: not judged; the same packet
+    # from another pod (sent on by IPVS): judged
+    interp = interpreter(nt.render_table(c.model), local=["192.168.0.1", "10.0.0.254"])
+    assert interp.accepts(Packet("192.168.0.1", "10.0.0.1", "TCP", 80), "output")
+    assert interp.accepts(Packet("10.0.0.254", "10.0.0.1", "TCP", 80), "output")
+    assert not interp.accepts(Packet("10.0.9.9", "10.0.0.1", "TCP", 80), "output")
+    assert not interp.accepts(Packet("10.0.9.9", "10.0.0.1", "TCP", 80), "forward")
 
 
 def test_element_text():
@@ -456,7 +511,7 @@ def test_full_text_takes_over_what_the_kernel_has():
     table = nt.render_table(c.model)
     target = nt.set_specs(c.model.policies[("x", "p")].target)[4].name
     kernel = nt.Kernel(chains={"forward-egress": ("forward", -10), "forward-ingress": ("forward", 0),
-                               "ingress-ns-x": None, "ingress-old/gone": None},
+                               "output-ingress": ("forward", -5), "ingress-ns-x": None, "ingress-old/gone": None},
                        sets={target: ("set", ("ipv4_addr",), ()), "ingress-pods": ("map", ("ipv4_addr",), ()),
                              "pods-GONE": ("set", ("ipv4_addr",), ()), "self-pods": ("set", ("ipv4_addr",), ())})
     text = nt.full_text(table, kernel)
@@ -466,12 +521,14 @@ def test_full_text_takes_over_what_the_kernel_has():
     assert "delete set %s self-pods" % HEAD in lines            # its type differs from ours: declared anew
     assert "delete chain %s forward-ingress" % HEAD in lines    # its priority differs
     assert "delete chain %s forward-egress" % HEAD not in lines
+    assert "delete chain %s output-ingress" % HEAD in lines     # its hook differs (output-egress is new)
+    assert "delete chain %s output-egress" % HEAD not in lines
     assert lines[-2:] == ["delete chain %s ingress-old/gone" % HEAD, "delete set %s pods-GONE" % HEAD]
     block = lines[lines.index("table %s {" % HEAD):lines.index("}")]
     kinds = [line.split()[0] for line in block[1:] if line.startswith("\t") and not line.startswith("\t\t")
              and line.strip() != "}"]
     # sets, then chains, then the maps (their verdicts jump to the chains), then the base chains
-    assert kinds == sorted(kinds, key=["set", "chain", "map"].index)[:kinds.index("map")] + ["map"] * 4 + ["chain"] * 2
+    assert kinds == sorted(kinds, key=["set", "chain", "map"].index)[:kinds.index("map")] + ["map"] * 4 + ["chain"] * 4
     # the same, applied over that kernel state
     fake = FakeKernel()
     fake.apply("table %s {\n\tset %s { type ipv4_addr; elements = { 10.9.9.9 } }\n"
@@ -479,7 +536,8 @@ def test_full_text_takes_over_what_the_kernel_has():
                "\tchain ingress-ns-x {\n\t}\n\tchain ingress-old/gone {\n\t\tip saddr @pods-GONE accept\n\t}\n"
                "\tmap ingress-pods { type ipv4_addr : verdict; elements = { 10.9.9.9 : jump ingress-ns-x } }\n"
                "\tchain forward-egress {\n\t\ttype filter hook forward priority -10; policy accept;\n\t}\n"
-               "\tchain forward-ingress {\n\t\ttype filter hook forward priority 0; policy accept;\n\t}\n}\n"
+               "\tchain forward-ingress {\n\t\ttype filter hook forward priority 0; policy accept;\n\t}\n"
+               "\tchain output-ingress {\n\t\ttype filter hook forward priority -5; policy accept;\n\t}\n}\n"
                % (HEAD, target))
     assert nt.parse_kernel(fake.list_json("chains", "inet"), fake.list_json("sets", "inet") +
                            fake.list_json("maps", "inet")) == kernel
@@ -533,8 +591,8 @@ def test_first_sync_is_full_then_partial(env):
     c, fake, dp = env
     c.policy("x", "p", {"podSelector": sel(pod="a"), "ingress": [{"from": [{"podSelector": sel(pod="b")}]}]})
     r = dp.sync()
-    assert r.full and r.policies == 1 and r.quarantined == () and r.chains == 4
-    assert r.rules == 2 + 4 + 10 and r.sets == 10 and r.elements == 1 + 1 + 6 + 1   # target, peer, local pods, the map
+    assert r.full and r.policies == 1 and r.quarantined == () and r.chains == 6
+    assert r.rules == 2 + 4 + 4 * 5 and r.sets == 10 and r.elements == 1 + 1 + 6 + 1   # target, peer, local pods, the map
     synced_equal(c, fake, dp)
     r = dp.sync()
     assert not r.full and r.changed == 0 and dp.last_text == "" and len(fake.applied) == 1   # nothing to do: no nft run
@@ -596,7 +654,7 @@ def test_policy_changes_touch_their_own_chains(env):
     c.model.set_policy(("x", "a"), None)
     c.model.set_policy(("x", "b"), None)
     r = dp.sync()
-    assert "delete" not in dp.last_text and r.chains == 2 and r.policies == 0
+    assert "delete" not in dp.last_text and r.chains == 4 and r.policies == 0
     assert dp.stale_chains == {"ingress-x/a", "ingress-x/b", "ingress-ns-x"}
     synced_equal(c, fake, dp)
     c.policy("x", "a", {"podSelector": sel(pod="a"), "ingress": []})     # a stale chain in use again
@@ -606,7 +664,8 @@ def test_policy_changes_touch_their_own_chains(env):
     r = dp.sync(full=True)                           # a full sync deletes what is stale
     assert r.full and "delete chain %s ingress-x/b" % HEAD in dp.last_text
     synced_equal(c, fake, dp)
-    assert set(fake.tables[T]["chains"]) == {"forward-egress", "forward-ingress", "ingress-ns-x", "ingress-x/a"}
+    assert set(fake.tables[T]["chains"]) == {"forward-egress", "forward-ingress", "output-egress", "output-ingress",
+                                             "ingress-ns-x", "ingress-x/a"}
 
 
 def test_stale_objects_are_deleted_when_they_pile_up(env, monkeypatch):
@@ -739,9 +798,24 @@ PROBES = (("TCP", 80), ("TCP", 81), ("UDP", 53), ("UDP", 80), ("TCP", 53), ("SCT
 EXTERNAL = ("10.0.0.7", "10.0.0.12", "192.0.2.1", "fd00::7", "192.168.0.1", "192.168.0.2")
 
 
+def ipvs_path(src, src_pod, dst_pod):
+    """[(node, hook)] a new connection meets when a Service in kube-proxy's IPVS mode chose
+    endpoint dst: output on the node whose IPVS sent it on (the client pod's, the node's own
+    for its traffic, the endpoint's for an outside client of its NodePort), then forward on
+    the endpoint's node when that is another."""
+    sender = src_pod.node if src_pod else {ip: n for n, ip in NODE_IPS.items()}.get(
+        src, dst_pod.node if dst_pod else "node1")
+    path = [(sender, "output")]
+    if dst_pod is not None and dst_pod.node != sender:
+        path.append((dst_pod.node, "forward"))
+    return path
+
+
 def compare_with_verdict(namespaces, pods, policies):
+    """Routed pod to pod (forward on both nodes) and through IPVS (ipvs_path): the rendered
+    rules decide as verdict() does."""
     models = {n: load(n, namespaces, pods, policies) for n in ("node1", "node2")}
-    interp = {n: interpreter(nt.render_table(models[n])) for n in models}
+    interp = {n: interpreter(nt.render_table(models[n]), local=[NODE_IPS[n]]) for n in models}
     model = models["node1"]
     addresses = sorted({p["ip"] for o in pods for p in o["status"]["podIPs"]} | set(EXTERNAL))
     for src in addresses:
@@ -749,13 +823,21 @@ def compare_with_verdict(namespaces, pods, policies):
             if src == dst or (":" in src) != (":" in dst):
                 continue
             src_pod, dst_pod = model._pod_at(src), model._pod_at(dst)
-            if (dst_pod and src in dst_pod.host_ips) or (src_pod and dst in src_pod.host_ips):
-                continue                    # the node's own traffic: never through the forward hook
+            if src_pod and dst in src_pod.host_ips:
+                continue                    # IPVS delivers an endpoint on the node itself locally: no hook of ours
+            from_own_node = dst_pod and src in dst_pod.host_ips     # through forward: never (INPUT/OUTPUT)
             nodes = {p.node for p in (src_pod, dst_pod) if p is not None}
             for proto, port in PROBES:
                 want = model.verdict(src, dst, proto, port)
-                got = all(interp[n].accepts(Packet(src, dst, proto, port)) for n in nodes)
-                assert got == want.allowed, (src, dst, proto, port, want)
+                pkt = Packet(src, dst, proto, port)
+                if not from_own_node:
+                    got = all(interp[n].accepts(pkt) for n in nodes)
+                    assert got == want.allowed, (src, dst, proto, port, want)
+                got = all(interp[n].accepts(pkt, hook) for n, hook in ipvs_path(src, src_pod, dst_pod))
+                assert got == want.allowed, ("ipvs", src, dst, proto, port, want)
+        for node, ip in NODE_IPS.items():           # the node's own traffic, anywhere: never judged
+            if (":" in src) == (":" in ip) and src != ip:
+                assert all(interp[node].accepts(Packet(ip, src, proto, port), "output") for proto, port in PROBES)
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
