@@ -575,6 +575,14 @@ class Cluster:
     def subnet_file(self, node):
         return os.path.join(self.node_dir(node), "subnet.env")
 
+    def subnet_env(self, node):
+        """The node's subnet.env as flanneld wrote it: {"FLANNEL_SUBNET": ..., ...}."""
+        with open(self.subnet_file(node)) as f:
+            return dict(line.split("=", 1) for line in f.read().split())
+
+    def node_by_role(self, role):
+        return next(n for n in self.nodes if n.role == role)
+
     def add_node(self, name, extra=()):
         node = self._new_node(name, self.underlay)
         self.start_flanneld(node, extra)

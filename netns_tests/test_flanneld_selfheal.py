@@ -36,18 +36,12 @@ def cluster(netns_usable):
         yield c
 
 
-def node_by_role(c, role):
-    return next(n for n in c.nodes if n.role == role)
 
-
-def env_of(c, node):
-    with open(c.subnet_file(node)) as f:
-        return dict(line.split("=", 1) for line in f.read().split())
 
 
 def remote_of(c, node, other):
     """(subnet, gateway, VtepMAC, public IP) of `other`'s lease as `node` should program it."""
-    subnet = ipaddress.ip_interface(env_of(c, other)["FLANNEL_SUBNET"]).network
+    subnet = ipaddress.ip_interface(c.subnet_env(other)["FLANNEL_SUBNET"]).network
     (link,) = other.ip_json("link", "show", "flannel.1")
     return str(subnet), str(subnet.network_address), link["address"], other.underlay_ip
 
@@ -114,21 +108,21 @@ def test_reconcile_rounds_that_find_everything_in_place_change_and_say_nothing(c
 
 def test_a_route_deleted_by_hand_comes_back(cluster):
     c = cluster
-    node1, node2 = node_by_role(c, "node1"), node_by_role(c, "node2")
+    node1, node2 = c.node_by_role("node1"), c.node_by_role("node2")
     subnet = remote_of(c, node1, node2)[0]
     heals(c, node1, node2, "the route", lambda: node1.ip("route", "del", subnet, "dev", "flannel.1"))
 
 
 def test_a_neighbour_deleted_by_hand_comes_back(cluster):
     c = cluster
-    node1, node2 = node_by_role(c, "node1"), node_by_role(c, "node2")
+    node1, node2 = c.node_by_role("node1"), c.node_by_role("node2")
     gateway = remote_of(c, node1, node2)[1]
     heals(c, node1, node2, "the neighbour", lambda: node1.ip("neigh", "del", gateway, "dev", "flannel.1"))
 
 
 def test_an_fdb_entry_deleted_by_hand_comes_back(cluster):
     c = cluster
-    node1, node2 = node_by_role(c, "node1"), node_by_role(c, "node2")
+    node1, node2 = c.node_by_role("node1"), c.node_by_role("node2")
     _, _, mac, public_ip = remote_of(c, node1, node2)
     heals(c, node1, node2, "the FDB entry",
           lambda: node1.run(["bridge", "fdb", "del", mac, "dev", "flannel.1", "dst", public_ip]))
@@ -136,10 +130,10 @@ def test_an_fdb_entry_deleted_by_hand_comes_back(cluster):
 
 def test_the_vtep_deleted_by_hand_comes_back_with_its_mac(cluster):
     c = cluster
-    node1, node2 = node_by_role(c, "node1"), node_by_role(c, "node2")
+    node1, node2 = c.node_by_role("node1"), c.node_by_role("node2")
     (before,) = node1.ip_json("-d", "link", "show", "flannel.1")
     env_path = c.subnet_file(node1)
-    env_before, env_mtime = env_of(c, node1), os.stat(env_path).st_mtime_ns
+    env_before, env_mtime = c.subnet_env(node1), os.stat(env_path).st_mtime_ns
     heals(c, node1, node2, "flannel.1", lambda: node1.ip("link", "del", "flannel.1"))
     (after,) = node1.ip_json("-d", "link", "show", "flannel.1")
     assert after["address"] == before["address"]            # node2's entries for node1 stay valid
@@ -148,13 +142,13 @@ def test_the_vtep_deleted_by_hand_comes_back_with_its_mac(cluster):
     (addrs,) = node1.ip_json("-4", "addr", "show", "flannel.1")
     subnet = ipaddress.ip_interface(env_before["FLANNEL_SUBNET"]).network
     assert [(a["local"], a["prefixlen"]) for a in addrs["addr_info"]] == [(str(subnet.network_address), 32)]
-    assert env_of(c, node1) == env_before and os.stat(env_path).st_mtime_ns == env_mtime
+    assert c.subnet_env(node1) == env_before and os.stat(env_path).st_mtime_ns == env_mtime
     assert healthy(c, node2, node1)
 
 
 def test_the_vtep_set_down_or_stripped_of_its_address_is_configured_again(cluster):
     c = cluster
-    node1, node2 = node_by_role(c, "node1"), node_by_role(c, "node2")
+    node1, node2 = c.node_by_role("node1"), c.node_by_role("node2")
     heals(c, node1, node2, "flannel.1 up", lambda: node1.ip("link", "set", "flannel.1", "down"))
     (addrs,) = node1.ip_json("-4", "addr", "show", "flannel.1")
     (addr,) = addrs["addr_info"]

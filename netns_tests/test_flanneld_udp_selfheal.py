@@ -39,14 +39,9 @@ def cluster(netns_usable):
         yield c
 
 
-def node_by_role(c, role):
-    return next(n for n in c.nodes if n.role == role)
-
 
 def own_subnet(c, node):
-    with open(c.subnet_file(node)) as f:
-        env = dict(line.split("=", 1) for line in f.read().split())
-    return ipaddress.ip_interface(env["FLANNEL_SUBNET"]).network
+    return ipaddress.ip_interface(c.subnet_env(node)["FLANNEL_SUBNET"]).network
 
 
 def tun_state(c, node):
@@ -101,7 +96,7 @@ def test_the_udp_cluster_starts_as_expected(cluster):
 
 def test_flannel0_deleted_by_hand_comes_back_and_carries_traffic(cluster):
     c = cluster
-    node1 = node_by_role(c, "node1")
+    node1 = c.node_by_role("node1")
     heals(c, node1, "flannel0", lambda: node1.ip("link", "del", "flannel0"))
     # and once more: the re-opened device heals like the first
     heals(c, node1, "flannel0 (again)", lambda: node1.ip("link", "del", "flannel0"))
@@ -109,7 +104,7 @@ def test_flannel0_deleted_by_hand_comes_back_and_carries_traffic(cluster):
 
 def test_flannel0_set_down_or_stripped_of_its_address_is_configured_again(cluster):
     c = cluster
-    node1 = node_by_role(c, "node1")
+    node1 = c.node_by_role("node1")
     heals(c, node1, "flannel0 up", lambda: node1.ip("link", "set", "flannel0", "down"))
     addr, prefix = want_state(c, node1)["addrs"][0]
     heals(c, node1, "flannel0's address", lambda: node1.ip("addr", "del", "%s/%d" % (addr, prefix), "dev",
