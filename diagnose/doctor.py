@@ -21,8 +21,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from diagnose.snapshot import RouteState, Snapshot
-from podnet.net.ip import IP, IPNet, parse_cidr, parse_ip
+from diagnose.snapshot import Snapshot
+from podnet.net.ip import IPNet, parse_cidr, parse_ip
 
 log = logging.getLogger("diagnose.doctor")
 
@@ -75,22 +75,6 @@ class NodeInputs:
 
 
 # ---- helpers --------------------------------------------------------------------------------
-
-def _lookup(routes: list[RouteState], ip: IP) -> RouteState | None:
-    """The main-table route the kernel would choose for `ip` (longest prefix, lowest metric)."""
-    best: tuple[int, int] | None = None
-    chosen = None
-    for r in routes:
-        if r.table != 254 or r.family != ip.family:
-            continue
-        net = parse_cidr(r.dst)
-        if not net.contains(ip):
-            continue
-        rank = (net.prefixlen, -r.metric)
-        if best is None or rank > best:
-            best, chosen = rank, r
-    return chosen
-
 
 def _pod_path_links(snap: Snapshot, flannel: FlannelView | None) -> list[str]:
     out = []
@@ -283,6 +267,61 @@ def check_pod_cidr(inp: NodeInputs) -> list[Finding]:
     return [Finding("node-missing", WARNING, "kubernetes", "no Node object named %s" % inp.node_name,
                     "nothing assigns this node a pod CIDR", "check --hostname-override / the kubelet's node name",
                     "Node %s" % inp.node_name)]
+
+
+def _pod_flows(inp: NodeInputs) -> list[tuple[str, str, str, str]]:
+    """(source pod address, remote pod address, the device pod packets enter by, the object behind
+    the remote subnet) for each remote pod subnet this node knows: one sample flow per subnet."""
+    snap = inp.snapshot
+    out = []
+    if inp.flannel is not None and inp.flannel.subnet:
+        own = parse_cidr(inp.flannel.subnet)
+        bridge = next((l.name for l in snap.links if l.kind == "bridge" and any(
+            a.cidr.split("/")[0] == str(own.ip) for a in snap.addrs_of(l.name))), "cni0")
+        src = str(own.network + 2)
+        for lease in inp.flannel.leases:
+            if lease.subnet != own.masked():
+                out.append((src, str(parse_cidr(str(lease.subnet)).network + 2), bridge,
+                            "flannel lease %s (node %s)" % (lease.subnet, lease.public_ip)))
+    if inp.calico is not None:
+        mine = [b for b, owner in inp.calico.blocks.items() if owner == inp.node_name]
+        if mine:
+            src = str(parse_cidr(str(mine[0])).network + 2)
+            for block, owner in sorted(inp.calico.blocks.items(), key=lambda kv: str(kv[0])):
+                if owner and owner != inp.node_name:
+                    out.append((src, str(parse_cidr(str(block)).network + 2), "",
+                                "calico block %s of node %s" % (block, owner)))
+    return out
+
+
+def check_policy_routing(inp: NodeInputs) -> list[Finding]:
+    """An ip rule that sends pod traffic to a table other than main, where the overlay's routes are not."""
+    from diagnose.snapshot import route_decision, route_lookup, rule_note
+    snap = inp.snapshot
+    if not any(r.priority not in (0, 32766, 32767) for r in snap.rules):
+        return []
+    out = []
+    seen = set()
+    for src, dst, iif, behind in _pod_flows(inp):
+        route, rule = route_decision(snap, dst, src, iif or "lo")
+        main = route_lookup(snap, dst)
+        if not rule_note(rule) or rule is None or rule.priority in seen:
+            continue
+        if route is not None and main is not None and (route.dev, route.gateway, route.type) == \
+                (main.dev, main.gateway, main.type):
+            continue
+        seen.add(rule.priority)
+        chosen = "no route" if route is None else "%s %s%s%s" % (route.type, route.dst, " via %s" % route.gateway
+                                                                 if route.gateway else "",
+                                                                 " dev %s" % route.dev if route.dev else "")
+        out.append(Finding("policy-routing-diverts-pods", ERROR, "kernel",
+                           "%s sends pod traffic %s -> %s to %s in table %d, not the main table's route %s" % (
+                               rule_note(rule), src, dst, chosen, rule.table,
+                               "%s dev %s" % (main.dst, main.dev) if main else "(none)"),
+                           "pod packets to that subnet skip the overlay's routes: they are dropped or leave by the "
+                           "wrong device", "ip rule del priority %d (or add the overlay's routes to table %d)" % (
+                               rule.priority, rule.table), behind))
+    return out
 
 
 # ---- flannel: leases -> routes, neighbours, FDB ----------------------------------------------
@@ -626,11 +665,62 @@ def check_network_policy(inp: NodeInputs) -> list[Finding]:
                                "%s is in the %s-pods map but no policy isolates it" % (ip, direction),
                                "its %s traffic is policed by a stale verdict" % direction,
                                "restart the NetworkPolicy agent (podnet network-policy)"))
+    out += _egress_dns(inp, model, pods_by_ip)
     if not table_present and out:
         out.append(Finding("network-policy-table-missing", ERROR, "network-policy",
                            "NetworkPolicies select pods here but table inet %s does not exist" % np_nft.TABLE,
                            "no policy is enforced on this node", "start the NetworkPolicy agent (podnet "
                            "network-policy)"))
+    return out
+
+
+DNS_SERVICE = ("kube-system", "kube-dns")     # the cluster DNS Service's conventional name (CoreDNS keeps it)
+
+
+def _dns_endpoints(inp: NodeInputs) -> list[tuple[str, str, int]]:
+    """(address, protocol, port) of the cluster DNS's endpoints, from its EndpointSlices."""
+    namespace, name = DNS_SERVICE
+    out = []
+    for obj in inp.kind("EndpointSlice"):
+        meta = obj.get("metadata") or {}
+        if meta.get("namespace") != namespace or (meta.get("labels") or {}).get("kubernetes.io/service-name") != name:
+            continue
+        ports = [(p.get("protocol", "TCP"), int(p["port"])) for p in obj.get("ports") or () if p.get("port")]
+        for ep in obj.get("endpoints") or ():
+            if (ep.get("conditions") or {}).get("ready", True) is False:
+                continue
+            out += [(addr, proto, port) for addr in ep.get("addresses") or () for proto, port in ports]
+    return out
+
+
+def _egress_dns(inp: NodeInputs, model: Any, pods_by_ip: dict[str, Any]) -> list[Finding]:
+    """Egress isolation that forgets DNS: the most common NetworkPolicy mistake (a default-deny
+    egress policy without a rule for port 53), which breaks every name lookup of the pod."""
+    from network_policy.model import EGRESS_PODS
+    endpoints = [e for e in _dns_endpoints(inp) if e[1] == "UDP"]
+    if not endpoints:
+        return []
+    out = []
+    for ip, namespace in sorted(model.elements(EGRESS_PODS)):
+        pod = pods_by_ip.get(ip)
+        if pod is None or (inp.node_name and pod.node and pod.node != inp.node_name):
+            continue
+        denied = [(addr, v) for addr, proto, port in endpoints
+                  for v in [model.verdict(ip, addr, proto, port)] if not v.allowed]
+        if len(denied) < len(endpoints):
+            continue            # some DNS endpoint answers it
+        verdict = denied[0][1]
+        policies = ", ".join("%s/%s" % key for key in verdict.isolated_by)
+        who = "Pod %s/%s" % (namespace, pod.name)
+        out.append(Finding("pod-egress-blocks-dns", WARNING, "network-policy",
+                           "%s (%s) may not reach the cluster DNS (%s/%s, UDP %s): %s" % (
+                               who, ip, DNS_SERVICE[0], DNS_SERVICE[1],
+                               ", ".join(sorted({"%s:%d" % (a, p) for a, _, p in endpoints})), verdict.reason),
+                           "every name lookup of the pod times out, so it cannot find the Services its "
+                           "policies do allow", "add an egress rule to %s's policy allowing UDP and TCP port 53 to "
+                           "namespace %s (namespaceSelector kubernetes.io/metadata.name: %s)" % (
+                               policies or who, DNS_SERVICE[0], DNS_SERVICE[0]),
+                           ", ".join("NetworkPolicy %s/%s" % key for key in verdict.isolated_by) or who))
     return out
 
 
@@ -646,7 +736,7 @@ def _selects(policy: Any, pod: Any) -> bool:
 # ---- all of it ---------------------------------------------------------------------------------
 
 CHECKS = (check_sysctls, check_forward, check_iptables_backends, check_xtables_lock, check_mtu, check_offload,
-          check_pod_cidr, check_flannel, check_calico, check_kube_proxy, check_network_policy)
+          check_pod_cidr, check_policy_routing, check_flannel, check_calico, check_kube_proxy, check_network_policy)
 
 
 def diagnose(inp: NodeInputs) -> list[Finding]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import array
 import fcntl
+import ipaddress
 import os
 import socket
 import struct
@@ -96,6 +97,39 @@ class RouteState:
         return ROUTE_PROTOCOLS.get(self.protocol, str(self.protocol))
 
 
+RULE_ACTIONS = {1: "lookup", 2: "goto", 3: "nop", 6: "blackhole", 7: "unreachable", 8: "prohibit"}
+
+
+@dataclass(frozen=True)
+class RuleState:
+    """One `ip rule`: the packets it selects and the table they are looked up in."""
+    family: int
+    priority: int
+    table: int
+    action: str = "lookup"      # RULE_ACTIONS name
+    src: str | None = None      # a prefix, "10.244.1.0/24"; None: from all
+    dst: str | None = None
+    iif: str = ""
+    oif: str = ""
+    fwmark: int = 0
+    fwmask: int = 0
+    invert: bool = False
+
+    def text(self) -> str:
+        words = ["%d:" % self.priority] + (["not"] if self.invert else [])
+        words += ["from", self.src or "all"]
+        if self.dst:
+            words += ["to", self.dst]
+        if self.fwmark or self.fwmask:
+            words += ["fwmark", "%#x/%#x" % (self.fwmark, self.fwmask)]
+        if self.iif:
+            words += ["iif", self.iif]
+        if self.oif:
+            words += ["oif", self.oif]
+        words += [self.action] + ([str(self.table)] if self.action == "lookup" else [])
+        return " ".join(words)
+
+
 @dataclass(frozen=True)
 class NeighState:
     dev: str
@@ -140,6 +174,7 @@ class Snapshot:
     routes: tuple[RouteState, ...] = ()
     neighbours: tuple[NeighState, ...] = ()
     fdb: tuple[FdbState, ...] = ()
+    rules: tuple[RuleState, ...] = ()               # ip rules; () when not read (main table only)
     sysctls: Sysctls = field(default_factory=Sysctls)
     nft_ruleset: tuple[dict[str, Any], ...] = ()    # `nft -j list ruleset`, the metainfo entry dropped
     iptables_save: str = ""                         # the configured iptables (iptables-nft here)
@@ -202,6 +237,7 @@ class Snapshot:
             routes=tuple(RouteState(**x) for x in data.get("routes", ())),
             neighbours=tuple(NeighState(**x) for x in data.get("neighbours", ())),
             fdb=tuple(FdbState(**x) for x in data.get("fdb", ())),
+            rules=tuple(RuleState(**x) for x in data.get("rules", ())),
             sysctls=Sysctls(**data.get("sysctls", {})),
             nft_ruleset=tuple(data.get("nft_ruleset", ())),
             iptables_save=data.get("iptables_save", ""),
@@ -211,6 +247,92 @@ class Snapshot:
                                       for h in data.get("xtables_lock_holders", ())),
             errors=tuple(data.get("errors", ())),
         )
+
+
+# ---- route lookups, as the kernel makes them (trace and doctor share them) ----------
+
+def route_lookup(snap: Snapshot, ip: str, table: int = 254) -> RouteState | None:
+    """The longest-prefix route for `ip` in one `table` (lowest metric among equals)."""
+    addr = ipaddress.ip_address(ip)
+    best: tuple[int, int, RouteState] | None = None
+    for route in snap.routes:
+        if route.table != table or route.type in ("broadcast", "multicast"):
+            continue
+        try:
+            net = ipaddress.ip_network(route.dst, strict=False)
+        except ValueError:
+            continue
+        if net.version != addr.version or addr not in net:
+            continue
+        key = (net.prefixlen, -route.metric)
+        if best is None or key > best[:2]:
+            best = (key[0], key[1], route)
+    return best[2] if best else None
+
+
+def _rule_selects(rule: RuleState, src: str, dst: str, iif: str) -> bool:
+    """Whether an ip rule selects a packet src -> dst that came in by `iif` ("lo": made on this node).
+    Packets are taken as unmarked and not bound to an oif (a forwarded pod packet is both)."""
+    if rule.src and not src:        # a lookup whose source is not known: source-specific rules don't apply
+        return False
+    hit = True
+    for prefix, ip in ((rule.src, src), (rule.dst, dst)):
+        if prefix and prefix not in ("0.0.0.0/0", "::/0"):
+            try:
+                hit = hit and bool(ip) and ipaddress.ip_address(ip) in ipaddress.ip_network(prefix, strict=False)
+            except ValueError:
+                hit = False
+    if rule.iif and rule.iif != iif:
+        hit = False
+    if rule.oif or (rule.fwmark & rule.fwmask) != 0:
+        hit = False
+    return hit != rule.invert
+
+
+def route_decision(snap: Snapshot, dst: str, src: str = "", iif: str = "lo"
+                   ) -> tuple[RouteState | None, RuleState | None]:
+    """The route the kernel picks for src -> dst arriving by `iif`, following the ip rules in
+    priority order (each `lookup` rule's table; a `throw` route or no match goes on to the next
+    rule), and the rule that chose it. Without rules in the snapshot: the main table."""
+    family = 6 if ":" in dst else 4
+    rules = sorted((r for r in snap.rules if (r.family == AF_INET6) == (family == 6)), key=lambda r: r.priority)
+    if not rules:
+        return route_lookup(snap, dst), None
+    i = 0
+    while i < len(rules):
+        rule = rules[i]
+        i += 1
+        if not _rule_selects(rule, src, dst, iif):
+            continue
+        if rule.action in ("blackhole", "unreachable", "prohibit"):
+            return RouteState(AF_INET6 if family == 6 else AF_INET, "0.0.0.0/0" if family == 4 else "::/0",
+                              rule.table, rule.action, 0), rule
+        if rule.action != "lookup":
+            continue
+        if rule.table == 255:
+            local = local_route(snap, dst)
+            if local is not None:
+                return local, rule
+            continue
+        route = route_lookup(snap, dst, rule.table)
+        if route is not None and route.type != "throw":
+            return route, rule
+    return None, None
+
+
+def rule_note(rule: RuleState | None) -> str:
+    """How a route was chosen, when not by the default `lookup main` rule."""
+    if rule is None or (rule.table == 254 and rule.action == "lookup" and not (rule.src or rule.dst or rule.iif)):
+        return ""
+    return "ip rule %s" % rule.text()
+
+
+def local_route(snap: Snapshot, ip: str) -> RouteState | None:
+    """The `local` table's route for ip: an address of this node."""
+    for route in snap.routes:
+        if route.table == 255 and route.type == "local" and route.dst.split("/")[0] == ip:
+            return route
+    return None
 
 
 # ---- reading the kernel ------------------------------------------------------
@@ -334,6 +456,12 @@ def read_kernel(errors: list[str], with_rules: bool = True) -> Snapshot:
                         dst=str(f.dst) if f.dst is not None else None, state=_nud(f.state),
                         self_entry=bool(f.flags & NTF_SELF), master=names.get(f.master or 0, ""))
                for f in nl.fdb()]
+        rules = [RuleState(family=r.family, priority=r.priority, table=r.table,
+                           action=RULE_ACTIONS.get(r.action, str(r.action)),
+                           src=str(r.src.masked()) if r.src is not None else None,
+                           dst=str(r.dst.masked()) if r.dst is not None else None,
+                           iif=r.iifname, oif=r.oifname, fwmark=r.fwmark, fwmask=r.fwmask, invert=r.invert)
+                 for family in (AF_INET, AF_INET6) for r in nl.rules(family)]
     sysctls = read_sysctls([link.name for link in links])
     ruleset: list[dict[str, Any]] = []
     saved = saved6 = legacy = ""
@@ -350,9 +478,9 @@ def read_kernel(errors: list[str], with_rules: bool = True) -> Snapshot:
             legacy = _save_all("iptables-legacy-save", errors)
     holders = [(pid, command, process_age(pid)) for pid, command in iptables.lock_holders(iptables.lock_path())]
     return Snapshot(links=tuple(links), addrs=tuple(addrs), routes=tuple(routes), neighbours=tuple(neighbours),
-                    fdb=tuple(fdb), sysctls=sysctls, nft_ruleset=tuple(ruleset), iptables_save=saved,
-                    ip6tables_save=saved6, iptables_legacy_save=legacy, xtables_lock_holders=tuple(holders),
-                    errors=tuple(errors))
+                    fdb=tuple(fdb), rules=tuple(rules), sysctls=sysctls, nft_ruleset=tuple(ruleset),
+                    iptables_save=saved, ip6tables_save=saved6, iptables_legacy_save=legacy,
+                    xtables_lock_holders=tuple(holders), errors=tuple(errors))
 
 
 def take(netns: str | None = None, with_rules: bool = True) -> Snapshot:

@@ -17,12 +17,11 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
-import re
 import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
-from diagnose.snapshot import RouteState, Snapshot
+from diagnose.snapshot import RouteState, Snapshot, local_route, route_decision, route_lookup, rule_note
 
 OK, FAIL, WARN, INFO = "ok", "fail", "warn", "info"
 PROTOCOLS = ("TCP", "UDP", "SCTP")
@@ -236,33 +235,6 @@ def resolve(view: ClusterView, text: str, lease_nodes: dict[str, str]) -> Endpoi
 
 # ---- kernel lookups on a snapshot ------------------------------------------------------------
 
-def route_lookup(snap: Snapshot, ip: str, table: int = 254) -> RouteState | None:
-    """The longest-prefix route for `ip` in `table` (lowest metric among equals); ip rules are not followed."""
-    addr = ipaddress.ip_address(ip)
-    best: tuple[int, int, RouteState] | None = None
-    for route in snap.routes:
-        if route.table != table or route.type in ("broadcast", "multicast"):
-            continue
-        try:
-            net = ipaddress.ip_network(route.dst, strict=False)
-        except ValueError:
-            continue
-        if net.version != addr.version or addr not in net:
-            continue
-        key = (net.prefixlen, -route.metric)
-        if best is None or key > best[:2]:
-            best = (key[0], key[1], route)
-    return best[2] if best else None
-
-
-def local_route(snap: Snapshot, ip: str) -> RouteState | None:
-    """The `local` table's route for ip: an address of this node."""
-    for route in snap.routes:
-        if route.table == 255 and route.type == "local" and route.dst.split("/")[0] == ip:
-            return route
-    return None
-
-
 def route_text(route: RouteState) -> str:
     words = [route.dst if route.dst not in ("0.0.0.0/0", "::/0") else "default"]
     if route.type not in ("unicast", ""):
@@ -447,7 +419,7 @@ def _node_of_ip(view: ClusterView, ip: str, states: dict[str, NodeState]) -> str
 def _pod_interface(trace: Trace, state: NodeState, ip: str, what: str) -> tuple[str, int] | None:
     """The host side of a pod's interface on its node: (the device the node reaches it by, its MTU)."""
     snap = state.snapshot
-    route = route_lookup(snap, ip)
+    route, _ = route_decision(snap, ip)
     if route is None or not route.dev or route.gateway or route.type != "unicast":
         trace.add(Hop(state.name, "interface", FAIL, "no on-link route to %s %s" % (what, ip),
                       rule=route_text(route) if route else "no route"))
@@ -468,7 +440,7 @@ def _pod_interface(trace: Trace, state: NodeState, ip: str, what: str) -> tuple[
     return link.name, link.mtu
 
 
-def _rp_filter(trace: Trace, state: NodeState, src: str, iif: str) -> bool:
+def _rp_filter(trace: Trace, state: NodeState, src: str, iif: str, dst: str = "") -> bool:
     """Reverse-path check of a packet from `src` arriving on `iif`: strict (1) wants the route back to
     src to leave by iif; loose (2) wants any route back."""
     snap = state.snapshot
@@ -476,8 +448,11 @@ def _rp_filter(trace: Trace, state: NodeState, src: str, iif: str) -> bool:
     if not mode:
         trace.add(Hop(state.name, "rp_filter", OK, "rp_filter off on %s" % (iif or "?")))
         return True
-    back = route_lookup(snap, src)
+    # the kernel checks the source with a lookup of the reverse flow, as if made on this node
+    back, by_rule = route_decision(snap, src, dst, "lo")
     key = "net.ipv4.conf.%s.rp_filter" % iif
+    if rule_note(by_rule):
+        key += "; %s" % rule_note(by_rule)
     if back is None or back.type != "unicast":
         trace.add(Hop(state.name, "rp_filter", FAIL, "rp_filter=%d on %s drops packets from %s: no route back"
                       % (mode, iif, src), rule=key))
@@ -642,14 +617,8 @@ def _policy_model(view: ClusterView, node: str, namespaces: set[str], ips: set[s
     return model
 
 
-def _policy_object(verdict: Any, direction: str, view: ClusterView) -> str:
-    found = re.search(r"isolated by (.+) and no rule", verdict.reason)
-    names = found.group(1).split(", ") if found else []
-    namespace = ""
-    ns_match = re.search(r"of ([^/ ]+)/", verdict.reason)
-    if ns_match:
-        namespace = ns_match.group(1)
-    return ", ".join("NetworkPolicy %s/%s" % (namespace, n) for n in names)
+def _policy_object(verdict: Any) -> str:
+    return ", ".join("NetworkPolicy %s/%s" % key for key in verdict.isolated_by)
 
 
 def _policy_hop(trace: Trace, model: Any, view: ClusterView, node: str, direction: str, src: str, dst: str,
@@ -658,7 +627,7 @@ def _policy_hop(trace: Trace, model: Any, view: ClusterView, node: str, directio
     ref = verdict.egress_by if direction == "egress" else verdict.ingress_by
     if not verdict.allowed and verdict.denied_by == direction:
         trace.add(Hop(node, "%s-policy" % direction, FAIL, verdict.reason,
-                      object=_policy_object(verdict, direction, view),
+                      object=_policy_object(verdict),
                       rule="table inet podnet-network-policy chain forward-%s" % direction))
         trace.verdict = "dropped"
         return False
@@ -678,19 +647,24 @@ def _bgp_up(state: NodeState, peer: str) -> bool:
 
 
 def _between_nodes(trace: Trace, view: ClusterView, state: NodeState, dst: str, dst_node: str,
-                   pod_mtu: int) -> str | None:
+                   pod_mtu: int, src: str = "", iif: str = "") -> str | None:
     """The source node's route towards another node's pod: the overlay's device, neighbour, FDB,
     or the BGP route and its session; MTU on the way. The device it leaves by, or None."""
     snap = state.snapshot
-    route = route_lookup(snap, dst)
+    route, by_rule = route_decision(snap, dst, src, iif or "lo")
+    note = rule_note(by_rule)
     lease = _lease_for(view, dst)
     block = _block_for(view, dst)
     behind = ("flannel lease %s (node %s)" % (lease.subnet, lease.public_ip) if lease else
               "calico block %s (node %s)" % (block.block, block.node) if block else "")
+    rt = (route_text(route) if route else "") + ("; chosen by %s" % note if note else "")
     if route is None or route.type != "unicast":
         why = "no route to %s" % dst if route is None else "route %s is %s" % (route.dst, route.type)
-        trace.add(Hop(state.name, "route", FAIL, why + (": the route for %s is missing" % behind if behind else ""),
-                      object=behind, rule=route_text(route) if route else ""))
+        if note and route is not None:
+            why += " (%s sends it to table %d)" % (note, by_rule.table if by_rule else 0)
+        elif behind:
+            why += ": the route for %s is missing" % behind
+        trace.add(Hop(state.name, "route", FAIL, why, object=behind, rule=rt))
         return None
     link = snap.link(route.dev)
     expected_ok = True
@@ -699,10 +673,10 @@ def _between_nodes(trace: Trace, view: ClusterView, state: NodeState, dst: str, 
         if route.dst != lease.subnet or route.gateway != gw or link is None or link.kind != "vxlan":
             expected_ok = False
             trace.add(Hop(state.name, "route", FAIL, "route to %s is %s, not flannel's %s via %s dev flannel.1 "
-                          "onlink" % (dst, route_text(route), lease.subnet, gw), object=behind, rule=route_text(route)))
+                          "onlink" % (dst, route_text(route), lease.subnet, gw), object=behind, rule=rt))
             return None
         trace.add(Hop(state.name, "route", OK, "to %s by vxlan %s (VNI %s)" % (dst, link.name, link.vxlan_vni),
-                      object=behind, rule=route_text(route)))
+                      object=behind, rule=rt))
         neigh = next((n for n in snap.neighbours_of(link.name) if n.dst == gw), None)
         if neigh is None or not neigh.lladdr or (lease.vtep_mac and neigh.lladdr.lower() != lease.vtep_mac.lower()):
             trace.add(Hop(state.name, "neighbour", FAIL, "no neighbour entry %s lladdr %s on %s: the inner frame has "
@@ -735,10 +709,10 @@ def _between_nodes(trace: Trace, view: ClusterView, state: NodeState, dst: str, 
     if lease is not None and lease.backend == "host-gw":
         if route.gateway != lease.public_ip:
             trace.add(Hop(state.name, "route", FAIL, "route to %s is %s, not flannel host-gw's via %s" % (
-                dst, route_text(route), lease.public_ip), object=behind, rule=route_text(route)))
+                dst, route_text(route), lease.public_ip), object=behind, rule=rt))
             return None
         trace.add(Hop(state.name, "route", OK, "to %s via node %s" % (dst, lease.public_ip), object=behind,
-                      rule=route_text(route)))
+                      rule=rt))
     elif block is not None:
         peer = route.gateway or ""
         if route.dst != block.block or (peer and peer != block.node_ip and not (link and link.kind == "ipip")):
@@ -746,7 +720,7 @@ def _between_nodes(trace: Trace, view: ClusterView, state: NodeState, dst: str, 
         status = OK if expected_ok else FAIL
         trace.add(Hop(state.name, "route", status, "to %s by %s%s" % (
             dst, route_text(route), "" if expected_ok else ", not calico's %s via %s" % (block.block, block.node_ip)),
-            object=behind, rule=route_text(route)))
+            object=behind, rule=rt))
         if not expected_ok:
             return None
         own = {a.cidr.split("/")[0] for a in snap.addrs}
@@ -762,7 +736,7 @@ def _between_nodes(trace: Trace, view: ClusterView, state: NodeState, dst: str, 
         trace.add(Hop(state.name, "bgp", OK, "route learned over BGP; session to %s established" % ", ".join(speakers),
                       object="BGP peer %s" % ", ".join(speakers)))
     else:
-        trace.add(Hop(state.name, "route", OK, "to %s by %s" % (dst, route_text(route)), rule=route_text(route)))
+        trace.add(Hop(state.name, "route", OK, "to %s by %s" % (dst, route_text(route)), rule=rt))
     problems = []
     if link is not None:
         overhead = IPIP_OVERHEAD if link.kind == "ipip" else 0
@@ -855,10 +829,10 @@ def walk(view: ClusterView, states: dict[str, NodeState], source: str, destinati
                 trace.verdict = "dropped"
                 return trace
         else:
-            if not _rp_filter(trace, src_state, src.ip, in_dev):
+            if not _rp_filter(trace, src_state, src.ip, in_dev, dst.ip):
                 trace.verdict = "dropped"
                 return trace
-            out = _between_nodes(trace, view, src_state, dst.ip, dst_node, pod_mtu)
+            out = _between_nodes(trace, view, src_state, dst.ip, dst_node, pod_mtu, src.ip, in_dev)
             if out is None:
                 if trace.verdict == "delivered":
                     trace.verdict = "dropped"
@@ -881,7 +855,7 @@ def walk(view: ClusterView, states: dict[str, NodeState], source: str, destinati
                 entry = vx.name         # VXLAN decapsulates: the inner packet enters by the VXLAN device
             elif block is not None:     # plain routing: it enters by the underlay device holding the node's address
                 entry = next((a.dev for a in remote.snapshot.addrs if a.cidr.split("/")[0] == block.node_ip), entry)
-            if not _rp_filter(trace, remote, src.ip, entry):
+            if not _rp_filter(trace, remote, src.ip, entry, dst.ip):
                 trace.verdict = "dropped"
                 return trace
             found = _pod_interface(trace, remote, dst.ip, "destination pod")

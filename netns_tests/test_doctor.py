@@ -205,6 +205,42 @@ def test_network_policy_denying_ingress_is_reported(env):
         k8s.remove(e.manifests, "netpol.json")
 
 
+
+def test_network_policy_denying_egress_is_reported(env):
+    e = env
+    pods = [e.cluster.pod_manifest(e.pod1, labels={"app": "a"}), e.cluster.pod_manifest(e.pod2, labels={"app": "b"})]
+    policy = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+              "metadata": {"name": "deny-a-out", "namespace": "default"},
+              "spec": {"podSelector": {"matchLabels": {"app": "a"}}, "policyTypes": ["Egress"]}}
+    # the cluster DNS runs as pod b: an egress deny-all without a DNS rule cuts a's name lookups
+    dns = k8s.endpoint_slice("kube-dns", [(e.pod2.ip, e.node2.role)], [{"name": "dns", "port": 53, "protocol": "UDP"}],
+                             namespace="kube-system")
+    k8s.write(e.manifests, "netpol.json", *(pods + [policy, dns]))
+    try:
+        found = doctor(e)
+        isolated = [f for f in found if f["code"] == "pod-isolated-egress"]
+        assert len(isolated) == 1 and "default/a" in isolated[0]["what"] and "deny-a-out" in isolated[0]["what"]
+        (blocked,) = [f for f in found if f["code"] == "pod-egress-blocks-dns"]
+        assert blocked["object"] == "NetworkPolicy default/deny-a-out" and "%s:53" % e.pod2.ip in blocked["what"]
+    finally:
+        k8s.remove(e.manifests, "netpol.json")
+
+
+def test_policy_routing_diverting_pod_traffic(env):
+    e = env
+    e.node1.ip("route", "add", "unreachable", "default", "table", "100")
+    e.node1.ip("rule", "add", "from", e.cluster.subnet_env(e.node1)["FLANNEL_SUBNET"].rsplit(".", 1)[0] + ".0/24",
+               "lookup", "100", "priority", "100")
+    try:
+        finding = only(doctor(e), "policy-routing-diverts-pods")
+        assert "100: from" in finding["what"] and env.node2.underlay_ip in finding["object"]
+        fix(e, finding)
+        assert doctor(e) == []
+    finally:
+        e.node1.run(["ip", "rule", "del", "priority", "100"], check=False)
+        e.node1.ip("route", "flush", "table", "100")
+
+
 # ---- calico_lite: two nodes and a route reflector, BGP-learned routes against the datastore ----
 
 def test_calico_deleted_route_and_bgp_session_down(lab):

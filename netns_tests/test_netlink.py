@@ -867,3 +867,24 @@ def test_dump_of_many_links_and_addresses(env):
     assert len(addrs) == 600
     assert addrs == {"%s/%d" % (a["local"], a["prefixlen"])
                      for a in link_addrs(env.ns, "vh0") if a["family"] == "inet"}
+
+
+# --- policy routing rules ------------------------------------------------------------
+
+def test_rules_dump_matches_ip_rule(env):
+    env.ns.ip("rule", "add", "from", "10.244.1.0/24", "iif", "lo", "lookup", "100", "priority", "100")
+    env.ns.ip("rule", "add", "not", "to", "10.96.0.0/12", "fwmark", "0x4000/0x4000", "prohibit", "priority", "200")
+    env.ns.ip("-6", "rule", "add", "from", "fd00::/64", "lookup", "101", "priority", "300")
+    rules = env.nl.rules(AF_INET)
+    by_prio = {r.priority: r for r in rules}
+    assert [r["priority"] for r in ipj(env.ns, "rule", "show")] == [r.priority for r in rules]
+    assert {0, 100, 200, 32766, 32767} <= set(by_prio)
+    r = by_prio[100]
+    assert (str(r.src), r.dst, r.iifname, r.table, r.action, r.invert) == ("10.244.1.0/24", None, "lo", 100,
+                                                                             nlmod.FR_ACT_TO_TBL, False)
+    r = by_prio[200]
+    assert (str(r.dst), r.fwmark, r.fwmask, r.action, r.invert) == ("10.96.0.0/12", 0x4000, 0x4000,
+                                                                     nlmod.FR_ACT_PROHIBIT, True)
+    assert by_prio[32766].table == 254 and by_prio[0].table == 255
+    (v6,) = [r for r in env.nl.rules(AF_INET6) if r.priority == 300]
+    assert str(v6.src) == "fd00::/64" and v6.table == 101

@@ -214,6 +214,17 @@ def test_datapath_faults(flannel):
     finally:
         env.node2.ip("route", "del", "%s/32" % env.a.ip)
         env.node2.sysctl("net.ipv4.conf.flannel/1.rp_filter", "0")
+    # policy routing: an ip rule sends a's packets to a table without the overlay's route
+    env.node1.ip("route", "add", "unreachable", "default", "table", "100")
+    env.node1.ip("rule", "add", "from", env.a.ip, "lookup", "100", "priority", "100")
+    try:
+        hop = failed(env.trace("default/a", "default/c:8080"))
+        assert hop["step"] == "route" and hop["node"] == "node1", hop
+        assert "ip rule 100: from %s/32 lookup 100" % env.a.ip in hop["rule"] and "unreachable" in hop["what"], hop
+        assert env.trace("default/b", "default/c:8080")["verdict"] == "delivered"
+    finally:
+        env.node1.run(["ip", "rule", "del", "priority", "100"], check=False)
+        env.node1.ip("route", "flush", "table", "100")
 
 
 @pytest.fixture(scope="module")

@@ -592,12 +592,14 @@ RuleRef = tuple[str, str, str, int]            # (namespace, policy, direction, 
 @dataclass(frozen=True)
 class Verdict:
     """allowed, and why: the rules that allowed each policed side (egress_by, ingress_by), or
-    the direction whose isolation denies (denied_by)."""
+    the direction whose isolation denies (denied_by) and the policies isolating it there
+    (isolated_by: (namespace, name) each)."""
     allowed: bool
     reason: str
     egress_by: RuleRef | None = None
     ingress_by: RuleRef | None = None
     denied_by: str | None = None
+    isolated_by: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -1104,7 +1106,8 @@ class PolicyModel:
                 egress_by = self._allowed_by(policies, EGRESS, dst_ip, dst_pod, proto, port, dst_pod)
                 if egress_by is None:
                     return Verdict(False, "egress of %s is isolated by %s and no rule allows %s %s/%d" % (
-                        src_pod, ", ".join(p.name for p in policies), dst_ip, proto, port), denied_by=EGRESS)
+                        src_pod, ", ".join(p.name for p in policies), dst_ip, proto, port), denied_by=EGRESS,
+                        isolated_by=tuple((p.namespace, p.name) for p in policies))
                 said.append("egress allowed by %s/%s rule %d" % (egress_by[0], egress_by[1], egress_by[3]))
             else:
                 said.append("egress of %s not isolated" % src_pod)
@@ -1115,7 +1118,8 @@ class PolicyModel:
                 if ingress_by is None:
                     return Verdict(False, "ingress of %s is isolated by %s and no rule allows %s %s/%d" % (
                         dst_pod, ", ".join(p.name for p in policies), src_ip, proto, port),
-                        egress_by=egress_by, denied_by=INGRESS)
+                        egress_by=egress_by, denied_by=INGRESS,
+                        isolated_by=tuple((p.namespace, p.name) for p in policies))
                 said.append("ingress allowed by %s/%s rule %d" % (ingress_by[0], ingress_by[1], ingress_by[3]))
             else:
                 said.append("ingress of %s not isolated" % dst_pod)

@@ -223,3 +223,50 @@ def test_calico_routes_against_the_datastore():
     missing = found(Snapshot.from_dict(dict(data, routes=routes[:1])))
     assert codes(missing) == ["calico-route-missing"]
     assert missing[0].object == "block 10.65.0.64/26 of node node2 (BGP next hop 192.168.50.2)"
+
+
+RULES = [{"family": 2, "priority": 0, "table": 255}, {"family": 2, "priority": 32766, "table": 254},
+         {"family": 2, "priority": 32767, "table": 253}]
+
+
+def test_policy_routing_diverting_pod_traffic():
+    assert codes(run(healthy(rules=RULES))) == []
+    data = healthy(rules=RULES[:1] + [{"family": 2, "priority": 100, "table": 100, "src": "10.244.1.0/24"}]
+                   + RULES[1:])
+    data["routes"].append({"family": 2, "dst": "0.0.0.0/0", "table": 100, "type": "unicast", "protocol": 4,
+                           "gateway": "192.168.50.254", "dev": "eth0"})
+    (finding,) = [f for f in run(data) if f.code == "policy-routing-diverts-pods"]
+    assert "100: from 10.244.1.0/24 lookup 100" in finding.what and "table 100" in finding.what
+    assert finding.object == "flannel lease 10.244.2.0/24 (node 192.168.50.2)"
+    assert finding.fix.startswith("ip rule del priority 100")
+    # the same table holding the overlay's route: nothing diverted
+    data["routes"].append(dict(data["routes"][0], table=100))
+    assert "policy-routing-diverts-pods" not in codes(run(data))
+
+
+def test_egress_isolation_without_dns_is_a_warning():
+    def pod(name, ns, ip, labels):
+        return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns, "labels": labels},
+                "spec": {"nodeName": "node1", "containers": [{"name": "c"}]},
+                "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}}
+    pods = [pod("a", "default", "10.244.1.5", {"app": "a"}), pod("dns", "kube-system", "10.244.2.9", {"k8s": "dns"})]
+    namespaces = [{"apiVersion": "v1", "kind": "Namespace",
+                   "metadata": {"name": n, "labels": {"kubernetes.io/metadata.name": n}}}
+                  for n in ("default", "kube-system")]
+    dns = k8s.endpoint_slice("kube-dns", [("10.244.2.9", "node2")], [{"name": "dns", "port": 53, "protocol": "UDP"}],
+                             namespace="kube-system")
+    deny = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "deny-out", "namespace": "default"},
+            "spec": {"podSelector": {"matchLabels": {"app": "a"}}, "policyTypes": ["Egress"]}}
+    objects = {"Pod": pods, "Namespace": namespaces, "EndpointSlice": [dns], "NetworkPolicy": [deny]}
+    (finding,) = [f for f in run(objects=objects) if f.code == "pod-egress-blocks-dns"]
+    assert finding.object == "NetworkPolicy default/deny-out" and "10.244.2.9:53" in finding.what
+    assert "Pod default/a" in finding.what and "port 53" in finding.fix
+    allow_dns = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                 "metadata": {"name": "allow-dns", "namespace": "default"},
+                 "spec": {"podSelector": {}, "policyTypes": ["Egress"],
+                          "egress": [{"to": [{"namespaceSelector": {"matchLabels": {
+                              "kubernetes.io/metadata.name": "kube-system"}}}],
+                              "ports": [{"protocol": "UDP", "port": 53}]}]}}
+    objects["NetworkPolicy"] = [deny, allow_dns]
+    assert "pod-egress-blocks-dns" not in codes(run(objects=objects))

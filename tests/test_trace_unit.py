@@ -147,3 +147,47 @@ def test_live_parsing():
     assert "meta nftrace set 1" in live.marking_rules(A, C, "TCP", 80)
     assert live.agrees("delivered", "refused") and not live.agrees("delivered", "timeout")
     assert live.agrees("dropped", "timeout")
+
+
+DEFAULT_RULES = [{"family": 2, "priority": 0, "table": 255}, {"family": 2, "priority": 32766, "table": 254},
+                 {"family": 2, "priority": 32767, "table": 253}]
+
+
+def test_ip_rules_are_followed():
+    """A rule sending the pods' traffic to another table decides the route; a `throw` there (or a
+    table without a match) goes on to the next rule; without rules in the snapshot: the main table."""
+    view, snaps = world()
+    snaps["node1"]["rules"] = list(DEFAULT_RULES)
+    assert run(view, snaps).verdict == "delivered"
+    diverting = {"family": 2, "priority": 100, "table": 100, "src": "10.244.1.0/24"}
+    snaps["node1"]["rules"].insert(1, diverting)
+    snaps["node1"]["routes"].append({"family": 2, "table": 100, "type": "unreachable", "protocol": 4,
+                                     "dst": "0.0.0.0/0"})
+    trace = run(view, snaps)
+    hop = trace.failed
+    assert hop.step == "route" and hop.node == "node1", trace.lines()
+    assert "100: from 10.244.1.0/24 lookup 100" in hop.rule and "table 100" in hop.what, hop
+    # the same rule for another source selects nothing
+    snaps["node1"]["rules"][1] = dict(diverting, src="10.99.0.0/16")
+    assert run(view, snaps).verdict == "delivered"
+    # a throw route in the rule's table: the lookup goes on to main
+    snaps["node1"]["rules"][1] = diverting
+    snaps["node1"]["routes"][-1] = {"family": 2, "table": 100, "type": "throw", "protocol": 4, "dst": "10.244.0.0/16"}
+    assert run(view, snaps).verdict == "delivered"
+    # a rule's own action
+    snaps["node1"]["rules"][1] = dict(diverting, action="prohibit")
+    assert run(view, snaps).failed.step == "route"
+    # `not from` (invert) and iif selectors
+    snaps["node1"]["rules"][1] = dict(diverting, invert=True, action="prohibit")
+    assert run(view, snaps).verdict == "delivered"
+    snaps["node1"]["rules"][1] = dict(diverting, iif="cni0", action="prohibit")
+    assert run(view, snaps).failed.step == "route"
+    snaps["node1"]["rules"][1] = dict(diverting, iif="eth0", action="prohibit")
+    assert run(view, snaps).verdict == "delivered"
+
+
+def test_rule_text():
+    from diagnose.snapshot import RuleState
+    assert RuleState(2, 100, 100, src="10.244.1.0/24", iif="cni0").text() == "100: from 10.244.1.0/24 iif cni0 lookup 100"
+    assert RuleState(2, 5, 0, action="prohibit", invert=True, fwmark=1, fwmask=0xff).text() == \
+        "5: not from all fwmark 0x1/0xff prohibit"

@@ -41,6 +41,7 @@ RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_SETLINK = 16, 17, 18, 19
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
+RTM_NEWRULE, RTM_DELRULE, RTM_GETRULE = 32, 33, 34
 
 # flags
 F_REQUEST, F_MULTI, F_ACK = 0x1, 0x2, 0x4
@@ -90,6 +91,13 @@ RT_SCOPE_UNIVERSE, RT_SCOPE_LINK, RT_SCOPE_HOST, RT_SCOPE_NOWHERE = 0, 253, 254,
 RTN_UNICAST, RTN_LOCAL, RTN_BLACKHOLE = 1, 2, 6
 RTNH_F_ONLINK = 4
 
+# policy routing rules (fib_rules.h): attributes, actions, flags
+FRA_DST, FRA_SRC, FRA_IIFNAME, FRA_GOTO, FRA_PRIORITY, FRA_FWMARK = 1, 2, 3, 4, 6, 10
+FRA_TABLE, FRA_FWMASK, FRA_OIFNAME = 15, 16, 17
+FR_ACT_TO_TBL, FR_ACT_GOTO, FR_ACT_NOP = 1, 2, 3
+FR_ACT_BLACKHOLE, FR_ACT_UNREACHABLE, FR_ACT_PROHIBIT = 6, 7, 8
+FIB_RULE_INVERT = 0x2
+
 # neighbour attributes and values
 NDA_DST, NDA_LLADDR = 1, 2
 NUD_PERMANENT = 0x80
@@ -101,6 +109,7 @@ _IFINFO = struct.Struct("=BxHiII")
 _IFADDR = struct.Struct("=BBBBI")
 _RTMSG = struct.Struct("=BBBBBBBBI")
 _NDMSG = struct.Struct("=BxxxiHBB")
+_FIBRULE = struct.Struct("=BBBBBBBBI")      # family, dst_len, src_len, tos, table, res1, res2, action, flags
 _RTA = struct.Struct("=HH")
 
 
@@ -289,6 +298,48 @@ class Neigh:
 
     def __repr__(self) -> str:
         return "Neigh(%s %s dev %s)" % (self.dst, self.lladdr, self.index)
+
+
+class Rule:
+    """One policy routing rule (`ip rule`): which packets (src, dst, iif, oif, fwmark/mask),
+    and what then (action: look up `table`, goto, blackhole, unreachable, prohibit)."""
+    __slots__ = ("family", "priority", "table", "action", "src", "dst", "iifname", "oifname",
+                 "fwmark", "fwmask", "invert", "goto")
+    family: int
+    priority: int
+    table: int
+    action: int
+    src: IPNet | None
+    dst: IPNet | None
+    iifname: str
+    oifname: str
+    fwmark: int
+    fwmask: int
+    invert: bool
+    goto: int
+
+    def __init__(self, **kw: object) -> None:
+        for name in self.__slots__:
+            setattr(self, name, kw.get(name))
+
+    def __repr__(self) -> str:
+        return "Rule(%s from %s to %s lookup %s)" % (self.priority, self.src, self.dst, self.table)
+
+
+def _rule(payload: bytes) -> Rule:
+    fam, dst_len, src_len, _, tbl, _, _, action, flags = _FIBRULE.unpack_from(payload)
+    a = parse_attrs(payload, _FIBRULE.size)
+
+    def u32_of(kind: int, default: int = 0) -> int:
+        return struct.unpack("=I", a[kind][:4])[0] if kind in a else default
+    return Rule(
+        family=fam, priority=u32_of(FRA_PRIORITY), table=u32_of(FRA_TABLE, tbl), action=action,
+        src=IPNet(_ip_from(fam, a[FRA_SRC]), src_len) if FRA_SRC in a else None,
+        dst=IPNet(_ip_from(fam, a[FRA_DST]), dst_len) if FRA_DST in a else None,
+        iifname=_cstr(a[FRA_IIFNAME]) if FRA_IIFNAME in a else "",
+        oifname=_cstr(a[FRA_OIFNAME]) if FRA_OIFNAME in a else "",
+        fwmark=u32_of(FRA_FWMARK), fwmask=u32_of(FRA_FWMASK, 0xFFFFFFFF if FRA_FWMARK in a else 0),
+        invert=bool(flags & FIB_RULE_INVERT), goto=u32_of(FRA_GOTO))
 
 
 def _ip_from(family: int, raw: bytes) -> IP:
@@ -582,6 +633,10 @@ class Netlink:
             if route is not None:
                 out.append(route)
         return out
+
+    def rules(self, family: int = AF_INET) -> list[Rule]:
+        """The policy routing rules of one family, in the kernel's (priority) order."""
+        return [_rule(p) for _, p in self.request(RTM_GETRULE, F_DUMP, _FIBRULE.pack(family, 0, 0, 0, 0, 0, 0, 0, 0))]
 
     def route_get(self, dst: IP) -> Route | None:
         """The route the kernel picks for a packet to dst (`ip route get`): its oif is
