@@ -25,7 +25,7 @@ EXCLUDE=('/usr/share/man/*' '/usr/share/doc/*' '/usr/share/info/*' '/usr/share/l
          '/usr/share/lintian/*' '/usr/share/bash-completion/*' '/usr/lib/x86_64-linux-gnu/gconv/*')
 INCLUDE=('/usr/share/doc/*/copyright')
 CLEAN='rm -rf "$1"/var/log/* "$1"/var/cache/debconf/*-old "$1"/var/cache/ldconfig/aux-cache "$1"/var/lib/dpkg/*-old'
-SOURCE_PACKAGES=(podnet cni ipam flanneld calico_lite kube_proxy ingress network_policy cli)
+SOURCE_PACKAGES=(podnet cni ipam flanneld calico_lite kube_proxy ingress network_policy diagnose cli)
 SITE_PACKAGES=.venv/lib/python3.11/site-packages
 CACHE=build/image
 CONTEXT=$CACHE/context

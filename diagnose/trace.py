@@ -60,6 +60,7 @@ class Trace:
     src_ip: str = ""
     sent_to: str = ""               # the address the source sends to (a ClusterIP before DNAT)
     sent_port: int = 0
+    endpoint: tuple[str, int] | None = None     # the Service endpoint the walk followed (after DNAT)
     live: dict[str, Any] | None = None
 
     def add(self, hop: Hop) -> Hop:
@@ -808,6 +809,7 @@ def walk(view: ClusterView, states: dict[str, NodeState], source: str, destinati
                 trace.verdict = "dropped"
             return trace
         dst_ip, port = found_ep
+        trace.endpoint = found_ep
         dst = resolve(view, dst_ip, lease_nodes)
         if not dst.node:
             dst.node = _node_of_ip(view, dst_ip, states)
@@ -976,8 +978,20 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--remote-snapshot", action="append", default=[], metavar="FILE",
                    help="another node's state, written there by `podnet trace --snapshot` (repeatable)")
     p.add_argument("--snapshot", action="store_true", help="print this node's state as JSON and exit")
-    p.add_argument("--live", action="store_true", help="confirm with a real probe traced by nftables")
+    p.add_argument("--live", action="store_true", help="confirm with a real probe traced by nftables, and the "
+                   "kernel's drop reasons (skb:kfree_skb, host-wide) during it")
     p.add_argument("--probe-netns", default="", help="--live: the source pod's network namespace path")
+    p.add_argument("--remote-exec", action="append", default=[], metavar="NODE=COMMAND",
+                   help="--live: a command prefix running `podnet` on NODE (repeatable); the probe starts "
+                   "`podnet trace --watch` there first and reports that node's path too. On a cluster of "
+                   "deploy/: NODE='kubectl -n podnet-system exec POD -- podnet', POD being the network-policy "
+                   "DaemonSet's pod on NODE (privileged, host network: nft and a tracefs mount need both; "
+                   "`ds/network-policy` would pick any node's pod); in the lab: "
+                   "NODE='ip netns exec NODE_NETNS python -m cli.main'")
+    p.add_argument("--watch", nargs=3, metavar=("SRC_IP", "DST_IP", "PORT/PROTO"),
+                   help="the remote half of --live: trace SRC_IP -> DST_IP:PORT here for --seconds, printing "
+                   "JSON lines (\"listening\", then the events)")
+    p.add_argument("--seconds", type=float, default=3.0, help="--watch: how long to listen (at most 120)")
     p.add_argument("--json", action="store_true", help="the answer as JSON")
     p.set_defaults(func=main)
 
@@ -989,10 +1003,23 @@ def main(opts: Any) -> int:
     if opts.snapshot:
         print(json.dumps(node_state(node).to_dict()))
         return 0
+    if opts.watch:
+        from diagnose import live
+        try:
+            port, proto = live.parse_watch_port(opts.watch[2])
+            src_ip, dst_ip = (str(ipaddress.ip_address(x)) for x in opts.watch[:2])
+        except ValueError as e:
+            print("podnet trace: %s" % e, file=sys.stderr)
+            return 2
+        return live.watch(src_ip, dst_ip, port, proto, opts.seconds, node)
     if not opts.source or not opts.destination:
         print("podnet trace: SRC and DST are required", file=sys.stderr)
         return 2
     try:
+        remote_exec: dict[str, list[str]] = {}
+        if opts.remote_exec:
+            from diagnose import live
+            remote_exec = live.parse_remote_exec(opts.remote_exec)
         view = load_view(opts.manifests, opts.kubeconfig if opts.kubeconfig is not None else
                          (None if opts.manifests else ""), opts.etcd_endpoints)
         states = node_states(node, opts.remote_snapshot)
@@ -1002,8 +1029,7 @@ def main(opts: Any) -> int:
         return 2
     if opts.live:
         from diagnose import live
-        trace.live = live.confirm(trace.verdict, trace.src_ip, trace.sent_to, trace.sent_port, trace.protocol,
-                                  opts.probe_netns)
+        trace.live = live.confirm(trace, opts.probe_netns, node, remote_exec)
     if opts.json:
         print(json.dumps(trace.to_dict(), indent=2))
     else:

@@ -586,3 +586,16 @@ def test_calico_lite_and_cleanup_need_no_api_access():
                 with open(os.path.join(directory, f)) as fh:
                     text = fh.read()
                 assert "kubernetes" not in text and "podnet.kube" not in text, f
+
+
+def test_the_image_carries_every_product_package():
+    """deploy/image.sh copies SOURCE_PACKAGES into the image: every package the project ships
+    except the lab (test harness) must be there, or a command the image offers fails to import."""
+    import re
+    import tomllib
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "deploy", "image.sh")) as f:
+        shipped = set(re.search(r"^SOURCE_PACKAGES=\(([^)]*)\)", f.read(), re.M).group(1).split())
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        included = {p.rstrip("*") for p in tomllib.load(f)["tool"]["setuptools"]["packages"]["find"]["include"]}
+    assert included - {"lab"} == shipped
