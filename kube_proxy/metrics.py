@@ -48,7 +48,6 @@ lastUpdated is the current time while healthy, as kube-proxy reports it.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -56,6 +55,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from podnet import httpd
+from podnet.health import SyncHealth
 
 if TYPE_CHECKING:
     from kube_proxy.proxier import SyncResult
@@ -75,12 +75,8 @@ class Metrics:
     def __init__(self, mode: str = "iptables", health_timeout: float = 60.0,
                  clock: Callable[[], float] = time.time) -> None:
         self.mode = mode
-        self.health_timeout = health_timeout
         self.clock = clock
-        self.lock = threading.Lock()        # the health state; prometheus_client locks its own values
-        self.started = clock()
-        self.last_sync: float | None = None
-        self.pending_since: float | None = None     # oldest change not yet synced
+        self.sync_health = SyncHealth(health_timeout, clock)
 
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.sync_duration = Histogram("kubeproxy_sync_proxy_rules_duration_seconds",
@@ -127,9 +123,7 @@ class Metrics:
     def queued(self) -> None:
         now = self.clock()
         self.last_queued_timestamp.set(now)
-        with self.lock:
-            if self.pending_since is None:
-                self.pending_since = now
+        self.sync_health.queued(now)
 
     def synced(self, result: SyncResult, services: int = 0, endpoints: int = 0) -> None:
         now = self.clock()
@@ -147,9 +141,7 @@ class Metrics:
         self._failures(result.refused)
         self.quarantined.set(result.in_quarantine)
         self.quarantined_total.inc(len(result.quarantined))
-        with self.lock:
-            self.last_sync = now
-            self.pending_since = None
+        self.sync_health.synced(now)
 
     def failed(self) -> None:
         self._failures(1)
@@ -163,17 +155,11 @@ class Metrics:
 
     def health(self, livez: bool = False) -> tuple[bool, str]:
         """(healthy, kube-proxy's JSON body) for /healthz, or /livez when `livez`."""
-        with self.lock:
-            now = self.clock()
-            if self.last_sync is None:
-                healthy = now - self.started < self.health_timeout
-            else:
-                healthy = self.pending_since is None or now - self.pending_since < self.health_timeout
-            last = now if healthy else (self.last_sync or self.started)
-        body: dict[str, object] = {"lastUpdated": _rfc3339(last), "currentTime": _rfc3339(now)}
+        state = self.sync_health.check()
+        body: dict[str, object] = {"lastUpdated": _rfc3339(state.last_updated), "currentTime": _rfc3339(self.clock())}
         if not livez:
             body["nodeEligible"] = True     # no node-deletion tracking: this node always takes traffic
-        return healthy, json.dumps(body) + "\n"
+        return state.healthy, json.dumps(body) + "\n"
 
     def render(self) -> str:
         """The /metrics text, as served."""

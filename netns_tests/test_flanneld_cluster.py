@@ -80,10 +80,6 @@ def backends(values):
 # ---- helpers ----------------------------------------------------------------------
 
 
-def node_by_role(c, role):
-    return next(n for n in c.nodes if n.role == role)
-
-
 def pods_on(c, node):
     return [p for p in c.pods if p.node is node]
 

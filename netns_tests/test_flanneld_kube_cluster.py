@@ -167,10 +167,6 @@ def metrics(node):
         {family.name: family.type for family in text_string_to_metric_families(body)}
 
 
-def node_by_role(c, role):
-    return next(n for n in c.nodes if n.role == role)
-
-
 def log_text(c, node):
     with open(c.flanneld_log(node)) as f:
         return f.read()
@@ -241,7 +237,7 @@ def timed(predicate, timeout, what):
 @BOTH
 def test_a_deleted_node_is_forgotten_and_an_added_one_learnt_within_a_second(cluster):
     c = cluster
-    node3 = node_by_role(c, "node3")
+    node3 = c.node_by_role("node3")
     saved = c.api.node("node3")
     subnet, gateway = pod_cidr(3), "10.244.3.0" if c.backend == "vxlan" else node3.underlay_ip
     mac = vtep_mac(node3) if c.backend == "vxlan" else None
@@ -263,7 +259,7 @@ def test_a_foreign_node_annotated_as_upstream_flannel_does_is_reached(cluster):
     8472, no learning, the subnet's network address as a /32), and a Node object carrying
     exactly upstream's annotations: every node of ours programs it, and a pod reaches it."""
     c = cluster
-    node1 = node_by_role(c, "node1")
+    node1 = c.node_by_role("node1")
     foreign = c.lab.namespace("foreign")
     fip = str(c.underlay.subnet.broadcast_address - 20)
     c.underlay.attach(foreign, fip)
@@ -418,7 +414,7 @@ def test_interface_choice_on_a_node_with_three_interfaces(cluster):
         with pytest.raises(NoInterface, match="eth9"):
             pick(names=["eth9"], regexes=["^wlan"])
 
-        node1 = node_by_role(c, "node1")
+        node1 = c.node_by_role("node1")
         c.api.add_node("multi", pod_cidr=pod_cidr(80))
         c.start_flanneld(node, ["--iface", "eth9", "--iface-regex", "^wlan", "--iface-can-reach",
                                 node1.underlay_ip])
@@ -441,7 +437,7 @@ def test_a_restarted_daemon_keeps_its_vtep_mac_from_the_annotation(cluster):
     """The VTEP deleted while the daemon is down (a reboot): the new one gets the MAC the
     Node's backend-data holds, so nothing changes for the other nodes; no PATCH is needed."""
     c = cluster
-    node2 = node_by_role(c, "node2")
+    node2 = c.node_by_role("node2")
     mac = vtep_mac(node2)
     writes = len(c.api.writes())
     c.stop_flanneld(node2)

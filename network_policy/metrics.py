@@ -58,6 +58,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from podnet import httpd
+from podnet.health import SyncHealth
 
 log = logging.getLogger("network_policy.metrics")
 
@@ -113,12 +114,8 @@ class Metrics:
 
     def __init__(self, health_timeout: float = 60.0, clock: Callable[[], float] = time.time,
                  drop_counts: Callable[[], Mapping[str, int]] | None = None) -> None:
-        self.health_timeout = health_timeout
         self.clock = clock
-        self.lock = threading.Lock()        # the health state; prometheus_client locks its own values
-        self.started = clock()
-        self.last_sync: float | None = None
-        self.pending_since: float | None = None     # oldest change not yet synced
+        self.sync_health = SyncHealth(health_timeout, clock)
 
         self.registry = r = CollectorRegistry(auto_describe=True)
         p = "podnet_network_policy_"
@@ -158,9 +155,7 @@ class Metrics:
     def queued(self) -> None:
         now = self.clock()
         self.last_queued_timestamp.set(now)
-        with self.lock:
-            if self.pending_since is None:
-                self.pending_since = now
+        self.sync_health.queued(now)
 
     def synced(self, result: Any, synced_through: float | None) -> None:
         """After a successful dataplane sync (`result`: the contract's SyncResult)."""
@@ -175,9 +170,7 @@ class Metrics:
         self.quarantined.set(len(result.quarantined))
         if synced_through is not None:
             self.synced_through.set(synced_through)
-        with self.lock:
-            self.last_sync = now
-            self.pending_since = None
+        self.sync_health.synced(now)
 
     def caught_up(self, synced_through: float) -> None:
         """Events were taken in that changed nothing: the kernel reflects them already."""
@@ -198,22 +191,11 @@ class Metrics:
 
     def health(self) -> tuple[bool, str]:
         """(healthy, reason): syncs keep up with the changes (see the module's docstring)."""
-        with self.lock:
-            now = self.clock()
-            if self.last_sync is None:
-                if now - self.started < self.health_timeout:
-                    return True, ""
-                return False, "no sync in the %.0f s since start" % (now - self.started)
-            if self.pending_since is None or now - self.pending_since < self.health_timeout:
-                return True, ""
-            return False, "a change has waited %.0f s for a sync (last sync %.0f s ago)" % (
-                now - self.pending_since, now - self.last_sync)
+        state = self.sync_health.check()
+        return state.healthy, state.reason
 
     def readiness(self) -> tuple[bool, str]:
-        with self.lock:
-            if self.last_sync is None:
-                return False, "no successful sync yet"
-            return True, ""
+        return self.sync_health.readiness()
 
     def render(self) -> str:
         """The /metrics text, as served."""

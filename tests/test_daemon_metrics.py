@@ -146,7 +146,7 @@ def test_kube_proxy_metrics_keep_kube_proxys_names_types_and_buckets(serving):
     assert value(families["kubeproxy_proxy_livez"], code="200") == 1
 
     # a change waiting longer than the timeout: 503 from both, counted
-    metrics.health_timeout = 0
+    metrics.sync_health.timeout = 0
     metrics.queued()
     time.sleep(0.01)
     assert get(healthz_port, "/healthz")[0] == 503 and get(healthz_port, "/livez")[0] == 503
