@@ -166,18 +166,24 @@ def _accepts_cluster(saved: str, chain: str, cidr: IPNet | None, depth: int = 0)
 
 
 def check_forward(inp: NodeInputs) -> list[Finding]:
+    out = [Finding("nft-forward-drop", WARNING, "kernel", "nft base chain %s is hooked on forward with policy drop"
+                   % chain, "pod traffic between nodes passes every forward hook: what this chain's rules do not "
+                   "accept is dropped, whatever iptables says (a host firewall such as firewalld, or nftables.conf)",
+                   "nft list chain %s, then accept the pod network there (e.g. nft add rule %s ip saddr <cluster "
+                   "CIDR> accept, and ip daddr) or set its policy to accept" % (chain, chain))
+           for chain in inp.snapshot.nft_forward_drop_chains()]
     saved = inp.snapshot.iptables_save
     if not _forward_policy_drop(saved):
-        return []
+        return out
     cidr = _cluster_cidr(inp)
     if _accepts_cluster(saved, "FORWARD", cidr):
-        return []
+        return out
     net = str(cidr) if cidr else "<cluster CIDR>"
-    return [Finding("forward-drop", ERROR, "kernel",
-                    "the filter FORWARD policy is DROP and no rule accepts the pod network %s" % net,
-                    "every forwarded pod packet (to other nodes, to Services' remote endpoints) is dropped",
-                    "iptables -A FORWARD -s %s -j ACCEPT && iptables -A FORWARD -d %s -j ACCEPT "
-                    "(flanneld adds these in FLANNEL-FWD: restart it)" % (net, net))]
+    return out + [Finding("forward-drop", ERROR, "kernel",
+                          "the filter FORWARD policy is DROP and no rule accepts the pod network %s" % net,
+                          "every forwarded pod packet (to other nodes, to Services' remote endpoints) is dropped",
+                          "iptables -A FORWARD -s %s -j ACCEPT && iptables -A FORWARD -d %s -j ACCEPT "
+                          "(flanneld adds these in FLANNEL-FWD: restart it)" % (net, net))]
 
 
 def check_iptables_backends(inp: NodeInputs) -> list[Finding]:
@@ -499,47 +505,17 @@ def check_calico(inp: NodeInputs) -> list[Finding]:
     return out
 
 
-# ---- kube-proxy (iptables mode): Services and EndpointSlices -> KUBE-SVC/KUBE-SEP chains ----------
-
-def _nat_table(saved: str) -> str:
-    out, on = [], False
-    for line in saved.splitlines():
-        if line.startswith("*"):
-            on = line == "*nat"
-        elif on:
-            out.append(line)
-    return "\n".join(out)
-
+# ---- kube-proxy (every mode): Services and EndpointSlices -> the chains or virtual servers ----------
 
 def check_kube_proxy(inp: NodeInputs) -> list[Finding]:
     if inp.objects is None:
         return []
-    from kube_proxy.iptables import endpoint_chain, local_chain, service_chain
+    from diagnose import proxy_rules
     from kube_proxy.model import build_state, categorize_endpoints
-    from podnet.net.iptables import chain_rules, split_rule
     with quiet("kube_proxy"):           # bad objects are the daemon's to report
         state = build_state(inp.kind("Service"), inp.kind("EndpointSlice"), hostname=inp.node_name or None)
-    nat = _nat_table(inp.snapshot.iptables_save)
-    active = ":KUBE-SERVICES " in nat
-    chains = chain_rules(nat, lambda c: c.startswith(("KUBE-SVC-", "KUBE-SVL-", "KUBE-SEP-")))
-
-    def jumps(chain: str) -> set[str]:
-        out = set()
-        for line in chains.get(chain, ()):
-            args = split_rule(line)
-            if args[-1].startswith("KUBE-SEP-"):
-                out.add(args[-1])
-        return out
-
-    def dnat(sep: str) -> str:
-        for line in chains.get(sep, ()):
-            args = split_rule(line)
-            if "--to-destination" in args:
-                return args[args.index("--to-destination") + 1]
-        return "?"
-
+    modes = proxy_rules.active_modes(inp.snapshot)
     out = []
-    known: set[str] = set()
     for spn, sp in sorted(state.service_ports.items(), key=lambda kv: str(kv[0])):
         eps = state.endpoints_for(spn)
         cats = categorize_endpoints(sp, eps)
@@ -561,34 +537,40 @@ def check_kube_proxy(inp: NodeInputs) -> list[Finding]:
                                "load balancer's health check on port %d should steer around it)"
                                % sp.health_check_node_port,
                                "run an endpoint on this node, or set externalTrafficPolicy: Cluster", svc))
-        if not active:
-            continue
-        for chain, wanted in ((service_chain(spn), cats.cluster if sp.uses_cluster_endpoints else None),
-                              (local_chain(spn), cats.local if sp.uses_local_endpoints else None)):
-            if wanted is None:
-                continue
-            known.add(chain)
-            want = {endpoint_chain(spn, ep): ep for ep in wanted}
-            have = jumps(chain)
-            for sep in sorted(have - set(want)):
-                out.append(Finding("kube-proxy-stale-endpoint", ERROR, "kube-proxy",
-                                   "%s sends to %s (%s), which is not a usable endpoint in its EndpointSlices" % (
-                                       chain, dnat(sep), sep),
-                                   "some connections to %s go to a backend that is gone or not ready" % svc,
-                                   "restart kube-proxy (it rewrites the Service's chains)", svc))
-            for sep, ep in sorted(want.items()):
-                if sep not in have:
-                    out.append(Finding("kube-proxy-endpoint-missing", ERROR, "kube-proxy",
-                                       "%s has no rule for endpoint %s (%s)" % (chain, ep.addr, sep),
-                                       "endpoint %s of %s receives no traffic" % (ep.addr, svc),
-                                       "restart kube-proxy (it rewrites the Service's chains)", svc))
-    if active:
-        for chain in sorted(c for c in chains if c.startswith(("KUBE-SVC-", "KUBE-SVL-")) and c not in known):
+        for mode in modes:
+            rules = proxy_rules.service_rules(inp.snapshot, spn, sp, mode)
+            for dispatch, wanted in proxy_rules.wanted(rules, sp, cats):
+                have = dispatch.addrs()
+                want = {ep.addr: ep for ep in wanted}
+                for addr in sorted(set(have) - set(want)):
+                    out.append(Finding("kube-proxy-stale-endpoint", ERROR, "kube-proxy",
+                                       "%s (%s mode) sends to %s, which is not a usable endpoint in its "
+                                       "EndpointSlices: %s" % (dispatch.name, mode, addr, have[addr].rule),
+                                       "some connections to %s go to a backend that is gone or not ready" % svc,
+                                       "restart kube-proxy (it rewrites the Service's %s)" % _proxy_objects(mode),
+                                       svc))
+                for addr, ep in sorted(want.items()):
+                    if addr not in have:
+                        out.append(Finding("kube-proxy-endpoint-missing", ERROR, "kube-proxy",
+                                           "%s (%s mode) has no rule for endpoint %s (%s)" % (
+                                               dispatch.name, mode, addr,
+                                               proxy_rules.endpoint_rule_name(rules, dispatch, ep)),
+                                           "endpoint %s of %s receives no traffic" % (addr, svc),
+                                           "restart kube-proxy (it rewrites the Service's %s)" % _proxy_objects(mode),
+                                           svc))
+    for mode in modes:
+        for name in proxy_rules.stale_objects(inp.snapshot, mode, state.service_ports.items()):
             out.append(Finding("kube-proxy-stale-service", WARNING, "kube-proxy",
-                               "chain %s belongs to no Service port" % chain,
-                               "rules of a deleted Service may still capture its old ClusterIP",
-                               "restart kube-proxy (a full sync removes stale chains)"))
+                               "%s %s belongs to no Service port (%s mode)" % (
+                                   "virtual server" if mode == proxy_rules.IPVS else "chain", name, mode),
+                               "rules of a deleted Service may still capture its old %s" % (
+                                   "address" if mode == proxy_rules.IPVS else "ClusterIP"),
+                               "restart kube-proxy (a full sync removes stale %s)" % _proxy_objects(mode)))
     return out
+
+
+def _proxy_objects(mode: str) -> str:
+    return "virtual servers" if mode == "ipvs" else "chains"
 
 
 # ---- NetworkPolicy: which of this node's pods are isolated, and the kernel's maps ----------------

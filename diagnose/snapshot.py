@@ -52,6 +52,9 @@ ETHTOOL_GTXCSUM = 0x16
 TOOL_TIMEOUT = 30.0
 
 
+IPTABLES_NFT_TABLES = ("filter", "nat", "mangle", "raw", "security")
+
+
 @dataclass(frozen=True)
 class LinkState:
     index: int
@@ -168,6 +171,29 @@ class Sysctls:
 
 
 @dataclass(frozen=True)
+class IpvsRealServer:
+    """One real server of an IPVS virtual server (`ipvsadm -a`)."""
+    address: str
+    port: int
+    weight: int = 1             # 0: draining (kube-proxy's graceful removal), takes no new connections
+    fwd: int = 0                # forwarding method (IP_VS_CONN_F_*): 0 masquerade, 2 tunnel, 3 direct routing
+    active: int = 0             # connections IPVS counts as active / inactive
+    inactive: int = 0
+
+
+@dataclass(frozen=True)
+class IpvsVirtualServer:
+    """One IPVS virtual server (`ipvsadm -A`) with its real servers."""
+    protocol: str               # TCP | UDP | SCTP
+    address: str
+    port: int
+    scheduler: str = "rr"
+    flags: int = 0              # 0x1: persistent (kube-proxy's ClientIP affinity)
+    timeout: int = 0            # persistence timeout, seconds
+    real_servers: tuple[IpvsRealServer, ...] = ()
+
+
+@dataclass(frozen=True)
 class Snapshot:
     links: tuple[LinkState, ...] = ()
     addrs: tuple[AddrState, ...] = ()
@@ -181,6 +207,7 @@ class Snapshot:
     ip6tables_save: str = ""
     iptables_legacy_save: str = ""                  # the legacy backend's rules, if the tool exists
     xtables_lock_holders: tuple[tuple[int, str, float], ...] = ()   # (pid, command, seconds it has run)
+    ipvs: tuple[IpvsVirtualServer, ...] = ()        # IPVS's virtual servers; () when the kernel has no IPVS
     errors: tuple[str, ...] = ()                    # parts that could not be read, and why
 
     # ---- lookups the commands share ----
@@ -215,6 +242,13 @@ class Snapshot:
                 and (table is None or o["rule"]["table"] == table)
                 and (chain is None or o["rule"]["chain"] == chain)]
 
+    def nft_forward_drop_chains(self) -> list[str]:
+        """Base chains hooked on forward whose policy is drop, outside iptables-nft's own tables
+        (those are judged from iptables-save): another firewall's, as "family table chain"."""
+        return ["%s %s %s" % (c["family"], c["table"], c["name"]) for c in self.nft_chains()
+                if c.get("hook") == "forward" and c.get("policy") == "drop"
+                and not (c.get("family") in ("ip", "ip6") and c.get("table") in IPTABLES_NFT_TABLES)]
+
     def nft_sets(self, family: str | None = None, table: str | None = None) -> list[dict[str, Any]]:
         out = []
         for o in self.nft_ruleset:
@@ -245,6 +279,9 @@ class Snapshot:
             iptables_legacy_save=data.get("iptables_legacy_save", ""),
             xtables_lock_holders=tuple((int(h[0]), str(h[1]), float(h[2]) if len(h) > 2 else 0.0)
                                       for h in data.get("xtables_lock_holders", ())),
+            ipvs=tuple(IpvsVirtualServer(**dict(v, real_servers=tuple(IpvsRealServer(**r)
+                                                                      for r in v.get("real_servers", ()))))
+                       for v in data.get("ipvs", ())),
             errors=tuple(data.get("errors", ())),
         )
 
@@ -412,7 +449,162 @@ def _save_all(tool: str, errors: list[str]) -> str:
     return proc.stdout.decode(errors="replace")
 
 
-def read_kernel(errors: list[str], with_rules: bool = True) -> Snapshot:
+def read_ipvs(errors: list[str]) -> tuple[IpvsVirtualServer, ...]:
+    """IPVS's virtual servers and their real servers, over generic netlink. A kernel without
+    ip_vs has none, which is no error (its genl family is not even asked for: asking would make
+    the kernel load the module); ip_vs present but unreadable (not root, say) is one."""
+    from podnet.net.ipvs import Ipvs, IpvsUnavailable
+    if not os.path.exists("/proc/net/ip_vs"):
+        return ()
+    try:
+        with Ipvs() as ipvs:
+            table = ipvs.table()
+    except IpvsUnavailable:
+        return ()
+    except (OSError, TimeoutError) as e:
+        errors.append("ipvs: %s" % e)
+        return ()
+    return tuple(IpvsVirtualServer(svc.protocol, svc.address, svc.port, svc.scheduler, svc.flags, svc.timeout,
+                                   tuple(IpvsRealServer(d.address, d.port, d.weight, d.fwd, d.active, d.inactive)
+                                         for _, d in sorted(dests.items())))
+                 for _, (svc, dests) in sorted(table.items()))
+
+
+@dataclass(frozen=True)
+class RuleScope:
+    """The rules one question needs, instead of every rule: at 10,000 Services a full read
+    (`iptables-save`, `nft list ruleset`) takes most of a minute here, one chain a few ms.
+    iptables/ip6tables: (table, chain, follow); nft: (kind, family, table, name, follow), kind
+    chain, map or set; `follow`: the user chains its rules jump or go to are read too (never for a
+    dispatch chain such as KUBE-SERVICES, which reaches every Service). nft_chain_families: the
+    families whose chain lists (hooks and policies, no rules) are read."""
+    iptables: tuple[tuple[str, str, bool], ...] = ()
+    ip6tables: tuple[tuple[str, str, bool], ...] = ()
+    nft: tuple[tuple[str, str, str, str, bool], ...] = ()
+    nft_chain_families: tuple[str, ...] = ()
+    ipvs: bool = True
+
+
+MAX_SCOPED_CHAINS = 256     # a bound on what following jumps may read
+# targets that are not chains (iptables -S of them would only fail)
+IPTABLES_TARGETS = frozenset({"ACCEPT", "DROP", "REJECT", "RETURN", "DNAT", "SNAT", "MASQUERADE", "MARK", "LOG",
+                              "CONNMARK", "NOTRACK", "CT", "TRACE", "NFLOG", "REDIRECT", "TPROXY", "NFQUEUE",
+                              "CHECKSUM", "TCPMSS", "CLASSIFY", "SET", "AUDIT", "QUEUE"})
+
+
+def _iptables_target(line: str) -> str:
+    words = line.split()
+    for i in range(len(words) - 2, 1, -1):
+        if words[i] in ("-j", "-g"):
+            return words[i + 1]
+    return ""
+
+
+def scoped_iptables(tool: str, wanted: tuple[tuple[str, str, bool], ...], errors: list[str]) -> str:
+    """The chains asked for (and what they jump to, when followed), as iptables-save text."""
+    if not wanted or which(tool) is None:
+        return ""
+    tables: dict[str, dict[str, list[str]]] = {}
+    queue = list(wanted)
+    seen: set[tuple[str, str]] = set()
+    while queue and len(seen) < MAX_SCOPED_CHAINS:
+        table, chain, follow = queue.pop(0)
+        if (table, chain) in seen:
+            continue
+        seen.add((table, chain))
+        try:
+            proc = run([tool, "-w", "5", "-t", table, "-S", chain], timeout=TOOL_TIMEOUT)
+        except (OSError, TimeoutError) as e:
+            errors.append("%s -t %s -S %s: %s" % (tool, table, chain, e))
+            continue
+        if proc.returncode != 0:        # no such chain: the trace says what is missing
+            continue
+        lines = proc.stdout.decode(errors="replace").splitlines()
+        tables.setdefault(table, {})[chain] = lines
+        if follow:
+            for line in lines:
+                target = _iptables_target(line) if line.startswith("-A ") else ""
+                if target and target not in IPTABLES_TARGETS:
+                    queue.append((table, target, True))
+    out = []
+    for table, chains in tables.items():
+        out.append("*%s" % table)
+        for chain, lines in chains.items():
+            head = lines[0].split() if lines else []
+            out.append(":%s %s [0:0]" % (chain, head[2] if head[:1] == ["-P"] and len(head) > 2 else "-"))
+        for lines in chains.values():
+            out += [line for line in lines if line.startswith("-A ")]
+        out.append("COMMIT")
+    return "\n".join(out) + "\n" if out else ""
+
+
+def _nft_targets(obj: Any) -> list[str]:
+    """The chains a rule's expressions jump or go to (verdict maps included)."""
+    found: list[str] = []
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if key in ("jump", "goto") and isinstance(value, dict) and "target" in value:
+                found.append(str(value["target"]))
+            else:
+                found += _nft_targets(value)
+    elif isinstance(obj, list):
+        for value in obj:
+            found += _nft_targets(value)
+    return found
+
+
+def scoped_nft(scope: RuleScope, errors: list[str]) -> list[dict[str, Any]]:
+    """The nft objects asked for, as `nft -j list ruleset` would hold them (a table entry for
+    each table something was found in, chains once)."""
+    out: list[dict[str, Any]] = []
+    chains: set[tuple[str, str, str]] = set()
+    tables: list[tuple[str, str]] = []
+
+    def keep(objs: list[dict[str, Any]]) -> None:
+        for obj in objs:
+            body = next(iter(obj.values()))
+            if not isinstance(body, dict):
+                continue
+            where = (str(body.get("family", "")), str(body.get("table", body.get("name", ""))))
+            if "table" in obj:
+                where = (str(body.get("family", "")), str(body.get("name", "")))
+            elif where not in tables:
+                tables.append(where)
+            if "chain" in obj:
+                key = (where[0], where[1], str(body.get("name", "")))
+                if key in chains:
+                    continue
+                chains.add(key)
+            out.append(obj)
+    for family in scope.nft_chain_families:
+        try:
+            keep(nft.list_json("chains", family))
+        except (nft.NftError, OSError, TimeoutError, ValueError) as e:
+            errors.append("nft list chains %s: %s" % (family, e))
+    queue = list(scope.nft)
+    seen: set[tuple[str, str, str, str]] = set()
+    absent: set[tuple[str, str]] = set()
+    while queue and len(seen) < MAX_SCOPED_CHAINS:
+        kind, family, table, name, follow = queue.pop(0)
+        if (kind, family, table, name) in seen or (family, table) in absent:
+            continue
+        seen.add((kind, family, table, name))
+        try:
+            objs = nft.list_json(kind, family, table, name)
+        except (nft.NftError, OSError, TimeoutError, ValueError) as e:
+            # not there: the trace says what is missing; a missing table answers for all its objects
+            if "No such file" in str(e) and (family, table) not in tables:
+                absent.add((family, table))
+            continue
+        keep(objs)
+        if follow and kind == "chain":
+            for obj in objs:
+                if "rule" in obj:
+                    queue += [("chain", family, table, target, True) for target in _nft_targets(obj["rule"])]
+    return [{"table": {"family": f, "name": t}} for f, t in tables] + out
+
+
+def read_kernel(errors: list[str], with_rules: bool = True, scope: RuleScope | None = None) -> Snapshot:
     """Read the namespace this thread is in."""
     with Netlink() as nl:
         raw_links = nl.links()
@@ -465,7 +657,13 @@ def read_kernel(errors: list[str], with_rules: bool = True) -> Snapshot:
     sysctls = read_sysctls([link.name for link in links])
     ruleset: list[dict[str, Any]] = []
     saved = saved6 = legacy = ""
-    if with_rules:
+    ipvs: tuple[IpvsVirtualServer, ...] = ()
+    if scope is not None:
+        ruleset = scoped_nft(scope, errors)
+        saved = scoped_iptables("iptables", scope.iptables, errors)
+        saved6 = scoped_iptables("ip6tables", scope.ip6tables, errors)
+        ipvs = read_ipvs(errors) if scope.ipvs else ()
+    elif with_rules:
         try:
             ruleset = nft.list_json("ruleset")
         except (nft.NftError, OSError, TimeoutError, ValueError) as e:
@@ -476,22 +674,24 @@ def read_kernel(errors: list[str], with_rules: bool = True) -> Snapshot:
             legacy = saved
         else:
             legacy = _save_all("iptables-legacy-save", errors)
+        ipvs = read_ipvs(errors)
     holders = [(pid, command, process_age(pid)) for pid, command in iptables.lock_holders(iptables.lock_path())]
     return Snapshot(links=tuple(links), addrs=tuple(addrs), routes=tuple(routes), neighbours=tuple(neighbours),
                     fdb=tuple(fdb), rules=tuple(rules), sysctls=sysctls, nft_ruleset=tuple(ruleset),
                     iptables_save=saved, ip6tables_save=saved6, iptables_legacy_save=legacy,
-                    xtables_lock_holders=tuple(holders), errors=tuple(errors))
+                    xtables_lock_holders=tuple(holders), ipvs=ipvs, errors=tuple(errors))
 
 
-def take(netns: str | None = None, with_rules: bool = True) -> Snapshot:
+def take(netns: str | None = None, with_rules: bool = True, scope: RuleScope | None = None) -> Snapshot:
     """A snapshot of the namespace this process is in, or of `netns` (a path such as
-    /run/netns/x); `with_rules=False` skips nft and iptables (the costly part at scale)."""
+    /run/netns/x); `with_rules=False` skips nft and iptables (the costly part at scale), a
+    `scope` reads only the rules it names."""
     errors: list[str] = []
     if netns is None:
-        return read_kernel(errors, with_rules)
+        return read_kernel(errors, with_rules, scope)
     from podnet.net.netns import entered
     with entered(netns):
-        return read_kernel(errors, with_rules)
+        return read_kernel(errors, with_rules, scope)
 
 
 CLUSTER_KINDS = ("Service", "EndpointSlice", "NetworkPolicy", "Pod", "Namespace", "Node")

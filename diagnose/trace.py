@@ -61,6 +61,7 @@ class Trace:
     sent_to: str = ""               # the address the source sends to (a ClusterIP before DNAT)
     sent_port: int = 0
     endpoint: tuple[str, int] | None = None     # the Service endpoint the walk followed (after DNAT)
+    ipvs_node: str = ""             # the node whose IPVS forwarded the packet (its output hook then polices it)
     live: dict[str, Any] | None = None
 
     def add(self, hop: Hop) -> Hop:
@@ -373,13 +374,6 @@ def forward_verdict(saved: str, src: str, dst: str, iif: str, oif: str, proto: s
     return policies.get(chain, "ACCEPT"), "policy %s of %s" % (policies.get(chain, "ACCEPT"), chain)
 
 
-def nft_drop_chain(snap: Snapshot) -> list[str]:
-    """nft base chains hooked on forward whose policy is drop (outside iptables-nft's own tables)."""
-    return ["%s %s %s" % (c["family"], c["table"], c["name"]) for c in snap.nft_chains()
-            if c.get("hook") == "forward" and c.get("policy") == "drop"
-            and c.get("table") not in ("filter",)]
-
-
 # ---- the walk -------------------------------------------------------------------------------
 
 def _leases_by_node(view: ClusterView) -> dict[str, str]:
@@ -479,6 +473,10 @@ def _forward(trace: Trace, state: NodeState, src: str, dst: str, iif: str, oif: 
             verdict.lower(), src, dst, iif, oif), rule=why))
         return False
     trace.add(Hop(state.name, "forward", OK, "filter FORWARD accepts (%s -> %s)" % (iif, oif), rule=why))
+    for chain in snap.nft_forward_drop_chains():
+        trace.add(Hop(state.name, "forward", WARN, "nft base chain %s (hook forward) has policy drop: what its "
+                      "rules do not accept is dropped (its rules are not evaluated here; --live shows the verdict)"
+                      % chain, rule="nft list chain %s" % chain))
     return True
 
 
@@ -553,35 +551,46 @@ def _service_hops(trace: Trace, view: ClusterView, state: NodeState | None, targ
             trace.verdict = "dropped"
         return None
     trace.add(Hop(client_node, "service", OK, summary, object=obj_text))
-    if state is not None and state.snapshot.iptables_save:
-        _, nat = iptables_table(state.snapshot.iptables_save, "nat", str(spn))
-        dnat = {r.opt("--to-destination") or "": r for r in nat if r.target == "DNAT" and r.comment == str(spn)}
-        if dnat:
-            wanted = {e.addr for e in cats.all_reachable}
-            stale = sorted(d for d in dnat if d not in wanted)
-            missing = sorted(wanted - set(dnat))
-            if stale or missing:
-                words = []
-                if stale:
-                    words.append("DNAT to %s, which %s does not list" % (", ".join(d for d in stale if d), slice_names))
-                if missing:
-                    words.append("no DNAT to %s" % ", ".join(missing))
-                rule = dnat[stale[0]].text if stale else ""
-                trace.add(Hop(state.name, "kube-proxy-rules", FAIL, "kube-proxy's rules for %s are stale: %s "
-                              "(is kube-proxy running and synced?)" % (spn, "; ".join(words)),
-                              object=obj_text, rule=rule))
-                trace.verdict = "dropped"
-                return None
-            chain = next(iter(dnat.values())).chain
-            trace.add(Hop(state.name, "kube-proxy-rules", OK, "nat rules DNAT to every eligible endpoint (%d)"
-                          % len(dnat), object=obj_text, rule="%s ... -j DNAT" % chain))
-        else:
-            trace.add(Hop(state.name, "kube-proxy-rules", FAIL if eligible else WARN,
-                          "no iptables DNAT rule for %s in the nat table (kube-proxy not running, or another mode)"
-                          % spn, object=obj_text))
-            if eligible:
-                trace.verdict = "dropped"
-                return None
+    from diagnose import proxy_rules
+    if state is not None and proxy_rules.rules_read(state.snapshot):
+        rules = proxy_rules.service_rules(state.snapshot, spn, sp)
+        if rules.mode == proxy_rules.IPVS:
+            trace.ipvs_node = state.name
+        path = rules.path(local_policy, (target.ip, sp.node_port) if via_node_port else None)
+        policy_name = "%s Local" % ("external" if via_node_port else "internal") if local_policy else "Cluster"
+        if rules.mode == proxy_rules.NONE:
+            trace.add(Hop(state.name, "kube-proxy-rules", FAIL, "no kube-proxy rules for %s in any mode (iptables nat "
+                          "chains, nftables table kube-proxy, IPVS virtual servers): kube-proxy not running?" % spn,
+                          object=obj_text))
+            trace.verdict = "dropped"
+            return None
+        if path is None or not path.present:
+            trace.add(Hop(state.name, "kube-proxy-rules", FAIL, "kube-proxy's %s rules for %s have no %s (policy %s)%s "
+                          "(is kube-proxy running and synced?)" % (
+                              rules.mode, spn, path.name if path is not None else "virtual server for %s:%d" % (
+                                  target.ip, trace.port), policy_name,
+                              "; %s is caught by %s" % (address, rules.entry) if rules.entry else ""),
+                          object=obj_text, rule=rules.entry))
+            trace.verdict = "dropped"
+            return None
+        have = path.addrs()
+        wanted = {e.addr for e in eligible}
+        stale = sorted(a for a in have if a not in wanted)
+        missing = sorted(wanted - set(have))
+        if stale or missing:
+            words = []
+            if stale:
+                words.append("%s sends to %s, which %s does not list" % (path.name, ", ".join(stale), slice_names))
+            if missing:
+                words.append("%s has no rule for %s" % (path.name, ", ".join(missing)))
+            trace.add(Hop(state.name, "kube-proxy-rules", FAIL, "kube-proxy's %s rules for %s are stale: %s "
+                          "(is kube-proxy running and synced?)" % (rules.mode, spn, "; ".join(words)),
+                          object=obj_text, rule=have[stale[0]].rule if stale else ""))
+            trace.verdict = "dropped"
+            return None
+        trace.add(Hop(state.name, "kube-proxy-rules", OK, "%s mode: %s%s sends to every eligible endpoint (%d)" % (
+            rules.mode, "%s -> " % rules.entry_to if rules.entry_to and rules.entry_to != path.name else "",
+            path.name, len(have)), object=obj_text, rule=rules.entry or path.name))
     first = eligible[0]
     if len(eligible) > 1:
         trace.add(Hop("", "endpoint", INFO, "one of %d candidates is picked per connection; following %s" % (
@@ -627,9 +636,12 @@ def _policy_hop(trace: Trace, model: Any, view: ClusterView, node: str, directio
     verdict = model.verdict(src, dst, trace.protocol, port)
     ref = verdict.egress_by if direction == "egress" else verdict.ingress_by
     if not verdict.allowed and verdict.denied_by == direction:
+        from network_policy import nftables as np_nft
+        # IPVS sends what it forwards out through the output hook, past the forward chains
+        chains = np_nft.OUTPUT_CHAINS if trace.ipvs_node and trace.ipvs_node == node else np_nft.BASE_CHAINS
         trace.add(Hop(node, "%s-policy" % direction, FAIL, verdict.reason,
                       object=_policy_object(verdict),
-                      rule="table inet podnet-network-policy chain forward-%s" % direction))
+                      rule="table %s %s chain %s" % (np_nft.FAMILY, np_nft.TABLE, chains[direction][0])))
         trace.verdict = "dropped"
         return False
     if ref is not None:
@@ -898,9 +910,50 @@ def tcp_established(path: str = "/proc/net/tcp") -> tuple[str, ...]:
     return tuple(out)
 
 
-def node_state(name: str) -> NodeState:
+def node_state(name: str, scope: Any = None) -> NodeState:
     from diagnose import snapshot
-    return NodeState(name, snapshot.take(), tcp_established())
+    return NodeState(name, snapshot.take(scope=scope), tcp_established())
+
+
+def rule_scope(view: ClusterView, destination: str) -> Any:
+    """The rules a trace to `destination` reads (diagnose.snapshot.RuleScope): the filter FORWARD
+    chain and what it jumps to, the nft chain list of family inet (other firewalls' base chains),
+    and for a Service (by name, ClusterIP, or a NodePort) kube-proxy's chains and maps for its ports
+    in each mode. Everything else stays unread: a trace reads milliseconds of a 10,000-Service
+    node's rules, not the minute a full read takes."""
+    from diagnose.snapshot import RuleScope
+    from kube_proxy import iptables as kp_ipt
+    from kube_proxy import nftables as kp_nft
+    from kube_proxy.model import service_ports
+    dst, port_text, _ = split_destination(destination)
+    services = []
+    for obj in view.services:
+        meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
+        name = "svc/%s/%s" % (meta.get("namespace", "default"), meta.get("name", ""))
+        ports = [str(p.get("nodePort", "")) for p in spec.get("ports") or ()]
+        if dst == name or dst in (spec.get("clusterIPs") or [spec.get("clusterIP")]) or \
+                (_is_ip(dst) and port_text and port_text in ports) or dst in (spec.get("externalIPs") or ()):
+            services.append(obj)
+    ipt: list[tuple[str, str, bool]] = [("filter", "FORWARD", True)]
+    ip6t: list[tuple[str, str, bool]] = [("filter", "FORWARD", True)]
+    nft: list[tuple[str, str, str, str, bool]] = []
+    if services:
+        for chain in ("KUBE-SERVICES", "KUBE-NODEPORTS"):
+            ipt.append(("nat", chain, False))
+            ip6t.append(("nat", chain, False))
+        for family in ("ip", "ip6"):
+            nft += [("map", family, kp_nft.TABLE, m, False) for m in (kp_nft.SERVICE_IPS, kp_nft.SERVICE_NODEPORTS,
+                                                                     kp_nft.NO_EP_SERVICES, kp_nft.NO_EP_NODEPORTS)]
+    for obj in services:
+        for spn, sp in service_ports(obj).items():
+            chains = [f(spn) for f in (kp_ipt.service_chain, kp_ipt.local_chain, kp_ipt.external_chain,
+                                       kp_ipt.firewall_chain)]
+            (ip6t if ":" in (sp.cluster_ip or "") else ipt).extend(("nat", c, True) for c in chains)
+            family = "ip6" if ":" in (sp.cluster_ip or "") else "ip"
+            nft += [("chain", family, kp_nft.TABLE, f(spn), True) for f in (
+                kp_nft.service_chain, kp_nft.local_chain, kp_nft.external_chain, kp_nft.firewall_chain)]
+    return RuleScope(iptables=tuple(ipt), ip6tables=tuple(ip6t), nft=tuple(nft),
+                     ipvs=bool(services))
 
 
 def load_view(manifests: str | None, kubeconfig: str | None, etcd_endpoints: str | None) -> ClusterView:
@@ -957,8 +1010,8 @@ def _load_etcd(view: ClusterView, endpoints: list[str]) -> None:
         view.calico_peers[str(node.address)] = (name, node.role)
 
 
-def node_states(local: str, remote_files: list[str]) -> dict[str, NodeState]:
-    states = {local: node_state(local)}
+def node_states(local: str, remote_files: list[str], scope: Any = None) -> dict[str, NodeState]:
+    states = {local: node_state(local, scope)}
     for path in remote_files:
         with open(path) as f:
             state = NodeState.from_dict(json.load(f))
@@ -977,7 +1030,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--hostname-override", default="", help="this node's name")
     p.add_argument("--remote-snapshot", action="append", default=[], metavar="FILE",
                    help="another node's state, written there by `podnet trace --snapshot` (repeatable)")
-    p.add_argument("--snapshot", action="store_true", help="print this node's state as JSON and exit")
+    p.add_argument("--snapshot", action="store_true", help="print this node's state as JSON and exit (for "
+                   "--remote-snapshot; with [SRC] DST and the objects, the rules a trace to DST needs)")
+    p.add_argument("--all-rules", action="store_true", help="read every iptables and nftables rule, not only "
+                   "the chains the trace needs (slow on a node with many Services)")
     p.add_argument("--live", action="store_true", help="confirm with a real probe traced by nftables, and the "
                    "kernel's drop reasons (skb:kfree_skb, host-wide) during it")
     p.add_argument("--probe-netns", default="", help="--live: the source pod's network namespace path")
@@ -1001,7 +1057,17 @@ def main(opts: Any) -> int:
     import sys
     node = opts.hostname_override or socket.gethostname()
     if opts.snapshot:
-        print(json.dumps(node_state(node).to_dict()))
+        # for another node's trace: every rule with --all-rules; else the chains a trace to
+        # DESTINATION needs (given, with the objects), or the forward chains a pod's packet meets
+        scope = None
+        if not opts.all_rules:
+            from diagnose.snapshot import RuleScope
+            scope = RuleScope(iptables=(("filter", "FORWARD", True),), ip6tables=(("filter", "FORWARD", True),),
+                              nft_chain_families=("inet",), ipvs=False)
+            if opts.source and (opts.manifests or opts.kubeconfig is not None):
+                view = load_view(opts.manifests, opts.kubeconfig, None)
+                scope = rule_scope(view, opts.destination or opts.source)
+        print(json.dumps(node_state(node, scope).to_dict()))
         return 0
     if opts.watch:
         from diagnose import live
@@ -1022,7 +1088,7 @@ def main(opts: Any) -> int:
             remote_exec = live.parse_remote_exec(opts.remote_exec)
         view = load_view(opts.manifests, opts.kubeconfig if opts.kubeconfig is not None else
                          (None if opts.manifests else ""), opts.etcd_endpoints)
-        states = node_states(node, opts.remote_snapshot)
+        states = node_states(node, opts.remote_snapshot, None if opts.all_rules else rule_scope(view, opts.destination))
         trace = walk(view, states, opts.source, opts.destination, node)
     except (ValueError, OSError) as e:
         print("podnet trace: %s" % e, file=sys.stderr)

@@ -270,3 +270,12 @@ def test_egress_isolation_without_dns_is_a_warning():
                               "ports": [{"protocol": "UDP", "port": 53}]}]}}
     objects["NetworkPolicy"] = [deny, allow_dns]
     assert "pod-egress-blocks-dns" not in codes(run(objects=objects))
+
+
+def test_another_firewalls_forward_drop_chain():
+    chain = {"chain": {"family": "inet", "table": "firewall", "name": "forward", "type": "filter",
+                       "hook": "forward", "prio": 0, "policy": "drop"}}
+    iptables_own = {"chain": {"family": "ip", "table": "filter", "name": "FORWARD", "type": "filter",
+                              "hook": "forward", "prio": 0, "policy": "drop"}}
+    (finding,) = [f for f in run(healthy(nft_ruleset=[chain, iptables_own])) if f.code == "nft-forward-drop"]
+    assert "inet firewall forward" in finding.what and finding.severity == "warning"

@@ -191,3 +191,32 @@ def test_rule_text():
     assert RuleState(2, 100, 100, src="10.244.1.0/24", iif="cni0").text() == "100: from 10.244.1.0/24 iif cni0 lookup 100"
     assert RuleState(2, 5, 0, action="prohibit", invert=True, fwmark=1, fwmask=0xff).text() == \
         "5: not from all fwmark 0x1/0xff prohibit"
+
+
+def test_another_firewalls_forward_drop_chain_is_a_warning():
+    view, snaps = world()
+    snaps["node1"]["nft_ruleset"] = [{"chain": {"family": "inet", "table": "firewall", "name": "forward",
+                                                "hook": "forward", "policy": "drop"}}]
+    trace = run(view, snaps)
+    assert trace.verdict == "delivered"
+    assert [h.what for h in trace.hops if h.status == "warn" and "inet firewall forward" in h.what]
+
+
+def test_policy_drop_names_the_output_chain_where_ipvs_forwarded():
+    """IPVS sends what it forwards out through the output hook: the deny is in output-<direction>."""
+    from diagnose.trace import Trace, _policy_hop
+
+    class Denied:
+        allowed, denied_by, reason = False, "egress", "egress of default/a is isolated by deny"
+        egress_by = ingress_by = None
+        isolated_by = (("default", "deny"),)
+
+    class Model:
+        def verdict(self, *args):
+            return Denied()
+    for ipvs_node, chain in (("", "forward-egress"), ("node1", "output-egress"), ("node2", "forward-egress")):
+        trace = Trace("a", "b", "TCP", 80, ipvs_node=ipvs_node)
+        assert not _policy_hop(trace, Model(), ClusterView(), "node1", "egress", A, C, 80)
+        hop = trace.failed
+        assert hop.rule == "table inet podnet-network-policy chain %s" % chain and \
+            hop.object == "NetworkPolicy default/deny"
