@@ -529,7 +529,9 @@ def check_kube_proxy(inp: NodeInputs) -> list[Finding]:
                                "%s; connections to it are rejected" % why,
                                "kubectl -n %s get endpointslices -l kubernetes.io/service-name=%s; check the pods' "
                                "readiness probes and the Service's selector" % (spn.namespace, spn.name), svc))
-        if sp.external_policy_local and sp.externally_accessible and cats.has_any and not cats.local:
+        # (kube-proxy's IPVS mode sends such traffic to the cluster's endpoints instead: no drop there)
+        if sp.external_policy_local and sp.externally_accessible and cats.has_any and not cats.local \
+                and modes != (proxy_rules.IPVS,):
             out.append(Finding("service-no-local-endpoints", WARNING, "kube-proxy",
                                "%s has externalTrafficPolicy Local and no endpoint on node %s" % (
                                    svc, inp.node_name or "?"),

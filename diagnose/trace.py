@@ -523,6 +523,15 @@ def _service_hops(trace: Trace, view: ClusterView, state: NodeState | None, targ
         policy.append("ClientIP affinity %d s" % sp.session_affinity_timeout)
     local_policy = sp.external_policy_local if via_node_port else sp.internal_policy_local
     eligible = cats.local if local_policy else cats.cluster
+    from diagnose import proxy_rules
+    rules = proxy_rules.service_rules(state.snapshot, spn, sp) \
+        if state is not None and proxy_rules.rules_read(state.snapshot) else None
+    if rules is not None and rules.mode == proxy_rules.IPVS:
+        trace.ipvs_node = state.name if state is not None else ""
+        if local_policy and not cats.local and cats.cluster:
+            # kube-proxy's IPVS mode: an external Local policy without local endpoints uses the cluster's
+            eligible = cats.cluster
+            policy.append("IPVS: no local endpoint, so the cluster's")
     why_not = []
     for ep in endpoints:
         if ep in eligible:
@@ -551,11 +560,7 @@ def _service_hops(trace: Trace, view: ClusterView, state: NodeState | None, targ
             trace.verdict = "dropped"
         return None
     trace.add(Hop(client_node, "service", OK, summary, object=obj_text))
-    from diagnose import proxy_rules
-    if state is not None and proxy_rules.rules_read(state.snapshot):
-        rules = proxy_rules.service_rules(state.snapshot, spn, sp)
-        if rules.mode == proxy_rules.IPVS:
-            trace.ipvs_node = state.name
+    if state is not None and rules is not None:
         path = rules.path(local_policy, (target.ip, sp.node_port) if via_node_port else None)
         policy_name = "%s Local" % ("external" if via_node_port else "internal") if local_policy else "Cluster"
         if rules.mode == proxy_rules.NONE:

@@ -258,6 +258,13 @@ def test_calico_deleted_route_and_bgp_session_down(lab):
         return [f for f in json.loads(out.stdout)["findings"] if f["severity"] != "info"]
 
     assert calico_doctor() == []
+    # FORWARD policy DROP: nothing of calico_lite's accepts pod traffic in filter FORWARD
+    node1.run(["iptables", "-P", "FORWARD", "DROP"])
+    try:
+        finding = only(calico_doctor(), "forward-drop")
+        assert "policy is DROP" in finding["what"]
+    finally:
+        node1.run(["iptables", "-P", "FORWARD", "ACCEPT"])
     (route,) = cluster.routes_via_bgp(node1)
     # the agent stopped (its routes stay), then a route deleted by hand
     cluster.stop_agent(node1)

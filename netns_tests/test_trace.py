@@ -255,6 +255,25 @@ def test_calico_faults(calico):
         assert hop["step"] == "forward" and hop["node"] == "node1" and "policy DROP" in hop["rule"], hop
     finally:
         env.node1.run(["iptables", "-P", "FORWARD", "ACCEPT"])
+    # a NetworkPolicy isolating c for ingress (policy is judged from the objects, on either overlay)
+    write_policy(env, "deny-c", "default", {"podSelector": {"matchLabels": {"app": "c"}}, "policyTypes": ["Ingress"]})
+    try:
+        hop = failed(env.trace("default/a", "default/c:8080"))
+        assert hop["step"] == "ingress-policy" and hop["object"] == "NetworkPolicy default/deny-c", hop
+    finally:
+        k8s.remove(env.manifests, "policy-deny-c.json")
+    # the BGP-learned route deleted while node1's agent is down (it would put it back)
+    (route,) = env.cluster.routes_via_bgp(env.node1)
+    env.cluster.stop_agent(env.node1)
+    try:
+        env.node1.ip("route", "del", route["dst"], "proto", "78")
+        hop = failed(env.trace("default/a", "default/c:8080"))
+        assert hop["step"] == "route" and hop["object"].startswith("calico block %s" % route["dst"]), hop
+    finally:
+        env.cluster.start_agent(env.node1)
+    wait_until(lambda: env.cluster.routes_via_bgp(env.node1), 30, "node1's agent to put the route back")
+    wait_until(lambda: env.trace("default/a", "default/c:8080")["verdict"] == "delivered", 30,
+               "node1's BGP session to come back")
     # the BGP session down: the route reflector's agent killed
     rr = next(n for n in env.cluster.nodes if n.role == "rr1")
     import signal

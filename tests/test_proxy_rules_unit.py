@@ -340,3 +340,26 @@ def test_a_kernel_without_ip_vs_has_no_virtual_servers_and_that_is_no_error():
 if __name__ == "__main__" and sys.argv[1:] == ["regenerate"]:
     regenerate()
     print("wrote", FIXTURE)
+
+
+def test_trace_ipvs_local_policy_without_local_endpoints_uses_the_cluster_endpoints():
+    """kube-proxy's IPVS mode (ours too: kube_proxy.ipvs.render_port) sends a NodePort of an
+    externalTrafficPolicy Local Service with no local endpoint to the cluster's endpoints, where
+    the iptables and nftables modes drop it."""
+    for mode in (pr.IPVS, pr.IPTABLES):
+        view, _ = world()
+        view.services = [k8s.service("web", "10.96.0.20", [{"port": 80, "targetPort": 8080, "nodePort": 30080}],
+                                     type="NodePort", external_traffic_policy="Local")]
+        st = build_state(view.services, view.slices, hostname=NODE)
+        _, snaps = world()
+        snaps["node1"]["iptables_save"] = "*filter\n:FORWARD ACCEPT [0:0]\nCOMMIT\n"
+        if mode == pr.IPVS:
+            snaps["node1"]["ipvs"] = ipvs_table(st)
+        else:
+            snaps["node1"]["iptables_save"] += iptables_save(st)
+        states = {n: NodeState(n, Snapshot.from_dict(s)) for n, s in snaps.items()}
+        trace = walk(view, states, "default/a", "%s:30080" % NODE_IP, "node1")
+        if mode == pr.IPVS:
+            assert trace.verdict == "delivered" and trace.ipvs_node == "node1", trace.lines()
+        else:
+            assert trace.failed.step == "service" and "no local endpoint" in trace.failed.what, trace.lines()
