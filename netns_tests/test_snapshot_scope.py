@@ -88,3 +88,27 @@ def test_scoped_read_matches_the_full_read(lab):
     wanted = [r for r in full.nft_rules("ip", "kube-proxy") if r["chain"] in ("service-a", "endpoint-a1")]
     assert sorted(map(str, part.nft_rules("ip", "kube-proxy"))) == sorted(map(str, wanted))
 
+
+
+def test_full_read_holds_nft_ruleset_except_iptables_nfts_rules(lab):
+    """The full read lists the chains, then each table other than iptables-nft's own: the same
+    objects `nft -j list ruleset` holds for those, and iptables-nft's chains without their rules."""
+    import json
+    ns = lab.namespace("full")
+    with entered(ns.path):
+        subprocess.run(["iptables-restore"], input=RULES.encode(), check=True)
+        subprocess.run(["nft", "-f", "-"], input=NFT.encode(), check=True)
+        full = snapshot.take()
+        listed = json.loads(subprocess.run(["nft", "-j", "list", "ruleset"], capture_output=True,
+                                           check=True).stdout)["nftables"]
+
+    def table_of(obj):
+        body = next(iter(obj.values()))
+        return (body.get("family"), body.get("table", body.get("name")))
+    ours = [o for o in listed if "metainfo" not in o and table_of(o) in {("ip", "kube-proxy"), ("inet", "firewall")}]
+    assert sorted(map(json.dumps, ours)) == sorted(json.dumps(o) for o in full.nft_ruleset
+                                                   if table_of(o) in {("ip", "kube-proxy"), ("inet", "firewall")})
+    assert not full.nft_rules("ip", "filter") and not full.nft_rules("ip", "nat")
+    assert {c["name"] for c in full.nft_chains() if c["table"] == "filter"} >= {"FORWARD", "FLANNEL-FWD"}
+    assert ("ip", "filter") in full.nft_tables()
+    assert full.nft_forward_drop_chains() == ["inet firewall forward"]
