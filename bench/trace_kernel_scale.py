@@ -7,6 +7,7 @@ whose nat table holds kube-proxy's real iptables rules for every Service (5 endp
 (iptables-save and `nft list ruleset` of everything, what a trace read before).
 
     sudo .venv/bin/python bench/trace_kernel_scale.py [--services 10000] [--policies 1000] [--runs 5] [--no-all-rules]
+    sudo LIVE=1 .venv/bin/python bench/trace_kernel_scale.py ...      # also once with --live from pod a
 
 Everything lives in namespaces of a podnet Lab (removed afterwards); no packet is sent.
 """
@@ -74,9 +75,16 @@ def main():
         for argv in (["link", "add", "cni0", "type", "bridge"], ["addr", "add", "10.244.1.1/24", "dev", "cni0"],
                      ["link", "set", "cni0", "up"], ["link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"],
                      ["addr", "add", "192.168.50.1/24", "dev", "eth0"], ["link", "set", "eth0", "up"],
-                     ["link", "set", "eth0p", "up"], ["route", "add", "10.244.0.0/16", "via", "192.168.50.2"]):
+                     ["link", "set", "eth0p", "up"], ["route", "add", "10.244.0.0/16", "via", "192.168.50.2"],
+                     ["route", "add", "default", "via", "192.168.50.2"]):
             ns.ip(*argv)
         ns.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        pod_ns = lab.namespace("trace10k-a")       # pod a itself, for --live's probe
+        ns.ip("link", "add", "veth-a", "type", "veth", "peer", "name", "eth0", "netns", pod_ns.path)
+        ns.ip("link", "set", "veth-a", "master", "cni0", "up")
+        for argv in (["addr", "add", SRC_IP + "/24", "dev", "eth0"], ["link", "set", "eth0", "up"],
+                     ["route", "add", "default", "via", "10.244.1.1"]):
+            pod_ns.ip(*argv)
         with entered(ns.path):
             # written as kube-proxy writes them (its proxier's first sync): a plain iptables-restore
             # of the same rules leaves a table whose iptables-save is ten times slower here
@@ -117,6 +125,11 @@ def main():
                 samples.append(t)
             print("podnet trace pod -> the last Service (scoped rules): median %.2f s, max %.2f s over %d runs" % (
                 statistics.median(samples), max(samples), len(samples)))
+            if os.environ.get("LIVE"):     # --live from pod a: trace events at this scale
+                t, proc = timed(lambda: subprocess.run(command + ["--live", "--probe-netns", pod_ns.path],
+                                                       capture_output=True, env=env,
+                                                       cwd=ROOT, timeout=600))
+                print("podnet trace ... --live: %.1f s: %s" % (t, json.loads(proc.stdout)["live"].get("summary")))
             if not opts.no_all_rules:
                 t, proc = timed(lambda: subprocess.run(command + ["--all-rules"], capture_output=True, env=env,
                                                        cwd=ROOT, timeout=900))

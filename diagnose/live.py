@@ -2,15 +2,16 @@
 
 A table of the probe's own (`inet podnet-trace-<pid>`, removed afterwards, even on failure) marks
 the probe's packets with `meta nftrace set 1` at prerouting and output, before conntrack and
-kube-proxy's DNAT; `nft monitor`, run bounded for the probe's window, reports every base chain
-and rule the marked packets meet on this node. It is subscribed before the probe: the watcher adds
-an empty chain to its table and waits (bounded) to see that change come back. The probe is a TCP
+kube-proxy's DNAT; the kernel's trace events for them (every base chain and rule the marked
+packets meet on this node) are read straight from netlink (podnet/net/nftrace.py), subscribed
+before the table exists: `nft monitor trace` would first load the whole ruleset, which beside
+iptables-nft's rules of 10,000 Services takes longer than a minute. The probe is a TCP
 connect (or a UDP datagram awaiting an answer) from the source pod's network namespace.
 
 The other nodes' halves: for each node given with `--remote-exec NODE=COMMAND` (a command prefix
 that runs `podnet` there), `podnet trace --watch SRC DST PORT/PROTO --seconds N` is started on
 that node first; it installs the same marking table there (its own pid in the name), prints a
-"listening" line once its monitor is subscribed (waited for, bounded), listens N seconds, removes
+"listening" line once it is subscribed, listens N seconds, removes
 its table (also on failure, SIGTERM or SIGHUP) and prints the events as JSON. A remote node sees
 the packet after decapsulation, and after the source node's DNAT: it marks the inner 5-tuple, from
 the source pod to the endpoint the symbolic walk followed (Trace.endpoint), not a ClusterIP.
@@ -33,12 +34,14 @@ import re
 import shlex
 import signal
 import socket
+import threading
 import time
 from typing import Any, Protocol
 
 from diagnose import dropwatch
 from diagnose.dropwatch import Streamed
 from podnet.net import nft
+from podnet.proc import run
 
 
 class Walked(Protocol):
@@ -57,7 +60,7 @@ class Walked(Protocol):
 TRACE_WINDOW = 3.0          # seconds a remote watch listens: it is listening before the probe starts
 CONNECT_TIMEOUT = 1.5
 SETTLE = 0.3                # after the probe, for the last trace events to come in
-SUBSCRIBE_WAIT = 5.0        # until `nft monitor` shows it is subscribed
+RULE_TEXT_TIMEOUT = 10.0    # one chain's listing, for the rules trace events name
 REMOTE_START_WAIT = 30.0    # until a remote watch says "listening" (kubectl exec is slow to start)
 WATCH_MAX = 120.0
 PROBE_TABLE_PREFIX = "podnet-trace-"
@@ -291,57 +294,112 @@ def parse_watch_port(text: str) -> tuple[int, str]:
 # ---- impure: the monitor, the probe, the remote watches --------------------------------------
 
 class TraceMonitor:
-    """This node's marking table and an `nft monitor` subscribed before the first packet; removed
-    on leaving, whatever happened."""
+    """This node's marking table and a netlink listener of nftables' trace events (podnet/net/
+    nftrace.py: subscribed the moment it exists, where `nft monitor trace` first loads the whole
+    ruleset, longer than a minute beside 10,000 Services' iptables rules); both gone on leaving,
+    whatever happened. `lines()` gives the events as `nft monitor trace` prints them."""
 
     def __init__(self, src: str, dst: str, protocol: str, port: int) -> None:
         self.table = table_name()
         self.rules = marking_rules(src, dst, protocol, port)
-        self.child: Streamed | None = None
-        self.seen: list[str] = []
+        self.listener: Any = None
+        self.events: list[Any] = []
+        self.stopping = threading.Event()
+        self.reader: threading.Thread | None = None
 
     def __enter__(self) -> TraceMonitor:
-        nft.apply(self.rules)
+        from podnet.net.nftrace import TraceListener
+        self.listener = TraceListener()         # before the table: no marked packet goes unheard
         try:
-            ours = "inet %s ready" % self.table
-            self.child = Streamed([nft.NFT, "monitor"], keep=lambda line: line.startswith("trace id ") or ours in line)
-            self._subscribed(SUBSCRIBE_WAIT)
+            nft.apply(self.rules)
         except BaseException:
-            self.__exit__()
+            self.listener.close()
             raise
+        self.reader = threading.Thread(target=self._read, name="nftrace", daemon=True)
+        self.reader.start()
         return self
 
-    def _subscribed(self, wait: float) -> None:
-        """Change our own table until the monitor reports the change: then it hears the traces too."""
-        assert self.child is not None
-        deadline = time.monotonic() + wait
-        for attempt in range(1000):
-            marker = "inet %s ready%d" % (self.table, attempt)
-            nft.apply("add chain %s\n" % marker)
-            if self.child.wait_for(_containing(marker), 0.3, self.seen) is not None:
+    def _read(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.events += self.listener.read(0.2)
+            except OSError:
                 return
-            if self.child.eof or time.monotonic() >= deadline:
-                break
-        raise TimeoutError("nft monitor did not subscribe within %g s%s" % (
-            wait, ": " + self.child.stderr[-300:] if self.child.stderr else ""))
 
     def lines(self) -> list[str]:
-        """The trace lines so far (the monitor is stopped)."""
-        if self.child is None:
-            return trace_lines("\n".join(self.seen))
-        self.seen += self.child.rest(0.0)
-        self.child.stop()
-        self.seen += self.child.rest(1.0)
-        return trace_lines("\n".join(self.seen))
+        """The trace lines so far (the listener is stopped)."""
+        self._stop()
+        return format_events(self.events, _link_names(), _rule_texts(self.events))
+
+    def _stop(self) -> None:
+        self.stopping.set()
+        if self.reader is not None:
+            self.reader.join(2.0)
 
     def __exit__(self, *exc: object) -> None:
-        if self.child is not None:
-            self.child.stop()
+        self._stop()
+        if self.listener is not None:
+            self.listener.close()
         nft.apply("delete table inet %s\n" % self.table)
 
 
-def _containing(text: str) -> Any:
-    return lambda line: text in line
+def format_events(events: list[Any], links: dict[int, str], rules: dict[tuple[str, str, str, int], str]
+                  ) -> list[str]:
+    """nftrace TraceEvents -> the lines `nft monitor trace` would print for them: a `packet:`
+    line where the event carries the packet's header, then the rule (its text when known) with
+    its verdict, or the chain's policy."""
+    out = []
+    for e in events:
+        head = "trace id %08x %s %s %s" % (e.id, e.family, e.table, e.chain)
+        ipv4 = e.ipv4()
+        if ipv4 is not None:
+            words = []
+            if e.iif:
+                words.append('iif "%s"' % links.get(e.iif, e.iif))
+            if e.oif:
+                words.append('oif "%s"' % links.get(e.oif, e.oif))
+            words.append("ip saddr %s ip daddr %s ip id %d" % ipv4)
+            out.append("%s packet: %s" % (head, " ".join(words)))
+        verdict = e.verdict + (" " + e.target if e.target else "")
+        if e.type == "policy":
+            out.append("%s policy %s" % (head, e.verdict))
+        elif e.type == "rule":
+            text = rules.get((e.family, e.table, e.chain, e.handle), "handle %d" % e.handle)
+            out.append("%s rule %s (verdict %s)" % (head, text, verdict))
+        else:
+            out.append("%s verdict %s" % (head, verdict or e.type))
+    return out
+
+
+def _link_names() -> dict[int, str]:
+    from podnet.net.netlink import Netlink
+    try:
+        with Netlink() as nl:
+            return {link.index: link.name for link in nl.links()}
+    except OSError:
+        return {}
+
+
+_HANDLE = re.compile(r"^\s*(.*?)\s*# handle (\d+)\s*$")
+
+
+def _rule_texts(events: list[Any]) -> dict[tuple[str, str, str, int], str]:
+    """The text of each rule the events name: one `nft -a list chain` per chain (a few ms, even
+    on a node whose full ruleset takes a minute to list)."""
+    out: dict[tuple[str, str, str, int], str] = {}
+    for family, table, chain in sorted({(e.family, e.table, e.chain) for e in events if e.type == "rule"}):
+        try:
+            done = run([nft.NFT, "-a", "list", "chain", family, table, chain], timeout=RULE_TEXT_TIMEOUT)
+        except (OSError, TimeoutError):
+            continue
+        if done.returncode != 0:
+            continue            # the chain is gone (our own table, already deleted): handles only
+        text = done.stdout.decode(errors="replace")
+        for line in text.splitlines():
+            found = _HANDLE.match(line)
+            if found and not line.strip().startswith(("type ", "chain ", "table ")):
+                out[(family, table, chain, int(found.group(2)))] = found.group(1)
+    return out
 
 
 def _probe(netns: str, dst: str, port: int, protocol: str) -> str:
