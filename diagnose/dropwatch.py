@@ -293,7 +293,7 @@ class DropWatch:
                 wait, ": " + self.child.stderr[-300:] if self.child.stderr else ""))
             self.child = None
             return self.report["why"]
-        state = _json(first)
+        state = json_object(first)
         if state.get("event") != "listening":
             self.report = unavailable(str(state.get("why") or first))
             self.child.stop()
@@ -311,7 +311,7 @@ class DropWatch:
         child.close_stdin()
         lines = child.rest(wait)
         child.stop()
-        done = next((_json(x) for x in reversed(lines) if x.startswith("{")), {})
+        done = next((json_object(x) for x in reversed(lines) if x.startswith("{")), {})
         if done.get("event") != "done":
             self.report = unavailable("the watcher ended without a report%s" % (
                 ": " + child.stderr[-300:] if child.stderr else ""))
@@ -335,7 +335,8 @@ def remove_stale(name: str) -> None:
         pass
 
 
-def _json(line: str) -> dict[str, Any]:
+def json_object(line: str) -> dict[str, Any]:
+    """A JSON line's object, {} for anything else (a child's output is not trusted)."""
     try:
         value = json.loads(line)
     except ValueError:

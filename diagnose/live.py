@@ -39,7 +39,7 @@ import time
 from typing import Any, Protocol
 
 from diagnose import dropwatch
-from diagnose.dropwatch import Streamed
+from diagnose.dropwatch import Streamed, json_object
 from podnet.net import nft
 from podnet.proc import run
 
@@ -458,7 +458,7 @@ class RemoteWatch:
         if self.child is None:
             return False
         line = self.child.wait_for(lambda x: x.startswith("{"), wait)
-        state = _json(line or "")
+        state = json_object(line or "")
         if state.get("event") == "listening":
             self.table = str(state.get("table", ""))
             return True
@@ -475,7 +475,7 @@ class RemoteWatch:
         if self.child is not None and not self.error:
             self.lines += self.child.rest(self.seconds + 15.0)
             code = self.child.stop()
-            done = next((_json(x) for x in reversed(self.lines) if x.startswith("{")), {})
+            done = next((json_object(x) for x in reversed(self.lines) if x.startswith("{")), {})
             if done.get("event") != "done":
                 self.error = "the watch on %s ended without its events (exit %s)%s" % (
                     self.node, code, ": " + self.child.stderr[-300:] if self.child.stderr else "")
@@ -483,14 +483,6 @@ class RemoteWatch:
                 self.error = str(done["error"])
         return node_path(self.node, "remote", [str(x) for x in done.get("trace", [])], self.table, self.marked,
                          done.get("drops"), self.error)
-
-
-def _json(line: str) -> dict[str, Any]:
-    try:
-        value = json.loads(line)
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def probe(netns: str, src: str, dst: str, port: int, protocol: str, node: str = "",
