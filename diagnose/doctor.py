@@ -764,11 +764,22 @@ def read_subnet_env(path: str) -> dict[str, str]:
     return out
 
 
-def flannel_view(subnet_file: str, etcd_endpoints: str | None, etcd_prefix: str = "/coreos.com/network"
-                 ) -> FlannelView:
+def flannel_view(subnet_file: str, etcd_endpoints: str | None, etcd_prefix: str = "/coreos.com/network",
+                 nodes: list[dict[str, Any]] | None = None) -> FlannelView:
+    """flanneld's side of this node: subnet.env, and the leases from etcd, or (flanneld
+    --kube-subnet-mgr, no etcd) from the Node objects' annotations."""
     env = read_subnet_env(subnet_file)
     leases: list[Any] = []
     backend_type, vni = "vxlan", 1
+    if not etcd_endpoints and nodes:
+        from flanneld.subnet.kube import leases_of_nodes
+        leases = leases_of_nodes(nodes)
+        own = next((l for l in leases if env.get("FLANNEL_SUBNET") and
+                    l.subnet == parse_cidr(env["FLANNEL_SUBNET"]).masked()), None)
+        if own is not None:
+            backend_type = own.backend_type or backend_type
+            data = own.backend_data if isinstance(own.backend_data, dict) else {}
+            vni = int(data.get("VNI", vni) or vni)
     if etcd_endpoints:
         from flanneld.subnet.etcd import EtcdSubnetManager
         manager = EtcdSubnetManager(etcd_endpoints, prefix=etcd_prefix, timeout=5.0)
@@ -789,7 +800,8 @@ def main(opts: Any) -> int:
     flannel = None
     if opts.subnet_file:
         try:
-            flannel = flannel_view(opts.subnet_file, opts.etcd_endpoints)
+            flannel = flannel_view(opts.subnet_file, opts.etcd_endpoints,
+                                   nodes=(objects or {}).get("Node") or None)
         except (OSError, ValueError, RuntimeError) as e:
             log.warning("flannel state not read: %s", e)
     calico = None

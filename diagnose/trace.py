@@ -985,7 +985,21 @@ def load_view(manifests: str | None, kubeconfig: str | None, etcd_endpoints: str
                 view.add(kind, obj)
     if etcd_endpoints:
         _load_etcd(view, [e for e in etcd_endpoints.split(",") if e])
+    if not view.leases:         # flanneld --kube-subnet-mgr: the leases are the Nodes' annotations
+        view.leases = flannel_leases(view.nodes)
     return view
+
+
+def flannel_leases(nodes: list[dict[str, Any]]) -> list[FlannelLease]:
+    """The leases flanneld's Kubernetes subnet manager keeps in Node annotations."""
+    from flanneld.subnet.kube import leases_of_nodes
+    return [_flannel_lease(lease) for lease in leases_of_nodes(nodes)]
+
+
+def _flannel_lease(lease: Any) -> FlannelLease:
+    data = lease.backend_data or {}
+    return FlannelLease(str(lease.subnet), str(lease.public_ip), lease.backend_type,
+                        str(data.get("VtepMAC", "")) if isinstance(data, dict) else "")
 
 
 def _load_etcd(view: ClusterView, endpoints: list[str]) -> None:
@@ -999,9 +1013,7 @@ def _load_etcd(view: ClusterView, endpoints: list[str]) -> None:
             lease = parse_lease(kv.key, kv.value)
         except ValueError:
             continue
-        data = lease.backend_data or {}
-        view.leases.append(FlannelLease(str(lease.subnet), str(lease.public_ip), lease.backend_type,
-                                        str(data.get("VtepMAC", "")) if isinstance(data, dict) else ""))
+        view.leases.append(_flannel_lease(lease))
     from calico_lite.datastore import Datastore
     try:
         snap = Datastore(endpoints).snapshot()

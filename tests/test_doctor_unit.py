@@ -279,3 +279,18 @@ def test_another_firewalls_forward_drop_chain():
                               "hook": "forward", "prio": 0, "policy": "drop"}}
     (finding,) = [f for f in run(healthy(nft_ruleset=[chain, iptables_own])) if f.code == "nft-forward-drop"]
     assert "inet firewall forward" in finding.what and finding.severity == "warning"
+
+
+def test_flannel_view_from_node_annotations(tmp_path):
+    """flanneld --kube-subnet-mgr: no etcd; doctor takes the leases (and the VNI) from the Nodes."""
+    from test_trace_unit import flannel_node
+    env = tmp_path / "subnet.env"
+    env.write_text("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\n")
+    nodes = [flannel_node("node1", "10.244.1.0/24", "192.168.50.1", MAC1),
+             flannel_node("node2", "10.244.2.0/24", "192.168.50.2", MAC2)]
+    view = doctor.flannel_view(str(env), None, nodes=nodes)
+    assert sorted(str(l.subnet) for l in view.leases) == ["10.244.1.0/24", "10.244.2.0/24"]
+    assert (view.backend_type, view.vni, view.mtu) == ("vxlan", 1, 1450)
+    snap = Snapshot.from_dict(json.loads(json.dumps(healthy(fdb=[]))))
+    found = diagnose(NodeInputs(snapshot=snap, node_name="node1", flannel=view))
+    assert codes(found) == ["flannel-fdb-missing"]

@@ -220,3 +220,25 @@ def test_policy_drop_names_the_output_chain_where_ipvs_forwarded():
         hop = trace.failed
         assert hop.rule == "table inet podnet-network-policy chain %s" % chain and \
             hop.object == "NetworkPolicy default/deny"
+
+
+def flannel_node(name, cidr, public_ip, mac):
+    prefix = "flannel.alpha.coreos.com/"
+    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "annotations": {
+        prefix + "kube-subnet-manager": "true", prefix + "public-ip": public_ip, prefix + "backend-type": "vxlan",
+        prefix + "backend-data": '{"VNI":1,"VtepMAC":"%s"}' % mac}}, "spec": {"podCIDR": cidr}}
+
+
+def test_leases_from_node_annotations_kube_subnet_manager():
+    """flanneld --kube-subnet-mgr keeps no etcd: the trace takes the leases from the Nodes."""
+    from diagnose.trace import flannel_leases
+    view, snaps = world()
+    nodes = [flannel_node("node1", "10.244.1.0/24", NODE1, MAC1), flannel_node("node2", "10.244.2.0/24", NODE2, MAC2),
+             {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "not-flannels"}}]
+    assert flannel_leases(nodes) == view.leases
+    view.leases = flannel_leases(nodes)
+    trace = run(view, snaps)
+    assert trace.verdict == "delivered" and "fdb" in [h.step for h in trace.hops]
+    snaps["node1"]["fdb"] = []
+    hop = run(view, snaps).failed
+    assert hop.step == "fdb" and hop.object == "flannel lease 10.244.2.0/24 (node %s)" % NODE2

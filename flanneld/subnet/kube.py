@@ -63,7 +63,7 @@ from podnet.kube.objects import InvalidObject, short
 from podnet.net.ip import AF_INET, parse_ip
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Mapping
+    from collections.abc import Callable, Iterable, Iterator, Mapping
 
     from flanneld.config import NetworkConfig
     from flanneld.subnet import BackendData, LeaseEvent
@@ -179,6 +179,23 @@ def node_lease(node: Mapping[str, Any], names: AnnotationNames) -> Lease | None:
     if not isinstance(data, dict):
         raise InvalidObject("annotation %s: %s is not a JSON object" % (names.backend_data, short(raw)))
     return Lease(subnet, public_ip, ann.get(names.backend_type, ""), data)
+
+
+def leases_of_nodes(nodes: Iterable[Mapping[str, Any]],
+                    prefix: str = DEFAULT_ANNOTATION_PREFIX) -> list[Lease]:
+    """Every lease the Nodes stand for (what `list_leases` answers from the API), the Nodes that
+    are not flannel's or cannot be used left out: for the diagnosis of a --kube-subnet-mgr
+    cluster, where leases live in Node annotations, not in etcd."""
+    names = annotation_names(prefix)
+    out = []
+    for node in nodes:
+        try:
+            lease = node_lease(node, names)
+        except InvalidObject:
+            continue
+        if lease is not None:
+            out.append(lease)
+    return out
 
 
 def stored_mac(node: Mapping[str, Any], names: AnnotationNames) -> str | None:
