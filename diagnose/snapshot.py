@@ -496,14 +496,6 @@ IPTABLES_TARGETS = frozenset({"ACCEPT", "DROP", "REJECT", "RETURN", "DNAT", "SNA
                               "CHECKSUM", "TCPMSS", "CLASSIFY", "SET", "AUDIT", "QUEUE"})
 
 
-def _iptables_target(line: str) -> str:
-    words = line.split()
-    for i in range(len(words) - 2, 1, -1):
-        if words[i] in ("-j", "-g"):
-            return words[i + 1]
-    return ""
-
-
 def scoped_iptables(tool: str, wanted: tuple[tuple[str, str, bool], ...], errors: list[str]) -> str:
     """The chains asked for (and what they jump to, when followed), as iptables-save text."""
     if not wanted or which(tool) is None:
@@ -527,7 +519,7 @@ def scoped_iptables(tool: str, wanted: tuple[tuple[str, str, bool], ...], errors
         tables.setdefault(table, {})[chain] = lines
         if follow:
             for line in lines:
-                target = _iptables_target(line) if line.startswith("-A ") else ""
+                target = (iptables.jump_target(iptables.split_rule(line)) or "") if line.startswith("-A ") else ""
                 if target and target not in IPTABLES_TARGETS:
                     queue.append((table, target, True))
     out = []

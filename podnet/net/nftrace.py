@@ -111,23 +111,24 @@ def parse_messages(data: bytes) -> list[TraceEvent]:
     return out
 
 
-class TraceListener:
-    """Subscribed to this namespace's nftables trace events from construction until close."""
+class TraceListener(Netlink):
+    """A NETLINK_NETFILTER socket subscribed to this namespace's nftables trace events from
+    construction until close."""
 
     def __init__(self, netns: str | None = None) -> None:
-        self.nl = Netlink(netns, protocol=NETLINK_NETFILTER)
-        self.nl.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTRACE)
-        self.nl.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+        super().__init__(netns, protocol=NETLINK_NETFILTER)
+        self.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTRACE)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
 
     def read(self, timeout: float) -> list[TraceEvent]:
         """The events that arrive within `timeout` seconds of the first wait (what is queued, at once)."""
         poller = select.poll()
-        poller.register(self.nl.sock, select.POLLIN)
+        poller.register(self.sock, select.POLLIN)
         out: list[TraceEvent] = []
         wait_ms = int(timeout * 1000)
         while poller.poll(wait_ms):
             try:
-                data = self.nl.sock.recv(1 << 16, socket.MSG_DONTWAIT)
+                data = self.sock.recv(1 << 16, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 break
             except OSError:         # ENOBUFS: events were lost under load; go on with the rest
@@ -135,12 +136,3 @@ class TraceListener:
             out += parse_messages(data)
             wait_ms = 0
         return out
-
-    def close(self) -> None:
-        self.nl.close()
-
-    def __enter__(self) -> TraceListener:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
