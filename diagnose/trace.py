@@ -19,9 +19,12 @@ import ipaddress
 import json
 import shlex
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diagnose.snapshot import RouteState, Snapshot, local_route, route_decision, route_lookup, rule_note
+
+if TYPE_CHECKING:
+    from podnet.kube.api import KubeApiSource
 
 OK, FAIL, WARN, INFO = "ok", "fail", "warn", "info"
 PROTOCOLS = ("TCP", "UDP", "SCTP")
@@ -961,11 +964,18 @@ def rule_scope(view: ClusterView, destination: str) -> Any:
                      ipvs=bool(services))
 
 
-def load_view(manifests: str | None, kubeconfig: str | None, etcd_endpoints: str | None) -> ClusterView:
-    """The objects, listed once from the daemons' sources, and the overlay's records from etcd."""
+TRACE_KINDS = ("Service", "EndpointSlice", "NetworkPolicy", "Pod", "Namespace", "Node")
+FEW_ENDPOINT_ADDRESSES = 16     # up to this many, a Service's endpoints' pods are asked for one by one
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+
+
+def load_view(manifests: str | None, kubeconfig: str | None, etcd_endpoints: str | None,
+              source: str | None = None, destination: str | None = None) -> ClusterView:
+    """The objects, listed once from the daemons' sources, and the overlay's records from etcd.
+    From the API with SRC or DST given, only what a trace between them reads (api_view); every
+    object otherwise, and always from manifests (local files are cheap)."""
     from podnet.kube.events import RELIST
     view = ClusterView()
-    kinds = ["Service", "EndpointSlice", "NetworkPolicy", "Pod", "Namespace", "Node"]
 
     def emit(event: Any) -> None:
         if event.type == RELIST:
@@ -975,19 +985,145 @@ def load_view(manifests: str | None, kubeconfig: str | None, etcd_endpoints: str
             view.add(event.kind, event.obj)
     if manifests:
         from podnet.kube.manifests import ManifestSource
-        ManifestSource(manifests, emit, kinds=kinds).scan()
+        ManifestSource(manifests, emit, kinds=TRACE_KINDS).scan()
     elif kubeconfig is not None:
         from podnet.kube.api import KubeApiSource
-        source = KubeApiSource(emit, kubeconfig=kubeconfig or None, kinds=kinds)
-        for kind in kinds:
-            items, _ = source.list(kind)
-            for obj in items:
-                view.add(kind, obj)
+        api = KubeApiSource(emit, kubeconfig=kubeconfig or None, kinds=TRACE_KINDS)
+        if source or destination:
+            view = api_view(api, source, destination)
+        else:
+            for kind in TRACE_KINDS:
+                items, _ = api.list(kind)
+                for obj in items:
+                    view.add(kind, obj)
     if etcd_endpoints:
         _load_etcd(view, [e for e in etcd_endpoints.split(",") if e])
     if not view.leases:         # flanneld --kube-subnet-mgr: the leases are the Nodes' annotations
         view.leases = flannel_leases(view.nodes)
     return view
+
+
+def _object_key(obj: dict[str, Any]) -> str:
+    """Where the API server keeps an object ("namespace/name", "name" when cluster-scoped): its
+    lists come in this order, and the walk's first-match lookups depend on it."""
+    meta = obj.get("metadata") or {}
+    name = meta.get("name", "")
+    return "%s/%s" % (meta["namespace"], name) if meta.get("namespace") else name
+
+
+class _TargetedLists:
+    """The lists api_view asks for, each object kept once, in the order of a full list."""
+
+    def __init__(self, api: KubeApiSource) -> None:
+        self.api = api
+        self.view = ClusterView()
+        self._seen: set[tuple[str, str]] = set()
+
+    def list(self, kind: str, namespace: str | None = None, field_selector: str | None = None,
+             label_selector: str | None = None) -> list[dict[str, Any]]:
+        items, _ = self.api.list(kind, namespace, field_selector, label_selector)
+        for obj in items:
+            key = (kind, _object_key(obj))
+            if key not in self._seen:
+                self._seen.add(key)
+                self.view.add(kind, obj)
+        return items
+
+    def sorted_view(self) -> ClusterView:
+        for bucket in (self.view.pods, self.view.namespaces, self.view.services, self.view.slices,
+                       self.view.policies, self.view.nodes):
+            bucket.sort(key=_object_key)
+        return self.view
+
+
+def _addressed_pods(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The pods the resolver takes for their address: a hostNetwork pod's is its node's."""
+    return [p for p in pods if _pod_ip(p) and not (p.get("spec") or {}).get("hostNetwork")]
+
+
+def _namespace_of(obj: dict[str, Any]) -> str:
+    return (obj.get("metadata") or {}).get("namespace", "default")
+
+
+def api_view(api: KubeApiSource, source: str | None, destination: str | None) -> ClusterView:
+    """The objects a trace from `source` to `destination` (DST[:PORT[/PROTO]]) reads, each kind
+    asked for with the API's own selectors instead of listed cluster-wide: every Node and
+    Namespace (routes and leases; namespace selectors); a pod by name in its namespace, a pod by
+    address with status.podIP (hostNetwork pods share their node's address: the resolver skips
+    them); a Service by name in its namespace; every Service only when an address is no pod's (a
+    ClusterIP has no field selector, and a node address with a port needs the NodePorts); the
+    destination Service's EndpointSlices by their service-name label, and its endpoints' pods by
+    address (by one list of the Service's namespace when there are many, then by address those
+    no pod there holds, a few at most); the NetworkPolicies of the namespaces holding those pods.
+    The walk then meets every object it would have found in a full view. Not looked up: other
+    Services at an endpoint's address (Kubernetes does not support a ClusterIP as an endpoint),
+    and the addresses of more than FEW_ENDPOINT_ADDRESSES endpoints outside the namespace."""
+    lists = _TargetedLists(api)
+    lists.list("Node")
+    lists.list("Namespace")
+    dst_text, port_text, _ = split_destination(destination) if destination else ("", "", "")
+    policy_namespaces: set[str] = set()
+    every_service: list[dict[str, Any]] | None = None
+    target: dict[str, Any] | None = None        # the destination Service
+    for text, is_destination in ((source or "", False), (dst_text, True)):
+        if text.startswith("svc/"):
+            parts = text[4:].split("/")
+            # a Service as the source, or a malformed name: the walk says what is wrong
+            if is_destination and len(parts) == 2 and all(parts):
+                found = lists.list("Service", parts[0], "metadata.name=" + parts[1])
+                target = found[0] if found else None
+        elif _is_ip(text):
+            ip = str(ipaddress.ip_address(text))
+            pods = _addressed_pods(lists.list("Pod", field_selector="status.podIP=" + ip))
+            policy_namespaces.update(_namespace_of(p) for p in pods)
+            if pods:
+                continue
+            if every_service is None:
+                every_service = lists.list("Service")
+            if is_destination:
+                target = _service_at(every_service, ip, port_text)
+        else:
+            namespace, slash, name = text.partition("/")
+            if slash and namespace and name and lists.list("Pod", namespace, "metadata.name=" + name):
+                policy_namespaces.add(namespace)
+    if target is not None:
+        policy_namespaces.update(_endpoint_pod_namespaces(lists, target))
+    for namespace in sorted(policy_namespaces):
+        lists.list("NetworkPolicy", namespace)
+    return lists.sorted_view()
+
+
+def _service_at(services: list[dict[str, Any]], ip: str, port_text: str) -> dict[str, Any] | None:
+    """The Service the walk takes for an address that is no pod's: the first holding it as a
+    ClusterIP, else (a node address) the last with that NodePort, as walk() picks them."""
+    for service in services:
+        spec = service.get("spec") or {}
+        if ip in (spec.get("clusterIPs") or [spec.get("clusterIP")]):
+            return service
+    port = int(port_text) if port_text.isdigit() else 0
+    by_node_port = [s for s in services if port and any(
+        p.get("nodePort") == port for p in (s.get("spec") or {}).get("ports") or ())]
+    return by_node_port[-1] if by_node_port else None
+
+
+def _endpoint_pod_namespaces(lists: _TargetedLists, service: dict[str, Any]) -> set[str]:
+    """Fetch a Service's EndpointSlices and the pods at their addresses; the namespaces of those pods."""
+    namespace, name = _namespace_of(service), (service.get("metadata") or {}).get("name", "")
+    slices = lists.list("EndpointSlice", namespace, label_selector="%s=%s" % (SERVICE_NAME_LABEL, name))
+    addresses = list(dict.fromkeys(str(a) for s in slices for ep in s.get("endpoints") or ()
+                                   for a in ep.get("addresses") or ()))
+    pods: list[dict[str, Any]] = []
+    unheld = addresses
+    if len(addresses) > FEW_ENDPOINT_ADDRESSES:
+        wanted = set(addresses)
+        in_namespace = lists.list("Pod", namespace)
+        held = {_pod_ip(p) for p in in_namespace}
+        pods = [p for p in in_namespace if _pod_ip(p) in wanted]
+        unheld = [a for a in addresses if a not in held]
+    if len(unheld) <= FEW_ENDPOINT_ADDRESSES:
+        for address in unheld:
+            pods += lists.list("Pod", field_selector="status.podIP=" + address)
+    return {_namespace_of(p) for p in _addressed_pods(pods)}
 
 
 def flannel_leases(nodes: list[dict[str, Any]]) -> list[FlannelLease]:
@@ -1082,7 +1218,9 @@ def main(opts: Any) -> int:
             scope = RuleScope(iptables=(("filter", "FORWARD", True),), ip6tables=(("filter", "FORWARD", True),),
                               nft_chain_families=("inet",), ipvs=False)
             if opts.source and (opts.manifests or opts.kubeconfig is not None):
-                view = load_view(opts.manifests, opts.kubeconfig, None)
+                # one positional argument is DST (`[SRC] DST`)
+                view = load_view(opts.manifests, opts.kubeconfig, None, opts.source if opts.destination else None,
+                                 opts.destination or opts.source)
                 scope = rule_scope(view, opts.destination or opts.source)
         print(json.dumps(node_state(node, scope).to_dict()))
         return 0
@@ -1104,7 +1242,7 @@ def main(opts: Any) -> int:
             from diagnose import live
             remote_exec = live.parse_remote_exec(opts.remote_exec)
         view = load_view(opts.manifests, opts.kubeconfig if opts.kubeconfig is not None else
-                         (None if opts.manifests else ""), opts.etcd_endpoints)
+                         (None if opts.manifests else ""), opts.etcd_endpoints, opts.source, opts.destination)
         states = node_states(node, opts.remote_snapshot, None if opts.all_rules else rule_scope(view, opts.destination))
         trace = walk(view, states, opts.source, opts.destination, node)
     except (ValueError, OSError) as e:

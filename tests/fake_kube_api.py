@@ -1,8 +1,9 @@
-"""A stateful stand-in for kube-apiserver's Node and Pod endpoints, for tests only.
+"""A stateful stand-in for kube-apiserver, for tests only: Nodes (list, watch, get, patch),
+and lists of Pods, Services, Namespaces, EndpointSlices and NetworkPolicies.
 
 No kube-apiserver can run on this machine, so the Kubernetes clients of podnet
-(flanneld's Kubernetes subnet manager above all) are tested against this server:
-real HTTP on a real socket, the API's JSON wire format, state that changes as a
+(flanneld's Kubernetes subnet manager, `podnet trace --kubeconfig`) are tested against
+this server: real HTTP on a real socket, the API's JSON wire format, state that changes as a
 real server's does. It is not part of the product and nothing in the product
 imports it.
 
@@ -12,20 +13,35 @@ What it serves (everything else answers 404, or 405 for other methods):
     GET   /api/v1/nodes?watch=true            a watch stream (resourceVersion, timeoutSeconds,
                                               allowWatchBookmarks)
     GET   /api/v1/nodes/NAME                  one Node
-    GET   /api/v1/namespaces/NS/pods/NAME     one Pod
     PATCH /api/v1/nodes/NAME[/status]         strategic-merge or JSON merge patch
+    GET   /api/v1/namespaces                  NamespaceList; /api/v1/namespaces/NAME: one
+    GET   /api/v1/pods, /api/v1/services      lists of every namespace, paged as Nodes are
+    GET   /api/v1/namespaces/NS/pods, .../NS/services          lists of one namespace
+    GET   /api/v1/namespaces/NS/pods/NAME, .../services/NAME   one object
+    GET   /apis/discovery.k8s.io/v1/[namespaces/NS/]endpointslices[/NAME]
+    GET   /apis/networking.k8s.io/v1/[namespaces/NS/]networkpolicies[/NAME]
 
 Behaviour taken from the Kubernetes API documentation ("API Concepts": efficient
 detection of changes, resource versions, retrieving large results in chunks,
-watch bookmarks; "Update API Objects in Place Using kubectl patch" and the
-strategic-merge-patch design notes; the Node reference for patchMergeKey):
+watch bookmarks; "Field Selectors"; "Labels and Selectors"; "Update API Objects in
+Place Using kubectl patch" and the strategic-merge-patch design notes; the Node
+reference for patchMergeKey):
 
 - every write bumps one cluster-wide resourceVersion (an integer, sent as a
   string, as etcd's revision); a write that changes nothing does not;
-- list items carry no kind / apiVersion; the list's metadata.resourceVersion is
-  where a watch starts; `limit` pages with an opaque `continue` token (shaped as
-  the real ones: base64 of {"v": "meta.k8s.io/v1", "rv": N, "start": "key"});
-- a watch is a 200 with a chunked body of newline-delimited JSON
+- list items carry no kind / apiVersion, and come in the order of their storage
+  keys ("NAMESPACE/NAME", or "NAME" for Nodes and Namespaces), as etcd's; the list's
+  metadata.resourceVersion is where a watch starts; `limit` pages with an opaque
+  `continue` token (shaped as the real ones: base64 of {"v": "meta.k8s.io/v1", "rv": N,
+  "start": "key"}); remainingItemCount only on lists without selectors;
+- `fieldSelector`: `metadata.name` and `metadata.namespace` for every kind, and for Pods
+  `spec.nodeName` and `status.podIP` (a subset of what the real server supports); terms
+  `f=v`, `f==v`, `f!=v`, comma-joined (all must hold); any other field answers 400
+  "field label not supported: F", as the real server does;
+- `labelSelector`: equality-based terms `k=v`, `k==v`, `k!=v` (true where k is absent
+  too), `k` (exists), `!k` (absent), comma-joined; set-based ones (`in`, `notin`) answer
+  400: this fake does not implement them;
+- a watch (Nodes only) is a 200 with a chunked body of newline-delimited JSON
   {"type": ADDED|MODIFIED|DELETED|BOOKMARK|ERROR, "object": ...}; it replays
   every change after its resourceVersion, then follows live ones until
   timeoutSeconds; a DELETED event carries the object's last state with the
@@ -43,14 +59,17 @@ strategic-merge-patch design notes; the Node reference for patchMergeKey):
   lists whole; metadata.resourceVersion in a patch is a precondition (409 on a
   mismatch); a patch of the `status` subresource cannot change spec, a patch of
   the object cannot change status (the Node registry strategies);
-- errors are Status objects (NotFound 404, Conflict 409, Expired 410, ...).
+- errors are Status objects (BadRequest 400, NotFound 404, Conflict 409, Expired 410, ...).
 
 Not implemented (a request that needs it fails loudly rather than passing by
-accident): JSON patch and server-side apply (415), field and label selectors
-(400), POST / PUT / DELETE (405; objects are created and deleted through the
-test-side methods below), other kinds.
+accident): JSON patch and server-side apply (415), watches of kinds other than
+Node and watches with selectors (400), set-based label selectors (400), POST / PUT /
+DELETE (405; objects are created and deleted through the test-side methods below),
+other kinds (404).
 
-For tests: `add_node`, `set_annotations`, `update_node`, `delete_node`, `add_pod`
+For tests: `add_node`, `set_annotations`, `update_node`, `delete_node`, `add_pod`,
+`add_object(kind, obj)` (any kind served, Nodes included: the server fills in
+resourceVersion, uid, creationTimestamp, a Namespace's kubernetes.io/metadata.name label)
 change the state as another client would; `compact()` makes every older
 resourceVersion expire; `drop_watches()` cuts every open watch connection;
 `fail_next()` answers the next matching requests with an error; `requests` records
@@ -76,6 +95,92 @@ from typing import Any, NamedTuple
 
 NODES = "/api/v1/nodes"
 MERGE_KEYS = {("status", "conditions"): "type", ("status", "addresses"): "type"}
+Key = tuple[str, str]       # (namespace, name); namespace "" for Nodes and Namespaces
+
+
+class Served(NamedTuple):
+    """Where a kind lives in the API and which field labels its lists can select on."""
+    prefix: tuple[str, ...]     # the path's head: ("api", "v1") or ("apis", GROUP, VERSION)
+    plural: str
+    namespaced: bool
+    fields: tuple[str, ...] = ()    # beyond metadata.name and metadata.namespace
+
+    @property
+    def api_version(self) -> str:
+        return "/".join(self.prefix[1:])
+
+
+SERVED = {
+    "Node": Served(("api", "v1"), "nodes", False),
+    "Namespace": Served(("api", "v1"), "namespaces", False),
+    "Pod": Served(("api", "v1"), "pods", True, ("spec.nodeName", "status.podIP")),
+    "Service": Served(("api", "v1"), "services", True),
+    "EndpointSlice": Served(("apis", "discovery.k8s.io", "v1"), "endpointslices", True),
+    "NetworkPolicy": Served(("apis", "networking.k8s.io", "v1"), "networkpolicies", True),
+}
+COMMON_FIELDS = ("metadata.name", "metadata.namespace")
+
+
+class BadSelector(ValueError):
+    pass
+
+
+def storage_key(key: Key) -> str:
+    """An object's place in a list: its etcd key's tail, so lists sort as etcd's do."""
+    return "%s/%s" % key if key[0] else key[1]
+
+
+def field_value(obj: dict[str, Any], label: str) -> str:
+    value: Any = obj
+    for part in label.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value if isinstance(value, str) else "" if value is None else json.dumps(value)
+
+
+def field_matcher(selector: str, allowed: tuple[str, ...]) -> Any:
+    """fieldSelector -> a predicate on objects (BadSelector for an unsupported field or syntax)."""
+    terms = []
+    for term in (t for t in selector.split(",") if t):
+        for op in ("!=", "==", "="):
+            label, sep, value = term.partition(op)
+            if sep:
+                break
+        else:
+            raise BadSelector("invalid field selector: %r: expected an operator" % term)
+        label = label.strip()
+        if label not in allowed:
+            raise BadSelector("field label not supported: %s" % label)
+        terms.append((label, op == "!=", value.strip()))
+    return lambda obj: all((field_value(obj, label) == value) != negated for label, negated, value in terms)
+
+
+def label_matcher(selector: str) -> Any:
+    """labelSelector (equality-based terms) -> a predicate on objects."""
+    if "(" in selector or " in " in selector or " notin " in selector:
+        raise BadSelector("set-based label selectors are not supported by this fake: %r" % selector)
+    terms: list[tuple[str, str, str]] = []
+    for term in (t.strip() for t in selector.split(",") if t.strip()):
+        if term.startswith("!"):
+            terms.append(("absent", term[1:].strip(), ""))
+            continue
+        for op in ("!=", "==", "="):
+            key, sep, value = term.partition(op)
+            if sep:
+                terms.append(("!=" if op == "!=" else "=", key.strip(), value.strip()))
+                break
+        else:
+            terms.append(("exists", term, ""))
+        if not terms[-1][1]:
+            raise BadSelector("invalid label selector: %r" % term)
+
+    def matches(obj: dict[str, Any]) -> bool:
+        labels = (obj.get("metadata") or {}).get("labels") or {}
+        for op, key, value in terms:
+            if op == "absent" and key in labels or op == "exists" and key not in labels or \
+                    op == "=" and labels.get(key) != value or op == "!=" and labels.get(key) == value:
+                return False
+        return True
+    return matches
 
 
 class Request(NamedTuple):
@@ -142,7 +247,9 @@ class FakeKubeApi:
         self.rv = 100
         self.compacted = 0                  # events at or below this resourceVersion are forgotten
         self.nodes: dict[str, dict[str, Any]] = {}
-        self.pods: dict[tuple[str, str], dict[str, Any]] = {}
+        self.pods: dict[Key, dict[str, Any]] = {}
+        self.objects: dict[str, dict[Key, dict[str, Any]]] = {     # every kind served but Node
+            kind: self.pods if kind == "Pod" else {} for kind in SERVED if kind != "Node"}
         self.history: list[tuple[int, str, dict[str, Any]]] = []     # (rv, event type, object) of Nodes
         self.requests: list[Request] = []
         self.failures: list[list[Any]] = []    # [method, path, status, remaining]
@@ -275,6 +382,41 @@ class FakeKubeApi:
             self.pods[(namespace, name)] = pod
             return copy.deepcopy(pod)
 
+    def add_object(self, kind: str, obj: dict[str, Any]) -> dict[str, Any]:
+        """Store a copy of `obj` (an API dict of a kind served) as created by another client."""
+        served = SERVED[kind]
+        obj = copy.deepcopy(obj)
+        meta = obj.setdefault("metadata", {})
+        name = meta.get("name")
+        if not isinstance(name, str) or not name:
+            raise ValueError("a %s needs metadata.name" % kind)
+        if served.namespaced:
+            meta.setdefault("namespace", "default")
+        else:
+            meta.pop("namespace", None)
+        key = (meta.get("namespace", ""), name)
+        with self.cond:
+            if key in (self._stored(kind)):
+                raise ValueError("%s %s exists" % (kind, storage_key(key)))
+            self._uid += 1
+            meta.setdefault("uid", "00000000-0000-4000-a000-%012d" % self._uid)
+            meta.setdefault("creationTimestamp", now_rfc3339())
+            meta["resourceVersion"] = self._bump()
+            if kind == "Namespace":         # the API server always sets it
+                meta.setdefault("labels", {})["kubernetes.io/metadata.name"] = name
+            obj["kind"], obj["apiVersion"] = kind, served.api_version
+            if kind == "Node":
+                self.nodes[name] = obj
+                self._record("ADDED", obj)
+            else:
+                self.objects[kind][key] = obj
+            return copy.deepcopy(obj)
+
+    def _stored(self, kind: str) -> dict[Key, dict[str, Any]]:
+        if kind == "Node":
+            return {("", name): node for name, node in self.nodes.items()}
+        return self.objects[kind]
+
     def node(self, name: str) -> dict[str, Any]:
         with self.cond:
             return copy.deepcopy(self.nodes[name])
@@ -345,33 +487,35 @@ class FakeKubeApi:
                                                "injected failure %d" % code))
                     return
         parts = path.strip("/").split("/")
-        if parts[:2] != ["api", "v1"]:
-            return self._send(h, 404, status(404, "NotFound", "the server could not find the requested resource"))
-        rest = parts[2:]
-        if method == "GET":
-            if rest == ["nodes"]:
+        prefix = tuple(parts[:2]) if parts[:2] == ["api", "v1"] else tuple(parts[:3]) if parts[:1] == ["apis"] else ()
+        by_plural = {served.plural: kind for kind, served in SERVED.items() if served.prefix == prefix}
+        rest = parts[len(prefix):] if prefix else []
+        if method == "GET" and by_plural:
+            if rest == ["nodes"] and query.get("watch") in ("true", "1"):
                 if query.get("fieldSelector") or query.get("labelSelector"):
-                    return self._send(h, 400, status(400, "BadRequest", "selectors are not supported by this fake"))
-                if query.get("watch") in ("true", "1"):
-                    return self._watch(h, query)
-                return self._list(h, query)
-            if len(rest) == 2 and rest[0] == "nodes":
-                with self.cond:
-                    node = copy.deepcopy(self.nodes.get(rest[1]))
-                if node is None:
-                    return self._send(h, 404, status(404, "NotFound", 'nodes "%s" not found' % rest[1],
-                                                     name=rest[1], kind="nodes"))
-                return self._send(h, 200, node)
-            if len(rest) == 4 and rest[0] == "namespaces" and rest[2] == "pods":
-                with self.cond:
-                    pod = copy.deepcopy(self.pods.get((rest[1], rest[3])))
-                if pod is None:
-                    return self._send(h, 404, status(404, "NotFound", 'pods "%s" not found' % rest[3],
-                                                     name=rest[3], kind="pods"))
-                return self._send(h, 200, pod)
-        elif method == "PATCH" and rest[:1] == ["nodes"] and len(rest) in (2, 3) and rest[2:] in ([], ["status"]):
+                    return self._send(h, 400, status(400, "BadRequest",
+                                                     "watches with selectors are not supported by this fake"))
+                return self._watch(h, query)
+            namespace, tail = (rest[1], rest[2:]) if rest[:1] == ["namespaces"] and len(rest) >= 3 else (None, rest)
+            kind = by_plural.get(tail[0]) if tail else None
+            if kind is not None and (namespace is None or SERVED[kind].namespaced):
+                if len(tail) == 1:
+                    if query.get("watch") in ("true", "1"):
+                        return self._send(h, 400, status(400, "BadRequest",
+                                                         "this fake serves watches of Nodes only"))
+                    return self._list(h, query, kind, namespace)
+                if len(tail) == 2 and (namespace is not None) == SERVED[kind].namespaced:
+                    with self.cond:
+                        obj = copy.deepcopy(self._stored(kind).get((namespace or "", tail[1])))
+                    if obj is None:
+                        plural = SERVED[kind].plural
+                        return self._send(h, 404, status(404, "NotFound", '%s "%s" not found' % (plural, tail[1]),
+                                                         name=tail[1], kind=plural))
+                    return self._send(h, 200, obj)
+        elif method == "PATCH" and prefix == ("api", "v1") and rest[:1] == ["nodes"] and len(rest) in (2, 3) \
+                and rest[2:] in ([], ["status"]):
             return self._patch(h, rest[1], content_type, body, subresource=rest[2] if len(rest) == 3 else "")
-        elif method != "GET":
+        elif method != "GET" and by_plural:
             return self._send(h, 405, status(405, "MethodNotAllowed", "%s is not supported by this fake" % method))
         return self._send(h, 404, status(404, "NotFound", "the server could not find the requested resource"))
 
@@ -386,7 +530,16 @@ class FakeKubeApi:
         except OSError:
             h.close_connection = True
 
-    def _list(self, h: http.server.BaseHTTPRequestHandler, query: dict[str, str]) -> None:
+    def _list(self, h: http.server.BaseHTTPRequestHandler, query: dict[str, str], kind: str = "Node",
+              namespace: str | None = None) -> None:
+        served = SERVED[kind]
+        try:
+            selected = [field_matcher(query["fieldSelector"], COMMON_FIELDS + served.fields)] \
+                if query.get("fieldSelector") else []
+            if query.get("labelSelector"):
+                selected.append(label_matcher(query["labelSelector"]))
+        except BadSelector as e:
+            return self._send(h, 400, status(400, "BadRequest", str(e)))
         limit = int(query.get("limit") or 0)
         token = query.get("continue")
         with self.cond:
@@ -402,20 +555,24 @@ class FakeKubeApi:
                         "list result. You can start a new list without the continue parameter."))
             else:
                 list_rv, start = self.rv, ""
-            names = sorted(n for n in self.nodes if n > start) if start else sorted(self.nodes)
-            page = names[:limit] if limit else names
+            stored = {storage_key(key): obj for key, obj in self._stored(kind).items()
+                      if namespace is None or key[0] == namespace}
+            keys = [k for k in sorted(stored) if k > start and all(match(stored[k]) for match in selected)]
+            page = keys[:limit] if limit else keys
             items = []
-            for name in page:
-                item = copy.deepcopy(self.nodes[name])
+            for key in page:
+                item = copy.deepcopy(stored[key])
                 item.pop("kind", None)
                 item.pop("apiVersion", None)
                 items.append(item)
             meta: dict[str, Any] = {"resourceVersion": str(list_rv)}
-            if limit and len(names) > limit:
+            if limit and len(keys) > limit:
                 meta["continue"] = base64.b64encode(json.dumps(
                     {"v": "meta.k8s.io/v1", "rv": list_rv, "start": page[-1] + "\x00"}).encode()).decode()
-                meta["remainingItemCount"] = len(names) - limit
-        self._send(h, 200, {"kind": "NodeList", "apiVersion": "v1", "metadata": meta, "items": items})
+                if not selected:
+                    meta["remainingItemCount"] = len(keys) - limit
+        self._send(h, 200, {"kind": kind + "List", "apiVersion": served.api_version, "metadata": meta,
+                            "items": items})
 
     def _watch(self, h: http.server.BaseHTTPRequestHandler, query: dict[str, str]) -> None:
         timeout = float(query.get("timeoutSeconds") or 1800)

@@ -112,32 +112,43 @@ class KubeApiSource:
                 self._client = make_api_client(self.kubeconfig, self.context)
             return self._client
 
-    def _func(self, kind: str) -> Any:
+    def _func(self, kind: str, namespace: str | None = None) -> Any:
         import kubernetes.client
         res = RESOURCES[kind]
-        return getattr(getattr(kubernetes.client, res.api_class)(self.client), res.list_func)
+        api = getattr(kubernetes.client, res.api_class)(self.client)
+        if namespace is None:
+            return getattr(api, res.list_func)
+        namespaced = getattr(api, res.namespaced_list_func)
+        return lambda **kw: namespaced(namespace, **kw)
 
-    def _call(self, kind: str, **kw: Any) -> Any:
+    def _call(self, kind: str, namespace: str | None = None, field_selector: str | None = None, **kw: Any) -> Any:
         from kubernetes.client.rest import ApiException
-        if RESOURCES[kind].field_selector:
-            kw["field_selector"] = RESOURCES[kind].field_selector
+        selectors = ",".join(s for s in (RESOURCES[kind].field_selector, field_selector) if s)
+        if selectors:
+            kw["field_selector"] = selectors
         try:
-            return self._func(kind)(_preload_content=False, **kw)
+            return self._func(kind, namespace)(_preload_content=False, **kw)
         except ApiException as e:
             if e.status == 410:
                 raise Gone(_status_message(e.body) or "410 Gone") from None
             raise
 
-    def list(self, kind: str) -> tuple[Objects, str | None]:
-        """Every object of `kind` (paged) -> (objects, resourceVersion)."""
+    def list(self, kind: str, namespace: str | None = None, field_selector: str | None = None,
+             label_selector: str | None = None) -> tuple[Objects, str | None]:
+        """Every object of `kind` (paged) -> (objects, resourceVersion); with `namespace`, those
+        of that namespace; with selectors (the API's syntax, e.g. "status.podIP=10.244.1.2",
+        "app=web"), those the API server selects. A kind's own field selector (RESOURCES) is
+        always asked for too."""
         api_version = RESOURCES[kind].api_version
         items: Objects = []
         token = None
         while True:
-            kw = {"limit": self.page_size, "_request_timeout": (self.connect_timeout, 120)}
+            kw: dict[str, Any] = {"limit": self.page_size, "_request_timeout": (self.connect_timeout, 120)}
             if token:
                 kw["_continue"] = token
-            resp = self._call(kind, **kw)
+            if label_selector:
+                kw["label_selector"] = label_selector
+            resp = self._call(kind, namespace, field_selector, **kw)
             try:
                 data = json.loads(resp.data)
             finally:

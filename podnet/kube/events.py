@@ -46,7 +46,14 @@ class Resource(NamedTuple):
     api_version: str        # apiVersion of the objects
     list_kind: str          # kind of the list response
     namespaced: bool
-    field_selector: str = ""
+    field_selector: str = ""    # always asked for (combined with a caller's by a comma)
+
+    @property
+    def namespaced_list_func(self) -> str:
+        """The list method of one namespace: list_X_for_all_namespaces -> list_namespaced_X."""
+        if not self.namespaced:
+            raise ValueError("%s is not namespaced" % self.list_kind[:-len("List")])
+        return "list_namespaced_" + self.list_func.removeprefix("list_").removesuffix("_for_all_namespaces")
 
 
 RESOURCES = {
