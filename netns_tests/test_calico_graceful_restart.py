@@ -64,7 +64,9 @@ class RouteMonitor:
         return [line for line in self.text().splitlines() if line.split()[:2] == ["Deleted", prefix]]
 
     def stop(self):
-        self.proc.send_signal(signal.SIGINT)
+        # SIGTERM, not SIGINT: `ip monitor` has no handler of its own, and a suite started in the
+        # background by a non-interactive shell hands every child SIGINT ignored
+        self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(5)
         self.ns.processes.remove(self.proc)
         self.out.close()

@@ -343,7 +343,9 @@ def test_a_pod_comes_and_goes_through_the_installed_plugins(env):
 
 def test_cluster_ip_service_through_kube_proxy_in_a_container(env):
     url = "%s:%d" % (SERVICE_IP, SERVICE_PORT)
-    wait_until(lambda: get(env, env.a.ns, url)["answers"], TIMEOUT, "kube-proxy's rules for %s" % url)
+    for client in (env.a, env.b):       # each client's own node's kube-proxy DNATs its connections
+        wait_until(lambda c=client: get(env, c.ns, url)["answers"], TIMEOUT,
+                   "kube-proxy's rules for %s on %s" % (url, client.node.role))
     for client in (env.a, env.b):
         out = get(env, client.ns, url, count=40)
         assert out["errors"] == {} and set(out["answers"]) == {"a", "b"}, out
